@@ -1,0 +1,22 @@
+"""Which kernels the autotuner can sweep, by name.
+
+Each entry names a module that offers, for the autotuner:
+  ``search_space(problem: dict) -> kernels.space.SearchSpace``
+  ``parse_shape(text: str) -> dict``      (the ``--shape`` syntax, e.g. ``"1024x1024x1024"``)
+  ``DEFAULT_PROBLEMS: list[dict]``        (what a sweep with no ``--shape`` tunes)
+and optionally ``PRESETS: dict[str, list[dict]]`` (``--layer mobilenetv2``: named problem lists).
+A problem dict holds shapes and dtypes; ``--dtype`` sets its ``"dtype"`` entry.
+"""
+from __future__ import annotations
+
+import importlib
+
+KERNELS = {
+    "matmul": "kernels.matmul",
+}
+
+
+def kernel_module(name: str):
+    if name not in KERNELS:
+        raise SystemExit(f"unknown kernel {name!r}; choose one of: {', '.join(sorted(KERNELS))}")
+    return importlib.import_module(KERNELS[name])
