@@ -17,10 +17,11 @@ NOISY_SPREAD = 0.10
 @dataclasses.dataclass(frozen=True)
 class Timing:
     compile_seconds: float  # first call: tracing + compilation + one run
-    median_seconds: float
+    median_seconds: float  # per call
     p10_seconds: float
     p90_seconds: float
-    repeats: int
+    repeats: int  # timed samples
+    calls_per_sample: int  # back-to-back calls in each sample (amortises dispatch and sync)
 
     @property
     def spread(self) -> float:
@@ -35,25 +36,36 @@ class Timing:
 
 
 def time_callable(fn: Callable[[], Any], *, warmup: int = 2, repeats: int = 10,
-                  min_seconds: float = 0.0) -> Timing:
-    """Time ``fn()`` (which returns jax arrays) with ``block_until_ready`` after every call.
+                  sample_seconds: float | None = None) -> Timing:
+    """Time ``fn()`` (which returns jax arrays), waiting with ``block_until_ready``.
 
     The first call is timed separately as compile time. Then ``warmup`` untimed calls, then
-    at least ``repeats`` timed calls (more, until ``min_seconds`` of samples were taken).
+    ``repeats`` timed samples. Each sample runs ``fn`` back to back enough times to last about
+    ``sample_seconds`` (default: 5 ms on an accelerator, one call on the CPU) and waits once at
+    the end, so that launch and host-sync overheads do not dominate sub-millisecond kernels;
+    the per-call time is the sample's time over its call count.
     """
+    if sample_seconds is None:
+        sample_seconds = 0.0 if jax.default_backend() == "cpu" else 0.005
     t0 = time.perf_counter()
     jax.block_until_ready(fn())
     compile_seconds = time.perf_counter() - t0
     for _ in range(warmup):
         jax.block_until_ready(fn())
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    single = max(time.perf_counter() - t0, 1e-7)
+    calls = max(1, min(1000, int(sample_seconds / single)))
     samples = []
-    start = time.perf_counter()
-    while len(samples) < repeats or (time.perf_counter() - start) < min_seconds:
+    for _ in range(repeats):
         t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        samples.append(time.perf_counter() - t0)
+        out = None
+        for _ in range(calls):
+            out = fn()
+        jax.block_until_ready(out)
+        samples.append((time.perf_counter() - t0) / calls)
     p10, p90 = np.percentile(samples, [10, 90])
-    return Timing(compile_seconds, statistics.median(samples), float(p10), float(p90), len(samples))
+    return Timing(compile_seconds, statistics.median(samples), float(p10), float(p90), len(samples), calls)
 
 
 def default_repeats() -> tuple[int, int]:

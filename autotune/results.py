@@ -58,10 +58,11 @@ def environment(seed: int | None = None) -> dict:
         except (OSError, subprocess.SubprocessError) as e:
             env["nvidia_smi"] = f"unavailable: {e}"
     try:
-        env["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                           timeout=5, cwd=pathlib.Path(__file__).parent).stdout.strip() or None
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=5, cwd=pathlib.Path(__file__).parent).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        env["git_commit"] = None
+        commit = ""
+    env["git_commit"] = commit if len(commit) == 40 else None
     return env
 
 
@@ -77,7 +78,7 @@ def trial_rows(study: optuna.Study) -> list[dict]:
             "duration_seconds": t.duration.total_seconds() if t.duration else None,
         }
         for key in ("compile_seconds", "median_seconds", "p10_seconds", "p90_seconds", "repeats",
-                    "spread", "noisy", "violations", "error", "is_default"):
+                    "calls_per_sample", "spread", "noisy", "violations", "error", "is_default"):
             if key in t.user_attrs:
                 row[key] = t.user_attrs[key]
         rows.append(row)
@@ -92,7 +93,7 @@ def write_bundle(directory: pathlib.Path, results: list, env: dict) -> pathlib.P
     rows = [row for r in results for row in trial_rows(r.study)]
     (directory / "trials.json").write_text(json.dumps(rows, indent=1, default=str))
     columns = ["study", "number", "state", "values", "params", "duration_seconds", "compile_seconds",
-               "median_seconds", "p10_seconds", "p90_seconds", "repeats", "spread", "noisy",
+               "median_seconds", "p10_seconds", "p90_seconds", "repeats", "calls_per_sample", "spread", "noisy",
                "violations", "error", "is_default"]
     with open(directory / "trials.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)

@@ -94,6 +94,7 @@ def main(argv=None) -> int:
             "noisy": any(t.noisy for t in timings.values()),
         }
         rows.append(row)
+        pathlib.Path(args.out).write_text(json.dumps({"env": env, "trials_per_shape": trials, "rows": rows}, indent=1))
         console.print(f"{m}x{n}x{k}: tuned/xla {row['tuned_vs_xla']:.2f}x, tuned/default "
                       f"{row['tuned_vs_default']:.2f}x ({tuned_cfg.backend}, {tuned_cfg.block_m}x"
                       f"{tuned_cfg.block_n}x{tuned_cfg.block_k})")
@@ -106,7 +107,8 @@ def main(argv=None) -> int:
         table.add_row(str(r["m"]), str(r["n"]), str(r["k"]), f"{r['xla_seconds'] * 1e3:.3f}",
                       f"{r['tuned_seconds'] * 1e3:.3f}", f"{r['tuned_tflops']:.1f}", f"{r['tuned_vs_xla']:.2f}x",
                       f"{r['tuned_vs_default']:.2f}x",
-                      f"{c['backend'][0]}:{c['block_m']}x{c['block_n']}x{c['block_k']} {c['order']} w{c['num_warps']}s{c['num_stages']}",
+                      (f"mosaic wg{c['warpgroups']}" if c['backend'] == "mosaic" else f"triton w{c['num_warps']}")
+                      + f" {c['block_m']}x{c['block_n']}x{c['block_k']} {c['order']} s{c['num_stages']}",
                       "yes" if r["noisy"] else "")
     console.print(table)
     pathlib.Path(args.out).write_text(json.dumps({"env": env, "trials_per_shape": trials, "rows": rows}, indent=1))
