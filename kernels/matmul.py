@@ -27,7 +27,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from kernels import platform, tuned
-from kernels.space import Knob, SearchSpace
+from kernels.space import Knob, SearchSpace, rotating_runner
 
 ORDERS = ("m_major", "n_major", "grouped")
 ACTIVATIONS = (None, "relu", "relu6", "gelu", "silu")
@@ -422,15 +422,15 @@ def search_space(problem: dict) -> SearchSpace:
     def violations(params: dict) -> list[str]:
         return config_violations(Config(**params), m, n, k, dtype)
 
-    def runner(cfg: Config):
-        ka, kb = jax.random.split(jax.random.key(0))
+    def make_inputs(seed):
+        ka, kb = jax.random.split(jax.random.key(seed))
         if dtype == "int8":
-            a = jax.random.randint(ka, (m, k), -128, 128, jnp.int8)
-            b = jax.random.randint(kb, (k, n), -128, 128, jnp.int8)
-        else:
-            a = jax.random.normal(ka, (m, k), dtype)
-            b = jax.random.normal(kb, (k, n), dtype)
-        return functools.partial(matmul, a, b, config=cfg)
+            return (jax.random.randint(ka, (m, k), -128, 128, jnp.int8),
+                    jax.random.randint(kb, (k, n), -128, 128, jnp.int8))
+        return jax.random.normal(ka, (m, k), dtype), jax.random.normal(kb, (k, n), dtype)
+
+    def runner(cfg: Config):
+        return rotating_runner(jax.jit(functools.partial(matmul, config=cfg)), make_inputs, on_accelerator=on_gpu)
 
     return SearchSpace(
         kernel="matmul",

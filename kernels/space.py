@@ -9,7 +9,13 @@ counts). It never reaches into a kernel body.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+import itertools
+import math
+from typing import Any, Callable, Sequence
+
+# Bytes of distinct inputs a runner cycles through on an accelerator so that repeated calls read
+# device memory, not the last call's operands left in L2 (50-60 MB on H100/H200).
+ROTATE_BYTES = 256 * 2**20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,3 +71,18 @@ class SearchSpace:
         names = [k.name for k in self.knobs]
         if len(set(names)) != len(names):
             raise ValueError(f"SearchSpace({self.kernel!r}) has duplicate knob names: {names}")
+
+
+def rotating_runner(fn: Callable, make_inputs: Callable[[int], Sequence], *, on_accelerator: bool) -> Callable[[], Any]:
+    """``() -> fn(*inputs)`` cycling over enough input sets (``make_inputs(seed)``) to overflow L2.
+
+    ``fn`` should be jitted, so that a timed call costs one dispatch, not Python-side validation.
+    On the CPU one input set is used.
+    """
+    first = list(make_inputs(0))
+    copies = 1
+    if on_accelerator:
+        nbytes = sum(x.size * x.dtype.itemsize for x in first)
+        copies = max(1, min(16, math.ceil(ROTATE_BYTES / max(nbytes, 1))))
+    sets = itertools.cycle([first] + [list(make_inputs(seed)) for seed in range(1, copies)])
+    return lambda: fn(*next(sets))
