@@ -13,6 +13,7 @@ import importlib
 
 KERNELS = {
     "matmul": "kernels.matmul",
+    "int8": "kernels.int8",
 }
 
 

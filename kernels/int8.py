@@ -1,0 +1,393 @@
+"""Int8 kernels with TFLite-exact requantization: conv, depthwise conv, fully connected, and friends.
+
+Conv and fully connected run as one int8 x int8 -> int32 GEMM (``kernels.matmul``) whose epilogue
+adds the bias, requantizes per output channel (``kernels.quant``) and clamps, inside the kernel.
+Depthwise conv is its own Pallas kernel: a reduction over the kernel taps with the same epilogue.
+Pooling, ADD, MUL, MEAN and softmax are memory-bound elementwise/reduction ops: they are plain
+``jnp`` on the same integer math (XLA fuses them; a Pallas kernel would only add launch cost).
+
+Every function takes int8 activations (NHWC, any batch) and the integer parameters TFLite Micro
+prepares (``models.quantization.op_params``); results are bit-exact with TFLite Micro's
+reference kernels.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+
+from kernels import matmul as mm
+from kernels import platform, quant, tuned
+from kernels.space import Knob, SearchSpace
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Tiles of the int8 kernels.
+
+    block_m, block_n, block_k, order, group_m, num_warps, num_stages: the int8 GEMM's tiling
+        (``kernels.matmul.Config``); for depthwise conv ``block_m`` tiles output pixels and
+        ``block_n`` tiles channels.
+    """
+
+    block_m: int = 128
+    block_n: int = 64
+    block_k: int = 128
+    order: str = "m_major"
+    group_m: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def params(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def gemm(self) -> mm.Config:
+        return mm.Config(block_m=self.block_m, block_n=self.block_n, block_k=self.block_k, order=self.order,
+                         group_m=self.group_m, num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+KERNEL = "int8"  # registry / tuned-cache name of this module
+
+
+def problem_key(m: int, n: int, k: int) -> dict:
+    """An int8 GEMM (conv as im2col, FC): (M, K) x (K, N) with the requantizing epilogue."""
+    return {"op": "gemm", "m": int(m), "n": int(n), "k": int(k), "dtype": "int8"}
+
+
+def depthwise_problem_key(m: int, c: int, taps: int) -> dict:
+    """An int8 depthwise conv: ``m`` output pixels (batch included), ``c`` channels, ``taps`` = kh*kw."""
+    return {"op": "depthwise", "m": int(m), "c": int(c), "taps": int(taps), "dtype": "int8"}
+
+
+def heuristic_config(problem: dict) -> Config:
+    if problem["op"] == "depthwise":
+        return Config(block_m=min(128, _pow2_at_least(problem["m"])), block_n=min(64, _pow2_at_least(problem["c"])))
+    c = mm.heuristic_config(problem["m"], problem["n"], problem["k"], jnp.int8)
+    return Config(block_m=c.block_m, block_n=c.block_n, block_k=c.block_k, order=c.order, group_m=c.group_m,
+                  num_warps=c.num_warps, num_stages=c.num_stages)
+
+
+def resolve_config(problem: dict) -> Config:
+    """Tuned cache (kernel ``"int8"``) for this problem on this device, else the heuristic."""
+    params = tuned.lookup(KERNEL, problem)
+    return Config(**params) if params is not None else heuristic_config(problem)
+
+
+# ----------------------------------------------------------------------------------------
+# Reference: the same math with XLA's integer dot (the oracle for the Pallas paths).
+# ----------------------------------------------------------------------------------------
+
+
+def gemm_requant_reference(a, b, bias, multiplier, shift, *, output_offset: int, act_min: int, act_max: int):
+    acc = jnp.dot(a.astype(jnp.int32), b.astype(jnp.int32), preferred_element_type=jnp.int32)
+    return quant.requantize(acc + bias[None, :], multiplier[None, :], shift[None, :], output_offset, act_min, act_max)
+
+
+# ----------------------------------------------------------------------------------------
+# Kernel bodies
+# ----------------------------------------------------------------------------------------
+
+
+def _requant_epilogue(acc, bias, multiplier, shift, *, output_offset: int, act_min: int, act_max: int):
+    """GEMM epilogue on a (block_m, block_n) int32 tile; operands arrive as (1, block_n) tiles."""
+    return quant.requantize(acc + bias, multiplier, shift, output_offset, act_min, act_max)
+
+
+def _depthwise_body(taps_ref, w_ref, bias_ref, mult_ref, shift_ref, o_ref, *, output_offset, act_min, act_max):
+    """One (block_m pixels, block_n channels) tile: sum over taps of x * w, then requantize."""
+    acc = jnp.sum(taps_ref[...].astype(jnp.int32) * w_ref[...].astype(jnp.int32)[:, None, :], axis=0)
+    o_ref[...] = quant.requantize(acc + bias_ref[...], mult_ref[...], shift_ref[...], output_offset, act_min, act_max)
+
+
+# ----------------------------------------------------------------------------------------
+# Public ops
+# ----------------------------------------------------------------------------------------
+
+
+def gemm_requant(a, b, bias, multiplier, shift, *, output_offset: int, act_min: int, act_max: int,
+                 config: Config | None = None, interpret: bool | None = None, pallas: bool = True):
+    """``clamp(MBQM(a @ b + bias, multiplier, shift) + output_offset)`` as int8, one Pallas kernel.
+
+    a: (M, K) int8, b: (K, N) int8; bias, multiplier, shift: (N,) int32 (bias already holds
+    the input-offset correction, see ``fold_input_offset``). ``pallas=False`` computes the same
+    with XLA's integer dot (``gemm_requant_reference``).
+    """
+    if not pallas:
+        return gemm_requant_reference(a, b, bias, multiplier, shift, output_offset=output_offset, act_min=act_min,
+                                      act_max=act_max)
+    m, k = a.shape
+    n = b.shape[1]
+    cfg = config or resolve_config(problem_key(m, n, k))
+    epilogue = functools.partial(_requant_epilogue, output_offset=int(output_offset), act_min=int(act_min),
+                                 act_max=int(act_max))
+    return mm.matmul(a, b, out_dtype=jnp.int8, epilogue=epilogue,
+                     epilogue_operands=(bias, multiplier, shift), config=cfg.gemm(), interpret=interpret)
+
+
+def fold_input_offset(weights_kn: np.ndarray, bias: np.ndarray | None, input_offset: int) -> np.ndarray:
+    """Bias that makes ``x @ w`` equal TFLite's ``(x + input_offset) @ w``: bias + offset * sum_k w."""
+    n = weights_kn.shape[1]
+    b = np.zeros(n, np.int64) if bias is None else bias.astype(np.int64)
+    folded = b + int(input_offset) * weights_kn.astype(np.int64).sum(axis=0)
+    if np.abs(folded).max(initial=0) >= 2**31:
+        raise ValueError("folded bias overflows int32; the layer's zero point and weights are out of range")
+    return folded.astype(np.int32)
+
+
+def _patches(x, kh: int, kw: int, stride: tuple[int, int], dilation: tuple[int, int], out_hw: tuple[int, int]):
+    """(B, H, W, C) already padded -> (B, Ho, Wo, kh*kw, C): the input under every tap."""
+    sh, sw = stride
+    dh, dw = dilation
+    ho, wo = out_hw
+    taps = []
+    for i in range(kh):
+        for j in range(kw):
+            taps.append(x[:, i * dh: i * dh + (ho - 1) * sh + 1: sh, j * dw: j * dw + (wo - 1) * sw + 1: sw, :])
+    return jnp.stack(taps, axis=3)
+
+
+def conv2d(x, w: np.ndarray, bias: np.ndarray | None, *, stride, dilation, padding, out_hw, input_offset: int,
+           output_offset: int, multiplier, shift, act_min: int, act_max: int, config: Config | None = None,
+           interpret: bool | None = None, pallas: bool = True):
+    """Int8 CONV_2D (OHWI filter) as im2col + fused int8 GEMM. ``padding``: ((t, b), (l, r))."""
+    o, kh, kw, c = w.shape
+    x = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)), constant_values=-input_offset)
+    b_ = x.shape[0]
+    if (kh, kw) == (1, 1) and tuple(stride) == (1, 1):
+        cols = x.reshape(-1, c)
+    else:
+        cols = _patches(x, kh, kw, stride, dilation, out_hw).reshape(b_ * out_hw[0] * out_hw[1], kh * kw * c)
+    w_kn = np.ascontiguousarray(w.reshape(o, kh * kw * c).T)
+    folded = fold_input_offset(w_kn, bias, input_offset)
+    y = gemm_requant(cols, jnp.asarray(w_kn), jnp.asarray(folded), jnp.asarray(multiplier), jnp.asarray(shift),
+                     output_offset=output_offset, act_min=act_min, act_max=act_max, config=config, interpret=interpret,
+                     pallas=pallas)
+    return y.reshape(b_, out_hw[0], out_hw[1], o)
+
+
+def fully_connected(x, w: np.ndarray, bias: np.ndarray | None, *, input_offset: int, output_offset: int,
+                    multiplier, shift, act_min: int, act_max: int, config: Config | None = None,
+                    interpret: bool | None = None, pallas: bool = True):
+    """Int8 FULLY_CONNECTED: x (..., in) with weights (out, in) -> (rows, out)."""
+    _out_features, in_features = w.shape
+    rows = x.reshape(-1, in_features)
+    w_kn = np.ascontiguousarray(w.T)
+    folded = fold_input_offset(w_kn, bias, input_offset)
+    return gemm_requant(rows, jnp.asarray(w_kn), jnp.asarray(folded), jnp.asarray(multiplier), jnp.asarray(shift),
+                        output_offset=output_offset, act_min=act_min, act_max=act_max, config=config,
+                        interpret=interpret, pallas=pallas)
+
+
+def _pow2_at_least(x: int, floor: int = 16) -> int:
+    return max(floor, pl.next_power_of_2(x))
+
+
+def depthwise_conv2d(x, w: np.ndarray, bias: np.ndarray | None, *, stride, dilation, padding, out_hw,
+                     depth_multiplier: int, input_offset: int, output_offset: int, multiplier, shift,
+                     act_min: int, act_max: int, config: Config | None = None, interpret: bool | None = None):
+    """Int8 DEPTHWISE_CONV_2D (filter (1, kh, kw, C*mult)) as a Pallas tap-reduction kernel."""
+    _, kh, kw, n = w.shape
+    x = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)), constant_values=-input_offset)
+    b_ = x.shape[0]
+    taps = _patches(x, kh, kw, stride, dilation, out_hw)  # (B, Ho, Wo, T, C)
+    if depth_multiplier != 1:
+        taps = jnp.repeat(taps, depth_multiplier, axis=-1)
+    m = b_ * out_hw[0] * out_hw[1]
+    t = kh * kw
+    taps = jnp.moveaxis(taps.reshape(m, t, n), 1, 0)  # (T, M, N)
+    w_tn = w.reshape(t, n)
+    folded = fold_input_offset(w_tn, bias, input_offset)
+    if interpret is None:
+        interpret = platform.interpret_default()
+    cfg = config or resolve_config(depthwise_problem_key(m, n, t))
+    tp = _pow2_at_least(t)  # taps padded to a power of 2 (zero weights) for the Triton block shape
+    mp = -(-m // cfg.block_m) * cfg.block_m
+    np_ = -(-n // cfg.block_n) * cfg.block_n
+    taps = jnp.pad(taps, ((0, tp - t), (0, mp - m), (0, np_ - n)))
+    w_p = jnp.asarray(np.pad(w_tn, ((0, tp - t), (0, np_ - n))))
+    vectors = [jnp.asarray(np.pad(v.astype(np.int32), (0, np_ - n))).reshape(1, np_) for v in (folded, multiplier, shift)]
+    compiler_params = None
+    if not interpret:
+        from jax.experimental.pallas import triton as pltriton
+
+        compiler_params = pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    body = functools.partial(_depthwise_body, output_offset=int(output_offset), act_min=int(act_min),
+                             act_max=int(act_max))
+    y = pl.pallas_call(
+        body,
+        out_shape=jax.ShapeDtypeStruct((mp, np_), jnp.int8),
+        grid=(mp // cfg.block_m, np_ // cfg.block_n),
+        in_specs=[
+            pl.BlockSpec((tp, cfg.block_m, cfg.block_n), lambda i, j: (0, i, j)),
+            pl.BlockSpec((tp, cfg.block_n), lambda i, j: (0, j)),
+        ] + [pl.BlockSpec((1, cfg.block_n), lambda i, j: (0, j))] * 3,
+        out_specs=pl.BlockSpec((cfg.block_m, cfg.block_n), lambda i, j: (i, j)),
+        interpret=interpret,
+        compiler_params=compiler_params,
+        name="tinypallas_int8_depthwise",
+    )(taps, w_p, *vectors)
+    return y[:m, :n].reshape(b_, out_hw[0], out_hw[1], n)
+
+
+def depthwise_conv2d_reference(x, w, bias, *, stride, dilation, padding, out_hw, depth_multiplier, input_offset,
+                               output_offset, multiplier, shift, act_min, act_max):
+    """Depthwise conv in plain jnp (int32 tap sum), the oracle of the Pallas kernel."""
+    _, kh, kw, n = w.shape
+    x = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)), constant_values=-input_offset)
+    taps = _patches(x, kh, kw, stride, dilation, out_hw).astype(jnp.int32)
+    if depth_multiplier != 1:
+        taps = jnp.repeat(taps, depth_multiplier, axis=-1)
+    acc = jnp.sum(taps * jnp.asarray(w.reshape(kh * kw, n), jnp.int32), axis=3)
+    folded = fold_input_offset(w.reshape(kh * kw, n), bias, input_offset)
+    return quant.requantize(acc + folded, multiplier, shift, output_offset, act_min, act_max)
+
+
+def add(a, b, *, input1_offset, input2_offset, output_offset, left_shift, input1_multiplier, input1_shift,
+        input2_multiplier, input2_shift, output_multiplier, output_shift, act_min, act_max):
+    """Int8 ADD (TFLite: both inputs rescaled to a common 2**20-scaled sum, then requantized)."""
+    a = (a.astype(jnp.int32) + input1_offset) << left_shift
+    b = (b.astype(jnp.int32) + input2_offset) << left_shift
+    total = (quant.multiply_by_quantized_multiplier(a, input1_multiplier, input1_shift)
+             + quant.multiply_by_quantized_multiplier(b, input2_multiplier, input2_shift))
+    return quant.requantize(total, output_multiplier, output_shift, output_offset, act_min, act_max)
+
+
+def mul(a, b, *, input1_offset, input2_offset, output_offset, output_multiplier, output_shift, act_min, act_max):
+    """Int8 MUL: requantize ``(a + off1) * (b + off2)``."""
+    prod = (a.astype(jnp.int32) + input1_offset) * (b.astype(jnp.int32) + input2_offset)
+    return quant.requantize(prod, output_multiplier, output_shift, output_offset, act_min, act_max)
+
+
+def _window_sum_and_count(x, filt, stride, padding, out_hw, init, reducer):
+    """Apply ``reducer`` over every pooling window (padding excluded); also the valid counts."""
+    (pt, pb), (pl_, pr) = padding
+    fh, fw = filt
+    sh, sw = stride
+    xp = jnp.pad(x, ((0, 0), (pt, pb), (pl_, pr), (0, 0)), constant_values=init)
+    out = None
+    for i in range(fh):
+        for j in range(fw):
+            win = xp[:, i: i + (out_hw[0] - 1) * sh + 1: sh, j: j + (out_hw[1] - 1) * sw + 1: sw, :]
+            out = win if out is None else reducer(out, win)
+    h, w_ = x.shape[1:3]
+    rows = np.arange(out_hw[0]) * sh - pt
+    cols = np.arange(out_hw[1]) * sw - pl_
+    count_h = np.minimum(rows + fh, h) - np.maximum(rows, 0)
+    count_w = np.minimum(cols + fw, w_) - np.maximum(cols, 0)
+    return out, np.outer(count_h, count_w).astype(np.int32)
+
+
+def average_pool(x, *, filter_hw, stride, padding, out_hw, act_min, act_max):
+    """Int8 AVERAGE_POOL_2D: integer mean over the valid window, rounded half away from zero."""
+    total, count = _window_sum_and_count(x.astype(jnp.int32), filter_hw, stride, padding, out_hw, 0, jnp.add)
+    count = jnp.asarray(count)[None, :, :, None]
+    mean = jnp.sign(total) * ((jnp.abs(total) + count // 2) // count)
+    return jnp.clip(mean, act_min, act_max).astype(jnp.int8)
+
+
+def max_pool(x, *, filter_hw, stride, padding, out_hw, act_min, act_max):
+    """Int8 MAX_POOL_2D (padding never wins the max)."""
+    out, _ = _window_sum_and_count(x, filter_hw, stride, padding, out_hw, -128, jnp.maximum)
+    return jnp.clip(out, act_min, act_max).astype(jnp.int8)
+
+
+def mean(x, *, axes, keep_dims, input_zero_point, output_zero_point, num_elements, multiplier, shift):
+    """Int8 MEAN over ``axes`` (TFLite: integer sum, 1/n folded into the multiplier)."""
+    total = jnp.sum(x.astype(jnp.int32), axis=axes, keepdims=keep_dims) - input_zero_point * num_elements
+    y = quant.multiply_by_quantized_multiplier(total, multiplier, shift) + output_zero_point
+    return jnp.clip(y, -128, 127).astype(jnp.int8)
+
+
+def softmax(x, *, input_multiplier, input_left_shift, diff_min):
+    """Int8 SOFTMAX over the last axis (gemmlowp fixed-point exp, TFLite's reference)."""
+    return quant.softmax_int8(x, input_multiplier, input_left_shift, diff_min)
+
+
+# ----------------------------------------------------------------------------------------
+# Autotuning: the int8 GEMM with its requantizing epilogue.
+# ----------------------------------------------------------------------------------------
+
+# GEMM shapes (M = batch-1 pixels, N = out channels, K = taps x in channels) and depthwise shapes
+# of MLPerf Tiny layers (--layer vww01 etc.).
+PRESETS = {
+    "vww01": [problem_key(48 * 48, 8, 27), problem_key(24 * 24, 32, 16), problem_key(6 * 6, 128, 128),
+              problem_key(3 * 3, 256, 256), depthwise_problem_key(48 * 48, 8, 9), depthwise_problem_key(6 * 6, 128, 9)],
+    "ic01": [problem_key(32 * 32, 16, 27), problem_key(32 * 32, 16, 144), problem_key(16 * 16, 32, 288),
+             problem_key(8 * 8, 64, 576)],
+    "kws01": [problem_key(25 * 5, 64, 40), problem_key(25 * 5, 64, 64), depthwise_problem_key(25 * 5, 64, 9)],
+}
+DEFAULT_PROBLEMS = [problem_key(1024, 16, 144), problem_key(256, 32, 288), problem_key(64, 64, 576),
+                    depthwise_problem_key(1024, 32, 9)]
+
+
+def parse_shape(text: str) -> dict:
+    """``"MxNxK"`` -> int8 GEMM problem; ``"dw:MxCxT"`` -> depthwise problem (pixels, channels, taps)."""
+    depthwise = text.lower().startswith("dw:")
+    body = text[3:] if depthwise else text
+    example = "dw:1024x32x9" if depthwise else "1024x16x144"
+    try:
+        dims = [int(d) for d in body.lower().split("x")]
+    except ValueError:
+        raise ValueError(f"--shape {text!r} is not MxNxK (GEMM) or dw:MxCxT (depthwise), e.g. {example}") from None
+    if len(dims) != 3 or min(dims) < 1:
+        raise ValueError(f"--shape {text!r} is not MxNxK (GEMM) or dw:MxCxT (depthwise) with positive sizes, e.g. {example}")
+    return depthwise_problem_key(*dims) if depthwise else problem_key(*dims)
+
+
+def _tiles(dim: int, cap: int) -> tuple[int, ...]:
+    top = max(16, min(cap, pl.next_power_of_2(dim)))
+    return tuple(t for t in (16, 32, 64, 128, 256) if t <= top)
+
+
+def search_space(problem: dict) -> SearchSpace:
+    """Knobs of one int8 problem: tiles and loop order of the GEMM + requantize epilogue, or the
+    pixel/channel tiles of the depthwise kernel; Triton warps/stages on GPU."""
+    on_gpu = platform.backend() == "gpu"
+    rng = np.random.default_rng(0)
+    if problem["op"] == "depthwise":
+        m, c, taps = problem["m"], problem["c"], problem["taps"]
+        knobs = [Knob("block_m", _tiles(m, 256)), Knob("block_n", _tiles(c, 128))]
+
+        def violations(params: dict) -> list[str]:
+            cfg = Config(**params)
+            problems = [f"{k}={v} must be a power of 2 >= 16" for k, v in (("block_m", cfg.block_m), ("block_n", cfg.block_n))
+                        if v < 16 or v & (v - 1)]
+            tile_bytes = _pow2_at_least(taps) * cfg.block_m * cfg.block_n * 4  # int32 products in registers/smem
+            if on_gpu and tile_bytes > platform.SHARED_MEMORY_BYTES:
+                problems.append(f"a {cfg.block_m}x{cfg.block_n} tile over {taps} taps needs {tile_bytes} B; lower block_m")
+            return problems
+
+        def runner(cfg: Config):
+            side = max(1, int(np.sqrt(m)))
+            x = jnp.asarray(rng.integers(-128, 128, (1, side, m // side, c), dtype=np.int8))
+            k = int(np.sqrt(taps)) if int(np.sqrt(taps)) ** 2 == taps else 1
+            w = rng.integers(-127, 128, (1, k, taps // k, c)).astype(np.int8)
+            mult, shift = quant.quantize_multipliers(rng.uniform(1e-3, 1e-2, c))
+            pad = ((k // 2, k // 2), ((taps // k) // 2, (taps // k) // 2))
+            return functools.partial(depthwise_conv2d, x, w, None, stride=(1, 1), dilation=(1, 1), padding=pad,
+                                     out_hw=(side, m // side), depth_multiplier=1, input_offset=3, output_offset=-2,
+                                     multiplier=mult, shift=shift, act_min=-128, act_max=127, config=cfg)
+    else:
+        m, n, k = problem["m"], problem["n"], problem["k"]
+        knobs = [Knob("block_m", _tiles(m, 256)), Knob("block_n", _tiles(n, 256)), Knob("block_k", _tiles(k, 256)),
+                 Knob("order", mm.ORDERS), Knob("group_m", (1, 4, 8))]
+
+        def violations(params: dict) -> list[str]:
+            return mm.config_violations(Config(**params).gemm(), m, n, k, jnp.int8)
+
+        def runner(cfg: Config):
+            a = jnp.asarray(rng.integers(-128, 128, (m, k), dtype=np.int8))
+            b = jnp.asarray(rng.integers(-128, 128, (k, n), dtype=np.int8))
+            bias = jnp.asarray(rng.integers(-5000, 5000, n, dtype=np.int32))
+            mult, shift = quant.quantize_multipliers(rng.uniform(1e-4, 1e-2, n))
+            return functools.partial(gemm_requant, a, b, bias, jnp.asarray(mult), jnp.asarray(shift),
+                                     output_offset=-3, act_min=-128, act_max=127, config=cfg)
+    if on_gpu:
+        knobs += [Knob("num_warps", (2, 4, 8)), Knob("num_stages", (2, 3, 4))]
+    return SearchSpace(kernel=KERNEL, problem=problem, knobs=tuple(knobs), violations=violations,
+                       to_config=lambda params: Config(**params), runner=runner,
+                       default=heuristic_config(problem).params())
