@@ -91,14 +91,14 @@ def cmd_sweep(args) -> int:
     from autotune import registry, results, tuner
     from kernels import platform
 
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 140)
     if args.target or args.model:
         if not (args.target and args.model):
             raise SystemExit("--target and --model go together: --target stm32f746 --model PATH.tflite")
         args.kernel = "mcu"
     module = registry.kernel_module(args.kernel)
     if args.kernel == "mcu":
-        problems = [module.parse_problem(args.model, args.target)]
+        problems = [module.parse_shape(f"{args.model}@{args.target}")]
     else:
         problems = _problems(args, module)
     n_trials = args.trials or (12 if platform.interpret_default() else 40)
@@ -111,7 +111,7 @@ def cmd_sweep(args) -> int:
     console.print(f"[bold]tinypallas autotune[/] kernel={args.kernel} device={platform.device_kind()} "
                   f"problems={len(problems)} trials/problem={n_trials} seed={args.seed}")
     console.print(f"storage: {storage}")
-    if platform.interpret_default():
+    if platform.interpret_default() and args.kernel != "mcu":
         console.print("[yellow]CPU: Pallas runs in interpret mode; the timings are of the interpreter, "
                       "not of compiled kernels.[/]")
     out = []
@@ -128,13 +128,17 @@ def cmd_sweep(args) -> int:
             progress.update(task, completed=n_trials)
             out.append(result)
 
-    table = Table(title="best configs" + (" (interpreted: not kernel speed)" if platform.interpret_default() else ""))
-    for col in ("problem", "best", "default", "speed-up", "params"):
+    interpreted = platform.interpret_default() and args.kernel != "mcu"
+    table = Table(title="best configs" + (" (interpreted: not kernel speed)" if interpreted else ""))
+    columns = ["problem", "best", "default", "speed-up", "params"]
+    if any(k.name == "algorithm" for r in out for k in r.space.knobs):
+        columns.insert(1, "algorithm")  # which algorithm won on each layer
+    for col in columns:
         table.add_column(col)
     for r in out:
         problem = " ".join(f"{k}={v}" for k, v in r.space.problem.items())
         if r.best_values is None:
-            table.add_row(problem, "no feasible trial", "", "", "")
+            table.add_row(problem, *[""] * (len(columns) - 2), "no feasible trial")
             continue
         default = r.default_values
         name0 = r.space.objectives[0].name
@@ -142,8 +146,13 @@ def cmd_sweep(args) -> int:
         default_v = default[name0] if default else None
         ratio = f"{default_v / best_v:.2f}x" if default_v and best_v else "-"
         knobs = {k.name: r.best_params[k.name] for k in r.space.knobs}
-        table.add_row(problem, _fmt(best_v, name0), _fmt(default_v, name0), ratio,
-                      ", ".join(f"{k}={v}" for k, v in knobs.items()))
+        best_text = ", ".join(f"{o.name}={_fmt(r.best_values[o.name], o.name)}" for o in r.space.objectives) \
+            if len(r.space.objectives) > 1 else _fmt(best_v, name0)
+        row = [problem, best_text, _fmt(default_v, name0), ratio,
+               ", ".join(f"{k}={v}" for k, v in knobs.items())]
+        if "algorithm" in columns:
+            row.insert(1, str(r.best_params.get("algorithm", "-")))
+        table.add_row(*row)
     console.print(table)
     env = results.environment(seed=args.seed)
     results.write_bundle(bundle, out, env)

@@ -14,6 +14,9 @@ import importlib
 KERNELS = {
     "matmul": "kernels.matmul",
     "int8": "kernels.int8",
+    "conv2d": "kernels.conv",
+    "inverted_residual": "kernels.conv.inverted_residual",
+    "mcu": "mcu.tune",
 }
 
 

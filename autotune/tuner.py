@@ -138,6 +138,7 @@ def tune(space: SearchSpace, *, storage: str, n_trials: int, timeout: float | No
         sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(n_trials // 3, 1))),
         load_if_exists=True,
     )
+    study.set_metric_names([o.name for o in space.objectives])
     for key, value in (("kernel", space.kernel), ("problem", json.dumps(space.problem, sort_keys=True)),
                        ("device", platform.device_kind()), ("jax", jax.__version__),
                        ("interpreted", platform.interpret_default())):
@@ -186,7 +187,7 @@ def tune(space: SearchSpace, *, storage: str, n_trials: int, timeout: float | No
                        callbacks=callbacks, gc_after_trial=False)
 
     best_params, best_values = best_of(study, space)
-    if write_cache and best_params is not None and len(space.objectives) == 1:
+    if write_cache and best_params is not None:  # several objectives: the Pareto point best on the first
         tuned.store(space.kernel, space.problem, best_params, **best_values,
                     study=name, interpreted=platform.interpret_default())
     return TuneResult(study, space, best_params, best_values)

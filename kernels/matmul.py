@@ -73,7 +73,7 @@ def _accumulator_dtype(dtype) -> jnp.dtype:
     return jnp.dtype(jnp.int32) if jnp.dtype(dtype) == jnp.int8 else jnp.dtype(jnp.float32)
 
 
-def _apply_activation(x, activation: str | None):
+def apply_activation(x, activation: str | None):
     if activation is None:
         return x
     if activation == "relu":
@@ -93,7 +93,7 @@ def reference(a, b, *, bias=None, activation=None, out_dtype=None, epilogue=None
     acc = jnp.dot(a, b, preferred_element_type=acc_dtype, precision=lax.Precision.HIGHEST)
     if bias is not None:
         acc = acc + bias.astype(acc_dtype)[None, :]
-    acc = _apply_activation(acc, activation)
+    acc = apply_activation(acc, activation)
     if epilogue is not None:
         acc = epilogue(acc, *(op[None, :] for op in epilogue_operands))
     return acc.astype(_out_dtype(a.dtype, out_dtype))
@@ -150,7 +150,7 @@ def _matmul_body(a_ref, b_ref, *rest, block_k: int, num_k: int, unroll_k: int, a
         acc = k_step(k, acc)
     if has_bias:
         acc = acc + bias_ref[...].astype(acc_dtype)
-    acc = _apply_activation(acc, activation)
+    acc = apply_activation(acc, activation)
     if epilogue is not None:
         acc = epilogue(acc, *(r[...] for r in operand_refs))
     o_ref[...] = acc.astype(o_ref.dtype)

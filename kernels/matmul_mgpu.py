@@ -66,7 +66,7 @@ def _round_up(x: int, m: int) -> int:
 def _matmul(a, b, *, config, activation, out_dtype):
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    from kernels.matmul import _apply_activation, tile_coordinates
+    from kernels.matmul import apply_activation, tile_coordinates
 
     cfg = config
     m, k = a.shape
@@ -104,7 +104,7 @@ def _matmul(a, b, *, config, activation, out_dtype):
             return acc_ref[...]
 
         acc = pl.run_scoped(accumulate, plgpu.ACC((cfg.block_m, cfg.block_n), jnp.float32))
-        o_smem[...] = _apply_activation(acc, activation).astype(out_dtype)
+        o_smem[...] = apply_activation(acc, activation).astype(out_dtype)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[rows, cols])
         plgpu.wait_smem_to_gmem(0)
@@ -125,7 +125,7 @@ def _matmul(a, b, *, config, activation, out_dtype):
 
 def _warp_specialized(plgpu, cfg, mp, np_, num_k, activation, out_dtype, in_transforms, out_transforms):
     """Producer warpgroup (TMA) + two consumer warpgroups (wgmma), one ``2*block_m x block_n`` tile."""
-    from kernels.matmul import _apply_activation, tile_coordinates
+    from kernels.matmul import apply_activation, tile_coordinates
 
     cta_m = 2 * cfg.block_m
     num_m, num_n = mp // cta_m, np_ // cfg.block_n
@@ -146,7 +146,7 @@ def _warp_specialized(plgpu, cfg, mp, np_, num_k, activation, out_dtype, in_tran
         def consumer(run_pipeline):
             def with_accumulator(acc_ref):
                 run_pipeline(acc_ref)
-                o_smem[wg] = _apply_activation(acc_ref[...], activation).astype(out_dtype)
+                o_smem[wg] = apply_activation(acc_ref[...], activation).astype(out_dtype)
                 plgpu.commit_smem()
                 plgpu.copy_smem_to_gmem(o_smem.at[wg], o_gmem.at[rows, cols].at[wg_rows])
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
