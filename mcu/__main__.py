@@ -1,0 +1,65 @@
+"""``python -m mcu export MODEL.tflite --board stm32f746 --backend portable -o DIR``."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from mcu import boards, codegen, tune
+from models import tflite_import
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mcu", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    ex = sub.add_parser("export", help="lower a .tflite model to C for a board")
+    ex.add_argument("model", help="int8 .tflite file")
+    ex.add_argument("--board", default="stm32f746", choices=sorted(boards.BOARDS))
+    ex.add_argument("--backend", default="portable",
+                    help=f"one of {codegen.BACKENDS}; cmsis-nn needs $CMSIS_NN_ROOT (a CMSIS-NN checkout)")
+    ex.add_argument("--no-in-place", action="store_true", help="disable output/input overlap in the memory plan")
+    ex.add_argument("--conv1x1", default=None, choices=codegen.CONV_VARIANTS, help="kernel for 1x1 convs")
+    ex.add_argument("--depthwise", default=None, choices=codegen.DEPTHWISE_VARIANTS, help="in-place depthwise variant")
+    ex.add_argument("--patch", metavar="SPLIT,GRID", help="run ops 0..SPLIT patch by patch on a GRIDxGRID grid")
+    ex.add_argument("--min-sram", action="store_true", help="pick the patch schedule with the smallest peak SRAM")
+    ex.add_argument("--untuned", action="store_true", help="ignore the schedule the autotuner chose")
+    ex.add_argument("-o", "--output", required=True, help="output directory")
+    args = parser.parse_args(argv)
+
+    try:
+        graph = tflite_import.load(args.model)
+        board = boards.board(args.board)
+        config = None if args.untuned else tune.tuned_config(args.model, board.name)
+        overrides = {}
+        if args.no_in_place:
+            overrides["in_place"] = False
+        if args.conv1x1:
+            overrides.update(conv1x1=args.conv1x1, layer_variants=())
+        if args.depthwise:
+            overrides["depthwise"] = args.depthwise
+        if args.patch:
+            try:
+                split, grid = (int(v) for v in args.patch.split(","))
+            except ValueError:
+                raise ValueError(f"--patch {args.patch!r}: expected SPLIT,GRID, e.g. --patch 7,4") from None
+            overrides.update(patch_split=split, patch_grid=grid)
+        if config is None or args.backend != config.backend:
+            config = codegen.Config(backend=args.backend)
+        config = dataclasses.replace(config, **overrides)
+        if args.min_sram:
+            config = codegen.min_sram_config(graph, config)
+        lowered = codegen.export(graph, args.output, config)
+    except (ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    problems = board.check_fit(lowered.peak_sram_bytes, lowered.flash_bytes)
+    print(f"{args.model}: {len(graph.ops)} ops -> {args.output}/model.c")
+    print(f"  peak SRAM (arena) {lowered.peak_sram_bytes} B, const data {lowered.flash_bytes} B, board {board.name}")
+    print(f"  schedule: {config}")
+    for p in problems:
+        print(f"  does not fit: {p}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
