@@ -17,6 +17,12 @@ KERNELS = {
     "conv2d": "kernels.conv",
     "inverted_residual": "kernels.conv.inverted_residual",
     "mcu": "mcu.tune",
+    "w4a16": "kernels.llm.w4a16",
+    "swiglu": "kernels.llm.swiglu",
+    "rmsnorm": "kernels.llm.rmsnorm",
+    "rope": "kernels.llm.rope",
+    "flash_attention": "kernels.llm.flash_attention",
+    "decode_attention": "kernels.llm.decode_attention",
 }
 
 

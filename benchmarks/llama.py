@@ -1,0 +1,268 @@
+"""Batch-1 LLaMA decode speed: the Pallas path vs the XLA path vs the memory roofline (GPU), and the
+bundled SmolLM2 on the XLA path vs llama.cpp on the same CPU.
+
+GPU: LLaMA-2-7B shapes, random weights, bf16 and W4A16 (4-bit, group 128 by default). Roofline =
+HBM bandwidth / bytes streamed per token (weights + the KV cache read at that context).
+CPU: SmolLM2-135M-Instruct Q4_1 decode tok/s, ours (xla path) / llama.cpp's.
+
+    python benchmarks/llama.py            # whatever this machine has
+    python benchmarks/llama.py --quick    # < 2 min on a CPU: fewer tokens, tiny context
+Writes JSON (``--out``) with the environment, shapes and every ratio.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import pathlib
+import platform as host_platform
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import jax
+import jax.numpy as jnp
+
+from kernels import platform
+from models.llama import config as llama_config
+from models.llama import forward
+from models.llama import params as llama_params
+
+# Peak HBM bandwidth by device (vendor datasheets), bytes/s.
+NOMINAL_BANDWIDTH = {"H100 80GB HBM3": 3.35e12, "H100 PCIe": 2.0e12, "H200": 4.8e12, "A100-SXM4-80GB": 2.04e12}
+
+
+def environment() -> dict:
+    env = {"backend": platform.backend(), "device": platform.device_kind(), "jax": jax.__version__,
+           "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__") else None,
+           "python": host_platform.python_version(), "cpu_count": os.cpu_count(), "machine": host_platform.machine(),
+           "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    try:
+        import jaxlib
+
+        env["jaxlib"] = jaxlib.__version__
+    except ImportError:
+        pass
+    return env
+
+
+def decode_tokens_per_second(params, cfg, path: str, *, context: int, steps: int, dtype) -> float:
+    """Time ``steps`` jitted decode steps (batch 1) starting at position ``context``."""
+    cache_len = -(-(context + steps + 1) // 256) * 256
+    cache = forward.init_cache(cfg, 1, cache_len, dtype)
+    tok, pos = jnp.array([1], jnp.int32), jnp.array([context], jnp.int32)
+    step = forward.decode.lower(params, tok, pos, cache, cfg=cfg, path=path).compile()
+    for _ in range(2):  # warm-up
+        logits, cache = step(params, tok, pos, cache)
+    logits.block_until_ready()
+    positions = [jnp.array([context + i], jnp.int32) for i in range(steps)]
+    t0 = time.perf_counter()
+    for p in positions:
+        logits, cache = step(params, tok, p, cache)
+    logits.block_until_ready()
+    return steps / (time.perf_counter() - t0)
+
+
+def measured_bandwidth() -> float:
+    """Device-to-device copy of 2 GiB, bytes read + written per second (best of 5)."""
+    x = jnp.ones((2**29,), jnp.float32)
+    copy = jax.jit(lambda a: a + 1.0)
+    copy(x).block_until_ready()
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        copy(x).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * x.size * 4 / best
+
+
+def gpu_benchmark(args) -> dict:
+    cfg = dataclasses.replace(llama_config.LLAMA2_7B, n_layers=args.layers or llama_config.LLAMA2_7B.n_layers)
+    nominal = next((v for k, v in NOMINAL_BANDWIDTH.items() if k in platform.device_kind()), None)
+    measured = measured_bandwidth()
+    kv_bytes = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * args.context * 2  # bf16 K and V read per token
+    rows = []
+    for fmt, bits in (("bf16", None), ("w4a16", 4)):
+        params = llama_params.init_params(cfg, jax.random.key(0), dtype=jnp.bfloat16, bits=bits, group=args.group)
+        weight_bytes = llama_params.weight_bytes(params)
+        streamed = weight_bytes + kv_bytes
+        result = {"format": fmt, "weight_bytes": weight_bytes, "kv_bytes": kv_bytes}
+        for path in forward.PATHS:
+            try:
+                result[f"{path}_tok_s"] = decode_tokens_per_second(params, cfg, path, context=args.context,
+                                                                   steps=args.tokens, dtype=jnp.bfloat16)
+            except Exception as e:  # noqa: BLE001  (report, do not hide: the JSON carries the error)
+                result[f"{path}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                result[f"{path}_tok_s"] = None
+        for name, bw in (("nominal", nominal), ("measured", measured)):
+            if bw:
+                roof = bw / streamed
+                result[f"roofline_{name}_tok_s"] = roof
+                for path in forward.PATHS:
+                    if result[f"{path}_tok_s"]:
+                        result[f"{path}_fraction_of_{name}_roofline"] = result[f"{path}_tok_s"] / roof
+        if result["pallas_tok_s"] and result["xla_tok_s"]:
+            result["pallas_over_xla"] = result["pallas_tok_s"] / result["xla_tok_s"]
+        rows.append(result)
+        del params
+    return {"kind": "gpu", "model": "LLaMA-2-7B shapes, random weights", "config": dataclasses.asdict(cfg),
+            "group": args.group, "context": args.context, "tokens": args.tokens,
+            "bandwidth_nominal": nominal, "bandwidth_measured": measured, "results": rows}
+
+
+def seconds_per_call(fn, iters: int = 30) -> float:
+    jax.block_until_ready(fn())
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        out = fn()
+    jax.block_until_ready(out)
+    return (time.perf_counter() - t0) / iters
+
+
+def gemv_sweep(args) -> list[dict]:
+    """Batch-1 GEMV configs of the 7B decode shapes: achieved bandwidth of each (a quick look at the
+    tuning space; ``autotune`` does this properly)."""
+    from kernels.llm import w4a16
+
+    rows = []
+    for n, k in ((4096, 4096), (4096, 11008)):
+        x = jax.random.normal(jax.random.key(0), (1, k), jnp.bfloat16)
+        w = jax.random.normal(jax.random.key(1), (k, n), jnp.float32) * 0.02
+        for fmt, weight in (("bf16", w.astype(jnp.bfloat16)), ("w4a16", w4a16.quantize(w, bits=4, group=args.group))):
+            nbytes = weight.nbytes if isinstance(weight, w4a16.QuantizedWeight) else weight.size * 2
+            xla = jax.jit(w4a16.xla_matmul)
+            row = {"n": n, "k": k, "format": fmt,
+                   "xla_us": seconds_per_call(functools.partial(xla, x, weight)) * 1e6}
+            _, group, _, _ = w4a16.as_grouped(weight)
+            groups = k // group
+            best = None
+            for bn in (64, 128):
+                for split in (1, 4, 16):
+                    for bg in (1, 4):
+                        for warps in (4,):
+                            cfg = w4a16.Config(block_m=1, block_n=bn, block_groups=bg, split_k=split, num_warps=warps,
+                                               num_stages=2)
+                            if w4a16.config_violations(cfg, 1, n, k, group, on_gpu=True) or n % bn:
+                                continue
+                            if groups // split // bg > 64 or bg * group > 1024:
+                                continue
+                            try:
+                                t = seconds_per_call(functools.partial(w4a16.quantized_matmul, x, weight, config=cfg),
+                                                     iters=10)
+                            except Exception as e:  # noqa: BLE001  (a config Triton rejects is skipped)
+                                print(f"  skip {cfg}: {type(e).__name__}")
+                                continue
+                            if best is None or t < best[0]:
+                                best = (t, cfg.params())
+            heur = seconds_per_call(functools.partial(w4a16.quantized_matmul, x, weight))
+            row.update(heuristic_us=heur * 1e6, best_us=best[0] * 1e6 if best else None,
+                       best_config=best[1] if best else None, bytes=nbytes,
+                       best_gb_s=nbytes / best[0] / 1e9 if best else None)
+            print(row)
+            rows.append(row)
+    return rows
+
+
+def llama_cpp_tokens_per_second(path: pathlib.Path, prompt_ids: list[int], steps: int) -> tuple[float, str]:
+    """llama.cpp's decode tok/s, the best over 1 thread and all cores: its spinning thread barriers
+    collapse when the cores are shared with other work, so one thread can be the faster."""
+    import llama_cpp
+
+    best = 0.0
+    for threads in sorted({1, os.cpu_count() or 1}):
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=len(prompt_ids) + steps + 8, verbose=False,
+                              n_threads=threads, n_batch=512)
+        llm.eval(prompt_ids)
+        llm.eval([1])
+        llm.eval([1])  # warm-up, as ours
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            llm.eval([1])
+        best = max(best, steps / (time.perf_counter() - t0))
+        del llm
+    return best, llama_cpp.__version__
+
+
+def cpu_benchmark(args) -> dict:
+    from models.llama import load
+
+    model = load()
+    prompt = model.tokenizer.encode("The history of computing began with mechanical calculators and " * 2)
+    steps = args.tokens
+    rounds = 1 if args.quick else 3
+    result = {"kind": "cpu", "model": "SmolLM2-135M-Instruct Q4_1 (bundled)", "context": len(prompt),
+              "tokens": steps, "rounds": rounds, "xla_tok_s_rounds": [], "llama_cpp_tok_s_rounds": []}
+    # Alternate the two and keep each one's best round: the CPU may be shared with other work.
+    for _ in range(rounds):
+        result["xla_tok_s_rounds"].append(decode_tokens_per_second(model.params, model.config, "xla",
+                                                                   context=len(prompt), steps=steps, dtype=jnp.float32))
+        try:
+            from models.llama.gguf_loader import bundled_model_path
+
+            theirs, version = llama_cpp_tokens_per_second(bundled_model_path(), prompt, steps)
+            result["llama_cpp_tok_s_rounds"].append(theirs)
+            result["llama_cpp_version"] = version
+        except ImportError:
+            result["llama_cpp_error"] = "llama-cpp-python is not installed: pip install llama-cpp-python"
+    result["xla_tok_s"] = max(result["xla_tok_s_rounds"])
+    if result["llama_cpp_tok_s_rounds"]:
+        result["llama_cpp_tok_s"] = max(result["llama_cpp_tok_s_rounds"])
+        result["xla_over_llama_cpp"] = result["xla_tok_s"] / result["llama_cpp_tok_s"]
+    # The Pallas path interpreted on a tiny config: checks it runs; its speed means nothing on a CPU.
+    tiny = llama_config.tiny()
+    tiny_params = llama_params.init_params(tiny, jax.random.key(0), bits=4)
+    result["tiny_pallas_interpret_tok_s"] = decode_tokens_per_second(tiny_params, tiny, "pallas", context=8,
+                                                                     steps=4, dtype=jnp.float32)
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="few tokens, short context (CPU smoke run)")
+    parser.add_argument("--tokens", type=int, default=None, help="decode steps timed")
+    parser.add_argument("--context", type=int, default=512, help="GPU: KV positions already in the cache")
+    parser.add_argument("--group", type=int, default=128, help="GPU: W4A16 group size (32, 64 or 128)")
+    parser.add_argument("--layers", type=int, default=None, help="GPU: fewer layers than 32 (quick look)")
+    parser.add_argument("--sweep", action="store_true", help="GPU: also sweep GEMV configs of the 7B shapes")
+    parser.add_argument("--out", default="benchmarks/results/llama.json")
+    args = parser.parse_args(argv)
+    if args.tokens is None:
+        args.tokens = 8 if args.quick else 64
+    if args.quick:
+        args.context = min(args.context, 128)
+
+    report = {"env": environment()}
+    if args.sweep and platform.backend() == "gpu":
+        report["gemv_sweep"] = gemv_sweep(args)
+    report.update(gpu_benchmark(args) if platform.backend() == "gpu" else cpu_benchmark(args))
+    if report["kind"] == "gpu":
+        print(f"{'format':8} {'xla tok/s':>10} {'pallas tok/s':>13} {'roofline':>9} {'pallas/roof':>11} {'pallas/xla':>10}")
+        for r in report["results"]:
+            def f(v, spec=".1f"):
+                return "-" if v is None else format(v, spec)
+            print(f"{r['format']:8} {f(r['xla_tok_s']):>10} {f(r['pallas_tok_s']):>13} "
+                  f"{f(r.get('roofline_nominal_tok_s') or r.get('roofline_measured_tok_s')):>9} "
+                  f"{f(r.get('pallas_fraction_of_nominal_roofline') or r.get('pallas_fraction_of_measured_roofline'), '.2f'):>11} "
+                  f"{f(r.get('pallas_over_xla'), '.2f'):>10}")
+            for path in forward.PATHS:
+                if r.get(f"{path}_error"):
+                    print(f"  {path} failed: {r[f'{path}_error']}")
+    else:
+        print(f"SmolLM2-135M Q4_1 decode on {report['env']['cpu_count']} CPU cores: ours (xla) "
+              f"{report['xla_tok_s']:.1f} tok/s", end="")
+        if "llama_cpp_tok_s" in report:
+            print(f", llama.cpp {report['llama_cpp_tok_s']:.1f} tok/s, ratio {report['xla_over_llama_cpp']:.2f}")
+        else:
+            print(f" ({report['llama_cpp_error']})")
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

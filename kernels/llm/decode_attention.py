@@ -1,0 +1,180 @@
+"""Split-K decode attention: one new query token per sequence against a preallocated KV cache.
+
+The cache's sequence axis is cut into ``num_splits`` chunks processed by separate programs (so a
+batch-1 decode still fills the GPU); each returns a partial softmax (max, sum, normalised output)
+that a log-sum-exp merge combines (flash-decoding). All query heads of one KV group share a program
+and its K/V loads (GQA); the group is padded to 16 rows for the tensor-core dot.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from kernels import platform
+from kernels.llm import common
+from kernels.space import Knob, SearchSpace
+
+_NEG = -1e30
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    block_k: int = 64
+    num_splits: int = 4
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def params(self) -> dict:
+        return common.params_of(self)
+
+
+def reference(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array) -> jax.Array:
+    """q (B, Hq, D), caches (B, Hkv, S, D), lengths (B,): attend to cache positions < length."""
+    b, hq, d = q.shape
+    hkv, s = k_cache.shape[1], k_cache.shape[2]
+    qg = q.astype(jnp.float32).reshape(b, hkv, hq // hkv, d)
+    scores = jnp.einsum("bhgd,bhsd->bhgs", qg, k_cache.astype(jnp.float32)) / math.sqrt(d)
+    valid = jnp.arange(s)[None, :] < lengths[:, None]  # (B, S)
+    scores = jnp.where(valid[:, None, None, :], scores, -jnp.inf)
+    out = jnp.einsum("bhgs,bhsd->bhgd", jax.nn.softmax(scores, axis=-1), v_cache.astype(jnp.float32))
+    return out.reshape(b, hq, d).astype(q.dtype)
+
+
+def _decode_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, sm_scale: float, block_k: int,
+                   chunk: int):
+    split = pl.program_id(2)
+    length = len_ref[0]
+    start = split * chunk
+    q = q_ref[...]  # (group_rows, D)
+    rows, d = q.shape
+    num_blocks = jnp.clip(pl.cdiv(length - start, block_k), 0, chunk // block_k)
+
+    def body(j, carry):
+        acc, m, l = carry
+        k = k_ref[pl.ds(j * block_k, block_k), :]
+        v = v_ref[pl.ds(j * block_k, block_k), :]
+        s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * sm_scale  # (rows, block_k)
+        pos = start + j * block_k + jax.lax.broadcasted_iota(jnp.int32, (rows, block_k), 1)
+        s = jnp.where(pos < length, s, _NEG)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        p = jnp.exp(s - m_new[:, None])
+        alpha = jnp.exp(m - m_new)
+        acc = acc * alpha[:, None] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        return acc, m_new, l * alpha + jnp.sum(p, axis=1)
+
+    init = (jnp.zeros((rows, d), jnp.float32), jnp.full((rows,), _NEG, jnp.float32), jnp.zeros((rows,), jnp.float32))
+    acc, m, l = jax.lax.fori_loop(0, num_blocks, body, init)
+    o_ref[...] = (acc / jnp.where(l == 0.0, 1.0, l)[:, None]).astype(o_ref.dtype)
+    m_ref[...] = m
+    l_ref[...] = l
+
+
+def heuristic_config(seq: int, batch_heads: int) -> Config:
+    block_k = common.largest_pow2_divisor(seq, 64)
+    # Enough programs to fill ~132 SMs at batch 1, but chunks of at least 4 blocks.
+    splits = common.largest_pow2_divisor(seq // block_k, max(1, min(32, 256 // max(1, batch_heads))))
+    while splits > 1 and seq // splits < 4 * block_k:
+        splits //= 2
+    return Config(block_k=block_k, num_splits=splits, num_warps=4, num_stages=2)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "interpret"))
+def _decode(q, k_cache, v_cache, lengths, *, config: Config, interpret: bool):
+    b, hq, d = q.shape
+    hkv, s = k_cache.shape[1], k_cache.shape[2]
+    group = hq // hkv
+    rows = max(16, pl.next_power_of_2(group))
+    qg = jnp.pad(q.reshape(b, hkv, group, d), ((0, 0), (0, 0), (0, rows - group), (0, 0)))
+    splits, chunk = config.num_splits, s // config.num_splits
+    o, m, l = pl.pallas_call(
+        functools.partial(_decode_kernel, sm_scale=1.0 / math.sqrt(d), block_k=config.block_k, chunk=chunk),
+        grid=(b, hkv, splits),
+        in_specs=[
+            pl.BlockSpec((1,), lambda bi, h, si: (bi,)),
+            pl.BlockSpec((None, None, rows, d), lambda bi, h, si: (bi, h, 0, 0)),
+            pl.BlockSpec((None, None, chunk, d), lambda bi, h, si: (bi, h, si, 0)),
+            pl.BlockSpec((None, None, chunk, d), lambda bi, h, si: (bi, h, si, 0)),
+        ],
+        out_specs=[
+            pl.BlockSpec((None, None, None, rows, d), lambda bi, h, si: (bi, h, si, 0, 0)),
+            pl.BlockSpec((None, None, None, rows), lambda bi, h, si: (bi, h, si, 0)),
+            pl.BlockSpec((None, None, None, rows), lambda bi, h, si: (bi, h, si, 0)),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct((b, hkv, splits, rows, d), jnp.float32),
+            jax.ShapeDtypeStruct((b, hkv, splits, rows), jnp.float32),
+            jax.ShapeDtypeStruct((b, hkv, splits, rows), jnp.float32),
+        ],
+        compiler_params=common.compiler_params(config, interpret),
+        interpret=interpret,
+    )(lengths.astype(jnp.int32), qg, k_cache, v_cache)
+    # Log-sum-exp merge of the splits: weight_i = l_i * exp(m_i - max m).
+    weight = l * jnp.exp(m - jnp.max(m, axis=2, keepdims=True))
+    out = jnp.sum(weight[..., None] * o, axis=2) / jnp.sum(weight, axis=2)[..., None]
+    return out[:, :, :group].reshape(b, hq, d).astype(q.dtype)
+
+
+def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array, *,
+                     config: Config | None = None, interpret: bool | None = None) -> jax.Array:
+    """Pallas split-K decode attention; same contract as ``reference``. lengths must be >= 1."""
+    if q.ndim != 3 or k_cache.ndim != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(f"expected q (B, Hq, D), caches (B, Hkv, S, D); got {q.shape}, {k_cache.shape}, "
+                         f"{v_cache.shape}")
+    b, hq, d = q.shape
+    hkv, s = k_cache.shape[1], k_cache.shape[2]
+    if k_cache.shape[0] != b or k_cache.shape[3] != d or hq % hkv:
+        raise ValueError(f"cache shape {k_cache.shape} does not fit q shape {q.shape}")
+    if not common.is_pow2(d):
+        raise ValueError(f"head_dim={d} must be a power of 2 for the Pallas attention kernels")
+    if interpret is None:
+        interpret = platform.interpret_default()
+    cfg = common.resolve_config("decode_attention", problem_key(b, s, hq, hkv, d, q.dtype), config, Config,
+                                lambda: heuristic_config(s, b * hkv))
+    if s % (cfg.num_splits * cfg.block_k):
+        raise ValueError(f"cache length {s} must be a multiple of num_splits*block_k = "
+                         f"{cfg.num_splits}*{cfg.block_k}; allocate the cache in multiples of 256")
+    return _decode(q, k_cache, v_cache, lengths, config=cfg, interpret=interpret)
+
+
+def problem_key(batch: int, seq: int, heads: int, kv_heads: int, head_dim: int, dtype) -> dict:
+    return {"batch": batch, "seq": seq, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim,
+            "dtype": jnp.dtype(dtype).name}
+
+
+DEFAULT_PROBLEMS = [problem_key(1, 4096, 32, 32, 128, "bfloat16"), problem_key(1, 4096, 32, 8, 128, "bfloat16")]
+
+
+def parse_shape(text: str) -> dict:
+    """``BxSxHQxHKVxD`` (S = cache length), e.g. ``1x4096x32x8x128``."""
+    try:
+        b, s, hq, hkv, d = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"shape {text!r} is not BxSxHQxHKVxD, e.g. 1x4096x32x8x128") from None
+    return problem_key(b, s, hq, hkv, d, "bfloat16")
+
+
+def search_space(problem: dict) -> SearchSpace:
+    b, s, hq, hkv, d = (problem[k] for k in ("batch", "seq", "heads", "kv_heads", "head_dim"))
+    dtype = jnp.dtype(problem["dtype"])
+    knobs = [Knob("block_k", (16, 32, 64, 128, 256)), Knob("num_splits", (1, 2, 4, 8, 16, 32, 64))]
+    if platform.backend() == "gpu":
+        knobs += [Knob("num_warps", (2, 4, 8)), Knob("num_stages", (1, 2, 3, 4))]
+
+    def violations(p):
+        return [] if s % (p["block_k"] * p["num_splits"]) == 0 else [f"block_k*num_splits must divide S={s}"]
+
+    def runner(cfg: Config):
+        kq, kk, kv = jax.random.split(jax.random.key(0), 3)
+        q = jax.random.normal(kq, (b, hq, d), dtype)
+        kc = jax.random.normal(kk, (b, hkv, s, d), dtype)
+        vc = jax.random.normal(kv, (b, hkv, s, d), dtype)
+        return functools.partial(decode_attention, q, kc, vc, jnp.full((b,), s, jnp.int32), config=cfg)
+
+    return SearchSpace(kernel="decode_attention", problem=problem, knobs=tuple(knobs), violations=violations,
+                       to_config=lambda p: Config(**{**Config().params(), **p}), runner=runner,
+                       default=heuristic_config(s, b * hkv).params())

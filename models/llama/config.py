@@ -1,0 +1,42 @@
+"""The shape of a LLaMA-architecture decoder: what a checkpoint's metadata tells us."""
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    ffn_dim: int
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: float = 1.0  # linear position interpolation: positions are divided by this
+    max_seq_len: int = 2048
+    tie_embeddings: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    def __post_init__(self):
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim={self.dim} is not a multiple of n_heads={self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
+
+
+def tiny(**overrides) -> LlamaConfig:
+    """A small config for tests (GQA 4/2 heads, Pallas-friendly power-of-2 sizes)."""
+    base = {"vocab_size": 256, "dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "ffn_dim": 128,
+            "norm_eps": 1e-5, "rope_theta": 10000.0, "max_seq_len": 64, "tie_embeddings": False}
+    return LlamaConfig(**{**base, **overrides})
+
+
+LLAMA2_7B = LlamaConfig(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, ffn_dim=11008,
+                        norm_eps=1e-5, rope_theta=10000.0, max_seq_len=4096)

@@ -1,0 +1,141 @@
+"""Text generation: prefill the prompt, then one jitted decode step per token into a preallocated cache.
+
+Sampling (greedy, temperature, top-k, top-p) runs inside the jitted step; both functions are
+compiled ahead of time so the reported tok/s exclude compilation.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from models.llama import forward
+from models.llama.config import LlamaConfig
+
+CACHE_MULTIPLE = 256  # cache length granularity: the decode kernel splits the cache in blocks
+
+
+def sample(logits: jax.Array, key: jax.Array, *, temperature: float, top_k: int, top_p: float) -> jax.Array:
+    """logits (B, V) -> token ids (B,). temperature 0 is greedy."""
+    if temperature <= 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits.astype(jnp.float32) / temperature
+    if 0 < top_k < logits.shape[-1]:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if 0.0 < top_p < 1.0:
+        order = jnp.argsort(-logits, axis=-1)
+        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+        cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+        drop_sorted = (cum - jax.nn.softmax(sorted_logits, axis=-1)) >= top_p
+        drop = jnp.zeros_like(drop_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(drop_sorted)
+        logits = jnp.where(drop, -jnp.inf, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "path", "temperature", "top_k", "top_p"),
+                   donate_argnames=("cache",))
+def _prefill_and_sample(params, tokens, lengths, cache, key, *, cfg, path, temperature, top_k, top_p):
+    logits, cache = forward.prefill(params, tokens, cache, cfg=cfg, path=path)
+    last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
+    return sample(last, key, temperature=temperature, top_k=top_k, top_p=top_p), last, cache
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "path", "temperature", "top_k", "top_p"),
+                   donate_argnames=("cache",))
+def _decode_and_sample(params, tokens, positions, cache, key, *, cfg, path, temperature, top_k, top_p):
+    logits, cache = forward.decode(params, tokens, positions, cache, cfg=cfg, path=path)
+    return sample(logits, key, temperature=temperature, top_k=top_k, top_p=top_p), cache
+
+
+@dataclasses.dataclass
+class Generation:
+    tokens: list[list[int]]  # generated ids per prompt (stop token excluded)
+    prefill_tokens: int
+    prefill_seconds: float
+    decode_tokens: int
+    decode_seconds: float
+    compile_seconds: float
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.prefill_tokens / max(self.prefill_seconds, 1e-9)
+
+    @property
+    def decode_tok_s(self) -> float:
+        return self.decode_tokens / max(self.decode_seconds, 1e-9)
+
+
+def cache_length(needed: int, cfg: LlamaConfig) -> int:
+    length = -(-needed // CACHE_MULTIPLE) * CACHE_MULTIPLE
+    if needed > cfg.max_seq_len:
+        raise ValueError(f"prompt + max_tokens = {needed} exceeds the model's context of {cfg.max_seq_len} tokens; "
+                         "shorten the prompt or lower --max-tokens")
+    return length
+
+
+def generate(params: dict, cfg: LlamaConfig, prompts: list[list[int]], *, max_tokens: int, stop_ids=(),
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0, path: str = "xla",
+             dtype=jnp.float32, on_token: Callable[[int], None] | None = None) -> Generation:
+    """Generate up to ``max_tokens`` for each prompt (a batch; rows may differ in length).
+
+    ``on_token(id)`` is called per token of the first prompt as it is produced (streaming).
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens={max_tokens} must be >= 1")
+    if temperature < 0 or top_k < 0 or not 0.0 < top_p <= 1.0:
+        raise ValueError(f"sampling needs temperature >= 0 (0 = greedy), top_k >= 0 (0 = off) and 0 < top_p <= 1 "
+                         f"(1 = off); got temperature={temperature}, top_k={top_k}, top_p={top_p}")
+    b = len(prompts)
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    t = int(lengths.max())
+    tokens = np.zeros((b, t), np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = p
+    cache = forward.init_cache(cfg, b, cache_length(t + max_tokens, cfg), dtype)
+    knobs = {"cfg": cfg, "path": path, "temperature": float(temperature), "top_k": int(top_k), "top_p": float(top_p)}
+    key = jax.random.key(seed)
+    tokens_j, lengths_j = jnp.asarray(tokens), jnp.asarray(lengths)
+
+    t0 = time.perf_counter()
+    prefill_fn = _prefill_and_sample.lower(params, tokens_j, lengths_j, cache, key, **knobs).compile()
+    decode_fn = _decode_and_sample.lower(params, lengths_j, lengths_j, cache, key, **knobs).compile()
+    compile_seconds = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    next_tok, _, cache = prefill_fn(params, tokens_j, lengths_j, cache, jax.random.fold_in(key, 0))
+    next_tok = np.asarray(next_tok)
+    prefill_seconds = time.perf_counter() - t0
+
+    stop = {int(s) for s in stop_ids}
+    out: list[list[int]] = [[] for _ in range(b)]
+    done = np.zeros(b, bool)
+    positions = lengths.copy()
+    decoded = 0
+    t0 = time.perf_counter()
+    for step in range(max_tokens):
+        for i in range(b):
+            if not done[i]:
+                if int(next_tok[i]) in stop:
+                    done[i] = True
+                else:
+                    out[i].append(int(next_tok[i]))
+                    if i == 0 and on_token is not None:
+                        on_token(int(next_tok[i]))
+        if done.all() or step == max_tokens - 1:
+            break
+        next_tok, cache = decode_fn(params, jnp.asarray(next_tok), jnp.asarray(positions), cache,
+                                    jax.random.fold_in(key, step + 1))
+        next_tok = np.asarray(next_tok)
+        positions += 1
+        decoded += 1
+    decode_seconds = time.perf_counter() - t0
+    return Generation(out, int(lengths.sum()), prefill_seconds, decoded, decode_seconds, compile_seconds)

@@ -1,0 +1,75 @@
+"""LLaMA parameters as a pytree: ``{"embed", "output", "norm", "layers": [one dict per layer]}``.
+
+Linear weights are (K, N) (``x @ W``), dense or ``QuantizedWeight``; the embedding is stored as
+(dim, vocab) so the same array serves as the tied output projection.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from kernels.llm.w4a16 import QuantizedWeight, quantize
+from models.llama.config import LlamaConfig
+
+LAYER_MATRICES = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+
+
+def matrix_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, int]]:
+    hd = cfg.head_dim
+    return {
+        "wq": (cfg.dim, cfg.n_heads * hd),
+        "wk": (cfg.dim, cfg.n_kv_heads * hd),
+        "wv": (cfg.dim, cfg.n_kv_heads * hd),
+        "wo": (cfg.n_heads * hd, cfg.dim),
+        "w_gate": (cfg.dim, cfg.ffn_dim),
+        "w_up": (cfg.dim, cfg.ffn_dim),
+        "w_down": (cfg.ffn_dim, cfg.dim),
+    }
+
+
+def stack_layers(layers: list[dict]) -> dict:
+    """[{name: array or QuantizedWeight}] per layer -> {name: stacked along a new layer axis} (for
+    ``lax.scan``); all layers must agree in form."""
+    out = {}
+    for name in layers[0]:
+        kinds = {type(layer[name]).__name__ + str(getattr(layer[name], "bits", "")) for layer in layers}
+        if len(kinds) > 1:
+            raise ValueError(f"tensor {name!r} has different types across layers ({sorted(kinds)}); "
+                             "mixed-precision checkpoints are not supported, requantize to one type")
+        out[name] = jax.tree.map(lambda *xs: jnp.stack(xs), *[layer[name] for layer in layers])
+    return out
+
+
+def init_params(cfg: LlamaConfig, key: jax.Array, *, dtype=jnp.float32, bits: int | None = None,
+                group: int = 32) -> dict:
+    """Random weights (std 0.02, norms near 1), optionally group-quantized: for tests and benchmarks."""
+    shapes = matrix_shapes(cfg)
+
+    def matrix(k, shape):
+        w = jax.random.normal(k, shape, jnp.float32) * 0.02
+        return w.astype(dtype) if bits is None else quantize(w, bits=bits, group=group)
+
+    layers = []
+    keys = jax.random.split(key, cfg.n_layers + 2)
+    for i in range(cfg.n_layers):
+        ks = jax.random.split(keys[i], len(LAYER_MATRICES) + 2)
+        layer = {name: matrix(k, shapes[name]) for name, k in zip(LAYER_MATRICES, ks)}
+        layer["attn_norm"] = (1.0 + 0.1 * jax.random.normal(ks[-2], (cfg.dim,))).astype(jnp.float32)
+        layer["ffn_norm"] = (1.0 + 0.1 * jax.random.normal(ks[-1], (cfg.dim,))).astype(jnp.float32)
+        layers.append(layer)
+    ke, ko = jax.random.split(keys[-1])
+    embed = jax.random.normal(ke, (cfg.dim, cfg.vocab_size), jnp.float32) * 0.02
+    embed = embed.astype(dtype) if bits is None else quantize(embed, bits=8, group=group)
+    output = None if cfg.tie_embeddings else matrix(ko, (cfg.dim, cfg.vocab_size))
+    return {"embed": embed, "output": output, "norm": jnp.ones((cfg.dim,), jnp.float32),
+            "layers": layers}
+
+
+def weight_bytes(params: dict) -> int:
+    """Bytes of weights one decode step streams from memory: everything but an untied embedding
+    table (of which only one row is read)."""
+    streamed = params if params["output"] is None else {k: v for k, v in params.items() if k != "embed"}
+    total = 0
+    for leaf in jax.tree.leaves(streamed, is_leaf=lambda x: isinstance(x, QuantizedWeight)):
+        total += leaf.nbytes if isinstance(leaf, QuantizedWeight) else int(leaf.size * leaf.dtype.itemsize)
+    return total

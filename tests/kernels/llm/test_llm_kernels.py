@@ -1,0 +1,165 @@
+"""The fused LLM kernels against their jnp/lax references (Pallas interpreted on the CPU: tiny shapes).
+
+Tolerances: f32 everywhere on the CPU; the kernels reorder sums (per-group partial sums, online
+softmax), so we allow 1e-4 absolute on O(1) outputs.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kernels.llm import decode_attention, flash_attention, rmsnorm, rope, swiglu, w4a16
+
+TOL = {"atol": 1e-4, "rtol": 1e-4}
+
+
+def _keys(n):
+    return jax.random.split(jax.random.key(7), n)
+
+
+@pytest.mark.parametrize("dim, residual", [(64, True), (48, True), (64, False)])
+def test_rmsnorm_with_residual_matches_reference(dim, residual):
+    kx, kr, kw = _keys(3)
+    x = jax.random.normal(kx, (2, 3, dim))
+    r = jax.random.normal(kr, (2, 3, dim)) if residual else None
+    w = jax.random.normal(kw, (dim,))
+    want = rmsnorm.reference(x, w, eps=1e-5, residual=r)
+    got = rmsnorm.rmsnorm(x, w, eps=1e-5, residual=r, config=rmsnorm.Config(block_rows=2))
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, **TOL)
+
+
+def test_rmsnorm_rejects_wrong_weight_shape():
+    with pytest.raises(ValueError, match="weight has shape"):
+        rmsnorm.rmsnorm(jnp.ones((2, 8)), jnp.ones((4,)), eps=1e-5)
+
+
+def test_rope_matches_reference_with_offsets_and_scaling():
+    x = jax.random.normal(_keys(1)[0], (2, 3, 3, 32))
+    pos = jnp.array([[0, 1, 2], [100, 101, 102]])
+    want = rope.reference(x, pos, theta=1e5, scaling=2.0)
+    np.testing.assert_allclose(rope.rope(x, pos, theta=1e5, scaling=2.0), want, **TOL)
+    # the rotation preserves the norm of every (x1_i, x2_i) pair
+    np.testing.assert_allclose(jnp.linalg.norm(want, axis=-1), jnp.linalg.norm(x, axis=-1), rtol=1e-5)
+
+
+@pytest.mark.parametrize("bits, group, symmetric", [(4, 32, False), (4, 64, True), (4, 128, False), (8, 32, False)])
+def test_quantize_roundtrip_error_is_within_half_a_step(bits, group, symmetric):
+    """Round to nearest: half a step; Q4_0-style symmetric clips the side opposite the extreme
+    (+8 steps does not exist), so there up to one step."""
+    w = jax.random.normal(_keys(1)[0], (256, 48)) * 0.05
+    q = w4a16.quantize(w, bits=bits, group=group, symmetric=symmetric)
+    assert q.shape == (256, 48)
+    err = jnp.abs(w4a16.dequantize(q) - w).reshape(256 // group, group, 48).max(axis=1)
+    step = jnp.abs(q.scales.astype(jnp.float32))
+    bound = (1.0 if symmetric else 0.5) * step * 1.01 + 1e-7
+    assert bool(jnp.all(err <= bound)), "rounding error above the bound"
+
+
+@pytest.mark.parametrize("bits, group, m", [(4, 32, 1), (4, 64, 3), (4, 128, 16), (8, 32, 2), (8, 32, 16), (16, 0, 2)])
+def test_quantized_matmul_matches_dequantized_reference(bits, group, m):
+    kx, kw = _keys(2)
+    x = jax.random.normal(kx, (m, 256))
+    w = jax.random.normal(kw, (256, 64)) * 0.05
+    weight = w if bits == 16 else w4a16.quantize(w, bits=bits, group=group)
+    want = w4a16.reference(x, weight)
+    np.testing.assert_allclose(w4a16.quantized_matmul(x, weight), want, **TOL)
+    np.testing.assert_allclose(w4a16.xla_matmul(x, weight), want, **TOL)
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(m=st.integers(1, 5), n_tiles=st.integers(1, 3), k_groups=st.sampled_from([1, 2, 4]),
+       bits=st.sampled_from([4, 8]), seed=st.integers(0, 100))
+def test_quantized_matmul_shapes_property(m, n_tiles, k_groups, bits, seed):
+    """Any M (padded to the row block), N a multiple of 16, K a multiple of the group."""
+    kx, kw = jax.random.split(jax.random.key(seed))
+    k, n = 32 * k_groups, 16 * n_tiles
+    x = jax.random.normal(kx, (m, k))
+    w = w4a16.quantize(jax.random.normal(kw, (k, n)) * 0.1, bits=bits, group=32)
+    np.testing.assert_allclose(w4a16.quantized_matmul(x, w), w4a16.reference(x, w), **TOL)
+
+
+def test_quantized_matmul_split_k_partials_add_up():
+    kx, kw = _keys(2)
+    x = jax.random.normal(kx, (2, 256))
+    w = w4a16.quantize(jax.random.normal(kw, (256, 32)) * 0.05, bits=4, group=32)
+    cfg = w4a16.Config(block_m=2, block_n=16, block_groups=2, split_k=4)
+    np.testing.assert_allclose(w4a16.quantized_matmul(x, w, config=cfg), w4a16.reference(x, w), **TOL)
+
+
+def test_quantized_matmul_bad_config_names_the_problem():
+    w = w4a16.quantize(jnp.ones((64, 48)), bits=4, group=32)
+    with pytest.raises(ValueError, match="block_n=32 must divide N=48"):
+        w4a16.quantized_matmul(jnp.ones((1, 64)), w, config=w4a16.Config(block_m=1, block_n=32, block_groups=1))
+    with pytest.raises(ValueError, match="K=32 but the weight has K=64"):
+        w4a16.quantized_matmul(jnp.ones((1, 32)), w)
+
+
+def test_embedding_lookup_dequantizes_only_the_picked_rows():
+    w = w4a16.quantize(jax.random.normal(_keys(1)[0], (64, 100)), bits=8, group=32)
+    ids = jnp.array([[3, 99], [0, 3]])
+    np.testing.assert_allclose(w4a16.embedding_lookup(w, ids), w4a16.dequantize(w).T[ids], atol=1e-6)
+
+
+@pytest.mark.parametrize("bits, m", [(4, 1), (4, 16), (8, 2)])
+def test_swiglu_fused_matches_reference(bits, m):
+    kx, kg, ku = _keys(3)
+    x = jax.random.normal(kx, (m, 64))
+    wg = w4a16.quantize(jax.random.normal(kg, (64, 32)) * 0.2, bits=bits)
+    wu = w4a16.quantize(jax.random.normal(ku, (64, 32)) * 0.2, bits=bits)
+    np.testing.assert_allclose(swiglu.swiglu(x, wg, wu), swiglu.reference(x, wg, wu), **TOL)
+
+
+@pytest.mark.parametrize("t, hq, hkv", [(40, 4, 2), (32, 2, 2)])
+def test_flash_attention_causal_gqa_matches_reference(t, hq, hkv):
+    kq, kk, kv = _keys(3)
+    q = jax.random.normal(kq, (2, t, hq, 16))
+    k = jax.random.normal(kk, (2, t, hkv, 16))
+    v = jax.random.normal(kv, (2, t, hkv, 16))
+    got = flash_attention.flash_attention(q, k, v, config=flash_attention.Config(block_q=16, block_k=16))
+    np.testing.assert_allclose(got, flash_attention.reference(q, k, v), **TOL)
+
+
+def test_decode_attention_split_k_matches_reference():
+    kq, kk, kv = _keys(3)
+    q = jax.random.normal(kq, (3, 6, 16))
+    kc = jax.random.normal(kk, (3, 2, 128, 16))
+    vc = jax.random.normal(kv, (3, 2, 128, 16))
+    lengths = jnp.array([1, 37, 128])  # one block, a ragged split, the whole cache
+    got = decode_attention.decode_attention(q, kc, vc, lengths, config=decode_attention.Config(block_k=16, num_splits=4))
+    np.testing.assert_allclose(got, decode_attention.reference(q, kc, vc, lengths), **TOL)
+
+
+def test_decode_attention_rejects_cache_not_divisible_by_splits():
+    q = jnp.ones((1, 2, 16))
+    kc = jnp.ones((1, 2, 96, 16))
+    with pytest.raises(ValueError, match="multiple of num_splits"):
+        decode_attention.decode_attention(q, kc, kc, jnp.array([5]), config=decode_attention.Config(64, 2))
+
+
+@pytest.mark.parametrize("module", [w4a16, swiglu, rmsnorm, rope, flash_attention, decode_attention])
+def test_search_space_default_is_legal(module):
+    space = module.search_space(module.DEFAULT_PROBLEMS[0])
+    assert space.violations(space.default) == []
+    assert space.to_config(space.default) is not None
+    assert {k.name for k in space.knobs} <= set(space.default)
+
+
+@pytest.mark.gpu
+def test_kernels_compile_on_gpu_at_llama_7b_shapes():
+    kx, kw = _keys(2)
+    x = jax.random.normal(kx, (1, 4096), jnp.bfloat16)
+    w = w4a16.quantize(jax.random.normal(kw, (4096, 11008)) * 0.02, bits=4, group=32)
+    want = w4a16.reference(x, w).astype(jnp.float32)
+    np.testing.assert_allclose(w4a16.quantized_matmul(x, w).astype(jnp.float32), want, atol=0.05, rtol=0.02)
+    q = jax.random.normal(kx, (1, 32, 128), jnp.bfloat16)
+    kc = jax.random.normal(kw, (1, 8, 1024, 128), jnp.bfloat16)
+    got = decode_attention.decode_attention(q, kc, kc, jnp.array([700]))
+    np.testing.assert_allclose(got.astype(jnp.float32), decode_attention.reference(q, kc, kc, jnp.array([700]))
+                               .astype(jnp.float32), atol=0.03)
+    qp = jax.random.normal(kx, (1, 200, 32, 128), jnp.bfloat16)
+    kp = jax.random.normal(kw, (1, 200, 8, 128), jnp.bfloat16)
+    np.testing.assert_allclose(flash_attention.flash_attention(qp, kp, kp).astype(jnp.float32),
+                               flash_attention.reference(qp, kp, kp).astype(jnp.float32), atol=0.03)

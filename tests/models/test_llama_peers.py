@@ -1,0 +1,188 @@
+"""The bundled SmolLM2-135M-Instruct (GGUF Q4_1) against independent implementations.
+
+* llama.cpp (llama-cpp-python): same token ids; logits within a loose tolerance because llama.cpp
+  quantizes activations to 8 bits (Q8_1) inside its Q4_1 dot products; greedy continuations equal.
+* transformers (GGUF dequantized to f32, run in torch f32): logits within 1e-3 absolute.
+"""
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from models.llama import __main__ as cli
+from models.llama import forward, generate, gguf_loader, load
+
+TEXTS = [
+    "Hello world", "  leading spaces and   runs\t\ttabs\n\n\nnewlines  ", "naïve café 東京 🚀 emoji 😀👍🏽",
+    "def f(x):\n    return x**2 + 1234567  # comment", "12345 3.14159 1e-9 0x1F", "I'm you're they'll won't",
+    "<|im_start|>user\nhi<|im_end|>", " ", "\u00a0nbsp\u2003em", "Ελληνικά русский العربية हिन्दी",
+    "```python\nprint('hi')\n```", "a" * 50,
+]
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,",
+           "The three primary colors are", "Water boils at", "import numpy as np\n"]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load()
+
+
+@pytest.fixture(scope="module")
+def llm():
+    llama_cpp = pytest.importorskip("llama_cpp", reason="pip install llama-cpp-python (the llama.cpp oracle)")
+    return llama_cpp.Llama(model_path=str(gguf_loader.bundled_model_path()), n_ctx=512, logits_all=True,
+                           verbose=False, n_threads=2, seed=0)
+
+
+def test_token_ids_equal_llama_cpp(model, llm):
+    for text in TEXTS:
+        for special in (False, True):
+            ours = model.tokenizer.encode(text, parse_special=special)
+            theirs = llm.tokenize(text.encode(), add_bos=False, special=special)
+            assert ours == theirs, (text, special)
+        assert model.tokenizer.decode(model.tokenizer.encode(text)) == text
+
+
+def test_chat_template_renders_and_tokenizes_like_llama_cpp(model, llm):
+    text = model.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
+    assert text.startswith("<|im_start|>system\n") and text.endswith("<|im_start|>assistant\n")
+    ids = model.tokenizer.encode(text, parse_special=True)
+    assert ids == llm.tokenize(text.encode(), add_bos=False, special=True)
+    assert ids.count(1) == 3  # <|im_start|> parsed as one control token, three turns
+
+
+def test_logits_close_to_llama_cpp(model, llm):
+    """Tolerance: llama.cpp's 8-bit activations move logits by ~0.3 on average (logit std ~6);
+    we require mean |diff| < 0.6, max < 3, and the same argmax at >= 95% of positions."""
+    ids = model.tokenizer.encode("The capital of France is Paris. The capital of Germany is Berlin, and Italy's is")
+    logits, _ = forward.prefill(model.params, jnp.array([ids]), forward.init_cache(model.config, 1, 256),
+                                cfg=model.config)
+    ours = np.asarray(logits[0])
+    llm.reset()
+    llm.eval(ids)
+    theirs = np.array(llm.scores[: len(ids)])
+    diff = np.abs(ours - theirs)
+    assert diff.mean() < 0.6 and diff.max() < 3.0, (diff.mean(), diff.max())
+    assert (ours.argmax(-1) == theirs.argmax(-1)).mean() >= 0.95
+
+
+def test_greedy_continuations_equal_llama_cpp(model, llm):
+    """Equal token for token; where the two differ, it must be a near tie in our logits (the two
+    candidates within 0.5, the size of llama.cpp's activation-quantization error). All prompts run
+    as one ragged batch on our side."""
+    prompts = [model.tokenizer.encode(p) for p in PROMPTS]
+    n = 16
+    batch = generate.generate(model.params, model.config, prompts, max_tokens=n).tokens
+    exact = 0
+    for ids, ours in zip(prompts, batch):
+        theirs = []
+        for tok in llm.generate(ids, top_k=1, temp=0.0, reset=True):
+            if len(theirs) == len(ours):
+                break
+            theirs.append(tok)
+        if ours == theirs:
+            exact += 1
+            continue
+        first = next(i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b)
+        logits, _ = forward.prefill(model.params, jnp.array([ids + ours[:first]]),
+                                    forward.init_cache(model.config, 1, 256), cfg=model.config)
+        last = np.asarray(logits[0, -1])
+        margin = last[ours[first]] - last[theirs[first]]
+        assert margin < 0.5, (first, margin, model.tokenizer.decode(ours), model.tokenizer.decode(theirs))
+    assert exact >= len(PROMPTS) // 2, f"only {exact} of {len(PROMPTS)} continuations equal llama.cpp's"
+
+
+def test_logits_match_transformers_f32(model):
+    """Same dequantized weights, both in f32: any layout or RoPE slip would show up far above 1e-3."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    path = gguf_loader.bundled_model_path()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                            torch_dtype=torch.float32)
+    ids = model.tokenizer.encode("Gravity is the force by which a planet or other body draws objects toward its centre.")
+    with torch.no_grad():
+        theirs = hf(torch.tensor([ids])).logits[0].numpy()
+    logits, _ = forward.prefill(model.params, jnp.array([ids]), forward.init_cache(model.config, 1, 256),
+                                cfg=model.config)
+    np.testing.assert_allclose(np.asarray(logits[0]), theirs, atol=1e-3, rtol=0)
+
+
+def test_cli_generate_streams_text_and_reports_speed(capsys):
+    assert cli.main(["generate", "--prompt", "What is 2+2?", "--max-tokens", "8"]) == 0
+    out = capsys.readouterr()
+    assert len(out.out.strip()) > 0
+    assert "decode" in out.err and "tok/s" in out.err
+
+
+def test_cli_sampling_is_reproducible_with_a_seed(capsys):
+    args = ["generate", "--prompt", "Tell me a story.", "--max-tokens", "6", "--temperature", "0.9", "--top-k", "40",
+            "--top-p", "0.9", "--seed", "3", "--no-chat"]
+    assert cli.main(args) == 0
+    first = capsys.readouterr().out
+    assert cli.main(args) == 0
+    assert capsys.readouterr().out == first
+
+
+def test_cli_bad_model_path_is_a_clear_error(capsys, tmp_path):
+    assert cli.main(["generate", "--prompt", "x", "--model", str(tmp_path / "nope.gguf")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
+
+
+def _write_spm_vocab_gguf(path):
+    """A LLaMA-2-style (SentencePiece) vocabulary: control tokens, 256 byte-fallback pieces and
+    scored pieces taken from a small corpus (higher score = merged earlier)."""
+    import collections
+
+    import gguf
+
+    corpus = "\u2581" + "the quick brown fox jumps over the lazy dog and then the dog sleeps in the sun".replace(" ", "\u2581")
+    pieces = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    types, scores = [2, 3, 3] + [6] * 256, [0.0] * 259
+    counts = collections.Counter(corpus[i:i + n] for n in range(1, 6) for i in range(len(corpus) - n + 1))
+    for rank, (piece, count) in enumerate(counts.most_common()):
+        if (count >= 2 or len(piece) == 1) and piece not in pieces:
+            pieces.append(piece)
+            types.append(1)
+            scores.append(-float(rank))
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(1)
+    w.add_context_length(64)
+    w.add_embedding_length(64)
+    w.add_feed_forward_length(128)
+    w.add_head_count(4)
+    w.add_head_count_kv(4)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(pieces)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.add_tensor("token_embd.weight", np.zeros((len(pieces), 64), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_sentencepiece_vocabulary_tokenizes_like_llama_cpp(tmp_path):
+    import gguf
+
+    from models.llama import tokenizer
+
+    llama_cpp = pytest.importorskip("llama_cpp", reason="pip install llama-cpp-python (the llama.cpp oracle)")
+    path = tmp_path / "spm.gguf"
+    _write_spm_vocab_gguf(path)
+    tok = tokenizer.from_gguf_metadata(gguf_loader.read_metadata(gguf.GGUFReader(str(path))))
+    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    for text in ["the quick brown fox", "The Quick  fox!", "dog  sleeps\n\nin the sun", "naïve 東京 🚀", " leading",
+                 "x", "thethethe", "a  b   c"]:
+        assert tok.encode(text) == llm.tokenize(text.encode(), add_bos=True, special=False), text
+        assert tok.decode(tok.encode(text)) == text
