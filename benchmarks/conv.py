@@ -33,6 +33,7 @@ from rich.console import Console
 from rich.table import Table
 
 import kernels.conv as kc
+from autotune import results
 from autotune.measure import Timing, time_callable
 from kernels import platform
 from kernels.conv.inverted_residual import MOBILENETV2_BLOCKS
@@ -205,19 +206,6 @@ def bench_block(size: int, cin: int, t: int, cout: int, stride: int, dtype: str,
     return row
 
 
-def environment() -> dict:
-    try:
-        from autotune import results
-
-        return results.environment()
-    except ImportError:  # optuna absent: the essentials
-        import importlib.metadata as md
-
-        return {"jax": jax.__version__, "jaxlib": md.version("jaxlib"), "backend": jax.default_backend(),
-                "device_kind": platform.device_kind(), "interpreted": platform.interpret_default(),
-                "argv": sys.argv}
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny layers (CPU, < 2 min); the default on a CPU")
@@ -246,7 +234,7 @@ def main(argv=None) -> int:
         pathlib.Path(args.storage[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
 
     console = Console(width=170)
-    env = environment()
+    env = results.environment()
     console.print(f"device: {env['device_kind']} | jax {env['jax']} | dtype {dtype}"
                   + (" | interpreted: timings are of the Pallas interpreter, not kernel speed" if not on_gpu else ""))
     report = {"env": env, "dtype": dtype, "layers": [], "layouts": [], "blocks": []}

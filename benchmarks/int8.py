@@ -14,17 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import platform as py_platform
 import sys
-import time
 
-import jax
 import jax.numpy as jnp
-import jaxlib
-import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from autotune import results
+from autotune.measure import time_callable
 from kernels import platform
 from models import diff, execute, tflite_import
 
@@ -33,14 +30,8 @@ SMALL = ["mlperf_tiny_ad01_fc_autoencoder_int8", "mlperf_tiny_kws01_dscnn_int8",
 
 
 def time_fn(fn, args, repeats: int) -> float:
-    """Median seconds per call after one warm-up (compile) call."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+    """Median seconds per call (compile and warm-up kept apart), the autotuner's method."""
+    return time_callable(lambda: fn(*args), warmup=1, repeats=repeats).median_seconds
 
 
 def bench_model(path: pathlib.Path, batch: int, repeats: int) -> dict:
@@ -93,12 +84,7 @@ def main(argv=None) -> int:
               f"{r['float32_xla_s'] * 1e3:8.2f}ms {r['ratio_float_over_int8_pallas']:9.3f}")
     result = {
         "benchmark": "int8_graph_vs_float_xla",
-        "device": platform.device_kind(),
-        "backend": platform.backend(),
-        "interpret": platform.interpret_default(),
-        "jax": jax.__version__,
-        "jaxlib": jaxlib.__version__,
-        "python": py_platform.python_version(),
+        "env": results.environment(),
         "batch": batch,
         "repeats": repeats,
         "results": rows,

@@ -17,7 +17,6 @@ import functools
 import json
 import os
 import pathlib
-import platform as host_platform
 import sys
 import time
 
@@ -26,6 +25,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import jax
 import jax.numpy as jnp
 
+from autotune import results
 from kernels import platform
 from models.llama import config as llama_config
 from models.llama import forward
@@ -33,20 +33,6 @@ from models.llama import params as llama_params
 
 # Peak HBM bandwidth by device (vendor datasheets), bytes/s.
 NOMINAL_BANDWIDTH = {"H100 80GB HBM3": 3.35e12, "H100 PCIe": 2.0e12, "H200": 4.8e12, "A100-SXM4-80GB": 2.04e12}
-
-
-def environment() -> dict:
-    env = {"backend": platform.backend(), "device": platform.device_kind(), "jax": jax.__version__,
-           "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__") else None,
-           "python": host_platform.python_version(), "cpu_count": os.cpu_count(), "machine": host_platform.machine(),
-           "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    try:
-        import jaxlib
-
-        env["jaxlib"] = jaxlib.__version__
-    except ImportError:
-        pass
-    return env
 
 
 def decode_tokens_per_second(params, cfg, path: str, *, context: int, steps: int, dtype) -> float:
@@ -234,7 +220,7 @@ def main(argv=None) -> int:
     if args.quick:
         args.context = min(args.context, 128)
 
-    report = {"env": environment()}
+    report = {"env": results.environment()}
     if args.sweep and platform.backend() == "gpu":
         report["gemv_sweep"] = gemv_sweep(args)
     report.update(gpu_benchmark(args) if platform.backend() == "gpu" else cpu_benchmark(args))

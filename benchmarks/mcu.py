@@ -22,6 +22,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import mcu
+from autotune import results
 from mcu import build, codegen, tflm
 from models import tflite_import
 
@@ -92,7 +93,7 @@ def main() -> None:
               f"{cell(r, 'default', 'flash_ratio_vs_tflite', '{:.3f}'):>9s} {cell(r, 'default', 'instructions'):>13s} "
               f"{cell(r, 'min_sram', 'instructions'):>14s} {cell(r, 'cmsis-nn', 'instructions'):>14s} "
               f"{cell(r, 'cmsis-nn', 'peak_sram'):>8s} {'yes' if r['schedules']['min_sram']['fits'] else 'NO'}")
-    env = {"board": board.name, "qemu_machine": board.qemu_machine, "cmsis_nn_root": os.environ.get("CMSIS_NN_ROOT"),
+    env = {**results.environment(), "board": board.name, "qemu_machine": board.qemu_machine, "cmsis_nn_root": os.environ.get("CMSIS_NN_ROOT"),
            "python": platform.python_version(), "gcc_arm": _version(["arm-none-eabi-gcc", "--version"]),
            "qemu": _version(["qemu-system-arm", "--version"]), "host": platform.platform()}
     out = pathlib.Path(args.out)
