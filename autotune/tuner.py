@@ -138,7 +138,9 @@ def tune(space: SearchSpace, *, storage: str, n_trials: int, timeout: float | No
         sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(n_trials // 3, 1))),
         load_if_exists=True,
     )
-    study.set_metric_names([o.name for o in space.objectives])
+    with warnings.catch_warnings():  # metric names are marked experimental in Optuna 5
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names([o.name for o in space.objectives])
     for key, value in (("kernel", space.kernel), ("problem", json.dumps(space.problem, sort_keys=True)),
                        ("device", platform.device_kind()), ("jax", jax.__version__),
                        ("interpreted", platform.interpret_default())):
