@@ -210,11 +210,7 @@ def depthwise_conv2d(x, w: np.ndarray, bias: np.ndarray | None, *, stride, dilat
     taps = jnp.pad(taps, ((0, tp - t), (0, mp - m), (0, np_ - n)))
     w_p = jnp.asarray(np.pad(w_tn, ((0, tp - t), (0, np_ - n))))
     vectors = [jnp.asarray(np.pad(v.astype(np.int32), (0, np_ - n))).reshape(1, np_) for v in (folded, multiplier, shift)]
-    compiler_params = None
-    if not interpret:
-        from jax.experimental.pallas import triton as pltriton
-
-        compiler_params = pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    compiler_params = platform.compiler_params(cfg.num_warps, cfg.num_stages, interpret)
     body = functools.partial(_depthwise_body, output_offset=int(output_offset), act_min=int(act_min),
                              act_max=int(act_max))
     y = pl.pallas_call(

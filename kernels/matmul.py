@@ -197,11 +197,7 @@ def _matmul_portable(a, b, bias, epilogue_operands, *, config: Config, activatio
         pl.BlockSpec((kp, cfg.block_n), b_map),
     ] + [pl.BlockSpec((1, cfg.block_n), row_vector_map) for _ in row_vectors]
 
-    compiler_params = None
-    if not interpret:
-        from jax.experimental.pallas import triton as pltriton
-
-        compiler_params = pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    compiler_params = platform.compiler_params(cfg.num_warps, cfg.num_stages, interpret)
 
     body = functools.partial(
         _matmul_body, block_k=cfg.block_k, num_k=num_k, unroll_k=cfg.unroll_k,

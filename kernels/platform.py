@@ -41,3 +41,13 @@ def is_hopper() -> bool:
 # 227 KiB per block; older parts less. The interpreter has no such limit but we keep the GPU
 # figure so a config tuned on the CPU is still legal on a GPU.
 SHARED_MEMORY_BYTES = 227 * 1024
+
+
+def compiler_params(num_warps: int, num_stages: int, interpret: bool):
+    """Triton launch knobs (warps per program, pipeline depth) for a compiled kernel; None when
+    interpreted. Every portable kernel body passes its ``Config``'s knobs through here."""
+    if interpret:
+        return None
+    from jax.experimental.pallas import triton as pltriton
+
+    return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)

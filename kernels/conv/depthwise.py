@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from kernels import platform
 from kernels.conv.geometry import (
     ConvGeometry,
     activate,
@@ -24,7 +25,6 @@ from kernels.conv.geometry import (
     pad_nhwc,
     pow2_at_least,
     round_up,
-    triton_params,
 )
 
 
@@ -100,7 +100,7 @@ def depthwise_conv(x, w, bias, *, g: ConvGeometry, layout: str, block_h: int, bl
         in_specs=in_specs,
         out_specs=out_spec,
         interpret=interpret,
-        compiler_params=triton_params(num_warps, num_stages, interpret),
+        compiler_params=platform.compiler_params(num_warps, num_stages, interpret),
         name="tinypallas_conv_depthwise",
     )(*operands)
     if layout == "NHWC":
@@ -191,6 +191,6 @@ def depthwise_conv_inplace(buf, w, bias, *, height: int, width: int, activation=
         out_specs=block,
         input_output_aliases={0: 0},
         interpret=interpret,
-        compiler_params=triton_params(num_warps, num_stages, interpret),
+        compiler_params=platform.compiler_params(num_warps, num_stages, interpret),
         name="tinypallas_conv_depthwise_inplace",
     )(buf, taps, bp)

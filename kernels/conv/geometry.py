@@ -158,14 +158,6 @@ def to_layout(x, src: str, dst: str):
     return jnp.transpose(x, (0, 3, 1, 2) if dst == "NCHW" else (0, 2, 3, 1))
 
 
-def triton_params(num_warps: int, num_stages: int, interpret: bool):
-    if interpret:
-        return None
-    from jax.experimental.pallas import triton as pltriton
-
-    return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
-
-
 def dot(a, b):
     """A tile product with f32 accumulation (full f32 precision for f32 inputs, as the reference)."""
     from jax import lax

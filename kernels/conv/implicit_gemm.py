@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from kernels import platform
 from kernels.conv.geometry import (
     ConvGeometry,
     activate,
@@ -20,7 +21,6 @@ from kernels.conv.geometry import (
     pad_nchw,
     pad_nhwc,
     round_up,
-    triton_params,
 )
 
 
@@ -106,7 +106,7 @@ def implicit_gemm_conv(x, w, bias, *, g: ConvGeometry, layout: str, block_h: int
         in_specs=in_specs,
         out_specs=out_spec,
         interpret=interpret,
-        compiler_params=triton_params(num_warps, num_stages, interpret),
+        compiler_params=platform.compiler_params(num_warps, num_stages, interpret),
         name="tinypallas_conv_implicit_gemm",
     )(*operands)
     if layout == "NHWC":

@@ -26,7 +26,6 @@ from kernels.conv.geometry import (
     pad_nhwc,
     pow2_at_least,
     round_up,
-    triton_params,
 )
 from kernels.space import Knob, SearchSpace, rotating_runner
 
@@ -185,7 +184,7 @@ def _inverted_residual(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, 
                   whole(*wp.shape), whole(*bp.shape)],
         out_specs=pl.BlockSpec((None, block_h, block_m, cout_p), lambda b, r, c: (b, r, c, 0)),
         interpret=interpret,
-        compiler_params=triton_params(config.num_warps, config.num_stages, interpret),
+        compiler_params=platform.compiler_params(config.num_warps, config.num_stages, interpret),
         name="tinypallas_inverted_residual",
     )(xp, we, be, wd, bd, wp, bp)
     return out[:, :g.out_h, :g.out_w, :cout]

@@ -18,13 +18,13 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
+from kernels import platform
 from kernels.conv.geometry import (
     ConvGeometry,
     activate,
     dot,
     pad_nhwc,
     round_up,
-    triton_params,
 )
 
 # (B^T, G, A^T) for output tile m x m and a 3x3 filter (Lavin & Gray, section 4).
@@ -141,7 +141,7 @@ def winograd_conv(x, u, bias, *, g: ConvGeometry, m: int, block_m: int, block_n:
         ],
         out_specs=pl.BlockSpec((None, m, block_m * m, block_n), lambda n, h, w_, k: (n, h, w_, k)),
         interpret=interpret,
-        compiler_params=triton_params(num_warps, num_stages, interpret),
+        compiler_params=platform.compiler_params(num_warps, num_stages, interpret),
         name=f"tinypallas_conv_winograd_f{m}x{m}_3x3",
     )(xp, up, bp)
     return out[:, :g.out_h, :g.out_w, :g.k]

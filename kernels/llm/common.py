@@ -16,15 +16,6 @@ def resolve_config(kernel: str, problem: dict, config, config_cls, heuristic):
     return heuristic()
 
 
-def compiler_params(config, interpret: bool):
-    """Triton knobs on the GPU; nothing in the interpreter."""
-    if interpret:
-        return None
-    from jax.experimental.pallas import triton as pltriton
-
-    return pltriton.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages)
-
-
 def params_of(config) -> dict:
     return dataclasses.asdict(config)
 

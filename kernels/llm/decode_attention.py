@@ -110,7 +110,7 @@ def _decode(q, k_cache, v_cache, lengths, *, config: Config, interpret: bool):
             jax.ShapeDtypeStruct((b, hkv, splits, rows), jnp.float32),
             jax.ShapeDtypeStruct((b, hkv, splits, rows), jnp.float32),
         ],
-        compiler_params=common.compiler_params(config, interpret),
+        compiler_params=platform.compiler_params(config.num_warps, config.num_stages, interpret),
         interpret=interpret,
     )(lengths.astype(jnp.int32), qg, k_cache, v_cache)
     # Log-sum-exp merge of the splits: weight_i = l_i * exp(m_i - max m).

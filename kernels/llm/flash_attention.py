@@ -100,7 +100,7 @@ def _flash(q, k, v, *, causal: bool, config: Config, interpret: bool):
         ],
         out_specs=pl.BlockSpec((None, cfg.block_q, None, d), lambda bi, h, i: (bi, i, h, 0)),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        compiler_params=common.compiler_params(cfg, interpret),
+        compiler_params=platform.compiler_params(cfg.num_warps, cfg.num_stages, interpret),
         interpret=interpret,
     )(q, k, v)
     return out[:, :t]

@@ -66,7 +66,7 @@ def _rmsnorm(x2, w, r2, *, eps: float, config: Config, interpret: bool):
         in_specs=in_specs,
         out_specs=[row_spec, row_spec],
         out_shape=[jax.ShapeDtypeStruct((rows, padded), x2.dtype)] * 2,
-        compiler_params=common.compiler_params(config, interpret),
+        compiler_params=platform.compiler_params(config.num_warps, config.num_stages, interpret),
         interpret=interpret,
     )(*operands)
     return y[:, :dim], h[:, :dim]

@@ -67,7 +67,7 @@ def _rope(x2, pos2, *, theta: float, scaling: float, config: Config, interpret: 
         in_specs=[spec, pl.BlockSpec((config.block_rows,), lambda i: (i,))],
         out_specs=spec,
         out_shape=jax.ShapeDtypeStruct(x2.shape, x2.dtype),
-        compiler_params=common.compiler_params(config, interpret),
+        compiler_params=platform.compiler_params(config.num_warps, config.num_stages, interpret),
         interpret=interpret,
     )(x2, pos2)
 

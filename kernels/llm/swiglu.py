@@ -87,7 +87,7 @@ def _swiglu(x2, gate_arrays, up_arrays, *, bits: int, group: int, config: Config
         in_specs=x_specs + ([w_spec] + extra_specs) * 2,
         out_specs=pl.BlockSpec((cfg.block_m, cfg.block_n), lambda i, j: (i, j)),
         out_shape=jax.ShapeDtypeStruct((x2.shape[0], n), x2.dtype),
-        compiler_params=common.compiler_params(cfg, interpret),
+        compiler_params=platform.compiler_params(cfg.num_warps, cfg.num_stages, interpret),
         interpret=interpret,
     )(*xs, *gate_arrays, *up_arrays)
     return out[:m]

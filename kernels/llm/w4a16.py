@@ -347,7 +347,7 @@ def _quantized_matmul(x2, arrays, *, bits: int, group: int, config: Config, inte
         in_specs=x_specs + [w_spec] + sm_specs,
         out_specs=pl.BlockSpec((None, cfg.block_m, cfg.block_n), lambda i, j, s: (s, i, j)),
         out_shape=jax.ShapeDtypeStruct((cfg.split_k, x2.shape[0], n), jnp.float32),
-        compiler_params=common.compiler_params(cfg, interpret),
+        compiler_params=platform.compiler_params(cfg.num_warps, cfg.num_stages, interpret),
         interpret=interpret,
     )(*xs, *arrays)
     out = jnp.sum(partials, axis=0).astype(x2.dtype)
