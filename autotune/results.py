@@ -10,6 +10,7 @@ import csv
 import datetime
 import json
 import math
+import os
 import pathlib
 import platform as py_platform
 import shutil
@@ -37,6 +38,7 @@ def environment(seed: int | None = None) -> dict:
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "python": sys.version.split()[0],
         "os": py_platform.platform(),
+        "cpu_count": os.cpu_count(),
         "jax": jax.__version__,
         "jaxlib": version("jaxlib"),
         "optuna": optuna.__version__,

@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per model (default 3 CPU, 20 GPU)")
     parser.add_argument("--all", action="store_true", help="all nine models (default on GPU)")
     parser.add_argument("--models", default=str(MODELS), help="folder of .tflite files")
-    parser.add_argument("--out", default="results/int8.json", help="JSON output path")
+    parser.add_argument("--out", default="results/benchmark_int8.json", help="JSON output path")
     args = parser.parse_args(argv)
     on_gpu = platform.backend() == "gpu"
     batch = args.batch or (256 if on_gpu else 4)

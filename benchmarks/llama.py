@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from autotune import results
+from autotune.measure import time_callable
 from kernels import platform
 from models.llama import config as llama_config
 from models.llama import forward
@@ -99,13 +100,9 @@ def gpu_benchmark(args) -> dict:
             "bandwidth_nominal": nominal, "bandwidth_measured": measured, "results": rows}
 
 
-def seconds_per_call(fn, iters: int = 30) -> float:
-    jax.block_until_ready(fn())
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        out = fn()
-    jax.block_until_ready(out)
-    return (time.perf_counter() - t0) / iters
+def seconds_per_call(fn) -> float:
+    """Median seconds per call, the autotuner's method (compile and warm-up kept apart)."""
+    return time_callable(fn, warmup=2, repeats=10).median_seconds
 
 
 def gemv_sweep(args) -> list[dict]:
@@ -136,8 +133,7 @@ def gemv_sweep(args) -> list[dict]:
                             if groups // split // bg > 64 or bg * group > 1024:
                                 continue
                             try:
-                                t = seconds_per_call(functools.partial(w4a16.quantized_matmul, x, weight, config=cfg),
-                                                     iters=10)
+                                t = seconds_per_call(functools.partial(w4a16.quantized_matmul, x, weight, config=cfg))
                             except Exception as e:  # noqa: BLE001  (a config Triton rejects is skipped)
                                 print(f"  skip {cfg}: {type(e).__name__}")
                                 continue
@@ -213,7 +209,7 @@ def main(argv=None) -> int:
     parser.add_argument("--group", type=int, default=128, help="GPU: W4A16 group size (32, 64 or 128)")
     parser.add_argument("--layers", type=int, default=None, help="GPU: fewer layers than 32 (quick look)")
     parser.add_argument("--sweep", action="store_true", help="GPU: also sweep GEMV configs of the 7B shapes")
-    parser.add_argument("--out", default="benchmarks/results/llama.json")
+    parser.add_argument("--out", default="results/benchmark_llama.json")
     args = parser.parse_args(argv)
     if args.tokens is None:
         args.tokens = 8 if args.quick else 64
