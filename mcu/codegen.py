@@ -181,19 +181,29 @@ def _cmsis_layer(graph: Graph, op: Op, p: dict) -> dict:
 LOCAL_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "AVERAGE_POOL_2D", "MAX_POOL_2D", "PAD", "ADD", "MUL", "QUANTIZE")
 
 
-def _emit_weights(graph: Graph, op: Op, pre: str, p: dict, consts: list[str]) -> int:
-    """Const arrays of a conv/depthwise (filter, bias, per-channel multiplier and shift)."""
-    if op.kind not in ("CONV_2D", "DEPTHWISE_CONV_2D"):
-        return 0
+def _emit_filter_and_bias(graph: Graph, op: Op, pre: str, consts: list[str]):
+    """Const arrays ``{pre}_filter`` and (if the op has one) ``{pre}_bias`` of a conv/depthwise/FC.
+
+    Returns the filter tensor, the C expression of the bias pointer ("0" without bias) and the
+    flash bytes of both arrays."""
     t = graph.tensors
     w = t[op.inputs[1]]
     b = t[op.inputs[2]] if len(op.inputs) > 2 and op.inputs[2] else None
     consts.append(_c_array("int8_t", f"{pre}_filter", w.data))
-    if b is not None:
-        consts.append(_c_array("int32_t", f"{pre}_bias", b.data))
+    if b is None:
+        return w, "0", w.nbytes
+    consts.append(_c_array("int32_t", f"{pre}_bias", b.data))
+    return w, f"{pre}_bias", w.nbytes + b.nbytes
+
+
+def _emit_weights(graph: Graph, op: Op, pre: str, p: dict, consts: list[str]) -> int:
+    """Const arrays of a conv/depthwise (filter, bias, per-channel multiplier and shift)."""
+    if op.kind not in ("CONV_2D", "DEPTHWISE_CONV_2D"):
+        return 0
+    _, _, nbytes = _emit_filter_and_bias(graph, op, pre, consts)
     consts.append(_c_array("int32_t", f"{pre}_mult", p["output_multiplier"]))
     consts.append(_c_array("int32_t", f"{pre}_shift", p["output_shift"]))
-    return w.nbytes + (b.nbytes if b is not None else 0) + 8 * len(p["output_multiplier"])
+    return nbytes + 8 * len(p["output_multiplier"])
 
 
 def _struct(structs: dict, consts: list[str], ctype: str, pre: str, init: str) -> str:
@@ -409,21 +419,13 @@ def lower(graph: Graph, config: Config | None = None) -> Lowered:
             kernel = _emit_local(graph, op, i, p, config, geometry, None, arena, consts, calls, structs, column,
                                  plan_index(i) in plan.channel_in_place)
         elif op.kind == "FULLY_CONNECTED":
-            w = t[op.inputs[1]]
-            b = t[op.inputs[2]] if len(op.inputs) > 2 and op.inputs[2] else None
-            consts.append(_c_array("int8_t", f"{pre}_weights", w.data))
-            weight_bytes += w.nbytes
-            bias = "0"
-            if b is not None:
-                consts.append(_c_array("int32_t", f"{pre}_bias", b.data))
-                weight_bytes += b.nbytes
-                bias = f"{pre}_bias"
+            w, bias, weight_bytes = _emit_filter_and_bias(graph, op, pre, consts)
             if np.unique(p["output_multiplier"]).size != 1 or np.unique(p["output_shift"]).size != 1:
                 raise ValueError(f"op {i} (FULLY_CONNECTED): per-channel weights are not supported yet")
             in_features = w.shape[1]
             fields = [x.size // in_features, in_features, w.shape[0], p["input_offset"], p["output_offset"],
                       p["act_min"], p["act_max"], p["output_multiplier"][0], p["output_shift"][0]]
-            consts.append(f"static const tp_fc_params {pre} = {{{', '.join(str(int(v)) for v in fields)}, {pre}_weights, {bias}}};\n")
+            consts.append(f"static const tp_fc_params {pre} = {{{', '.join(str(int(v)) for v in fields)}, {pre}_filter, {bias}}};\n")
             kernel = "tp_fully_connected_s8"
             calls.append(f"{kernel}(&{pre}, {arena(op.inputs[0])}, {arena(op.outputs[0])});")
         elif op.kind == "SOFTMAX":
@@ -592,15 +594,7 @@ def _emit_cmsis(graph, op, p, pre, d, consts, calls, arena, scratch_offset, scra
     context = f"cmsis_nn_context ctx = {{{buf}, {scratch_size}}}; "
     weight_bytes = 0
     if op.kind in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"):
-        w = t[op.inputs[1]]
-        b = t[op.inputs[2]] if len(op.inputs) > 2 and op.inputs[2] else None
-        consts.append(_c_array("int8_t", f"{pre}_filter", w.data))
-        weight_bytes += w.nbytes
-        bias = "0"
-        if b is not None:
-            consts.append(_c_array("int32_t", f"{pre}_bias", b.data))
-            weight_bytes += b.nbytes
-            bias = f"{pre}_bias"
+        _, bias, weight_bytes = _emit_filter_and_bias(graph, op, pre, consts)
         consts.append(f"static const {d['ptype']} {pre}_params = {d['params']};\n")
         for k in ("in", "filter", "bias", "out"):
             consts.append(f"static const cmsis_nn_dims {pre}_{k}_dims = {d[k]};\n")
