@@ -145,7 +145,7 @@ def cmd_sweep(args) -> int:
         best_v = r.best_values[name0]
         default_v = default[name0] if default else None
         ratio = f"{default_v / best_v:.2f}x" if default_v and best_v else "-"
-        knobs = {k.name: r.best_params[k.name] for k in r.space.knobs}
+        knobs = {k.name: r.best_params[k.name] for k in r.space.knobs if k.active(r.best_params)}
         best_text = ", ".join(f"{o.name}={_fmt(r.best_values[o.name], o.name)}" for o in r.space.objectives) \
             if len(r.space.objectives) > 1 else _fmt(best_v, name0)
         row = [problem, best_text, _fmt(default_v, name0), ratio,

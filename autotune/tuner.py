@@ -16,10 +16,12 @@ import dataclasses
 import json
 import math
 import re
+import time
 from typing import Callable
 
 import jax
 import optuna
+import sqlalchemy.exc
 import warnings
 
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
@@ -59,15 +61,23 @@ def make_storage(url: str) -> optuna.storages.BaseStorage:
     """An Optuna storage for ``url``; relational URLs get a heartbeat so dead workers' trials retry."""
     if url.startswith(("sqlite:", "postgresql", "mysql")):
         engine_kwargs = {"connect_args": {"timeout": 30}} if url.startswith("sqlite:") else {}
-        with warnings.catch_warnings():  # the heartbeat API is marked experimental in Optuna 5
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return RDBStorage(
-                url,
-                engine_kwargs=engine_kwargs,
-                heartbeat_interval=HEARTBEAT_SECONDS,
-                grace_period=GRACE_SECONDS,
-                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
-            )
+        # Workers starting together on a new database race to create its schema; the loser
+        # sees a unique-constraint or locking error and simply opens the schema the winner made.
+        for attempt in range(5):
+            try:
+                with warnings.catch_warnings():  # the heartbeat API is marked experimental in Optuna 5
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    return RDBStorage(
+                        url,
+                        engine_kwargs=engine_kwargs,
+                        heartbeat_interval=HEARTBEAT_SECONDS,
+                        grace_period=GRACE_SECONDS,
+                        heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
+                    )
+            except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError):
+                if attempt == 4:
+                    raise
+                time.sleep(0.5 * (attempt + 1))
     return optuna.storages.get_storage(url)
 
 
@@ -96,12 +106,12 @@ def warm_start_params(space: SearchSpace, limit: int = 2) -> list[dict]:
 
 
 def _knob_params(space: SearchSpace, params: dict) -> dict | None:
-    """Restrict ``params`` to this space's knobs; None if a value is not among a knob's choices."""
+    """Restrict ``params`` to this space's active knobs; None if a value is not among a knob's choices."""
     out = {}
     for knob in space.knobs:
-        if knob.name not in params:
-            return None
-        if params[knob.name] not in knob.choices:
+        if not knob.active(params):
+            continue
+        if params.get(knob.name) not in knob.choices:
             return None
         out[knob.name] = params[knob.name]
     return out
@@ -159,8 +169,9 @@ def tune(space: SearchSpace, *, storage: str, n_trials: int, timeout: float | No
 
     def objective(trial: optuna.Trial):
         params = dict(default)
-        for knob in space.knobs:
-            params[knob.name] = trial.suggest_categorical(knob.name, knob.choices)
+        for knob in space.knobs:  # in order, so a conditional knob sees the knobs it depends on
+            if knob.active(params):
+                params[knob.name] = trial.suggest_categorical(knob.name, knob.choices)
         problems = space.violations(params)
         trial.set_constraint("violations", float(len(problems)))
         trial.set_user_attr("params", params)

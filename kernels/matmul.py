@@ -402,18 +402,20 @@ def search_space(problem: dict) -> SearchSpace:
         top = max(16, min(cap, pl.next_power_of_2(dim)))
         return tuple(t for t in (16, 32, 64, 128, 256) if t <= top)
 
-    knobs = [
+    portable = {"backend": ("portable",)}
+    knobs = []
+    if on_gpu and platform.is_hopper() and dtype in ("bfloat16", "float16"):
+        knobs += [Knob("backend", ("portable", "mosaic")), Knob("warpgroups", (1, 2), when={"backend": ("mosaic",)})]
+    knobs += [
         Knob("block_m", tiles(m, 256)),
         Knob("block_n", tiles(n, 256)),
         Knob("block_k", tiles(k, 256)),
         Knob("order", ORDERS),
-        Knob("group_m", (1, 4, 8, 16)),
-        Knob("unroll_k", (1, 2, 4)),
+        Knob("group_m", (1, 4, 8, 16), when={"order": ("grouped",)}),
+        Knob("unroll_k", (1, 2, 4), when=portable),
     ]
     if on_gpu:
-        knobs += [Knob("num_warps", (2, 4, 8)), Knob("num_stages", (2, 3, 4, 5))]
-        if platform.is_hopper() and dtype in ("bfloat16", "float16"):
-            knobs += [Knob("backend", ("portable", "mosaic")), Knob("warpgroups", (1, 2))]
+        knobs += [Knob("num_warps", (2, 4, 8), when=portable), Knob("num_stages", (2, 3, 4, 5))]
 
     def violations(params: dict) -> list[str]:
         return config_violations(Config(**params), m, n, k, dtype)

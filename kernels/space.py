@@ -20,10 +20,19 @@ ROTATE_BYTES = 256 * 2**20
 
 @dataclasses.dataclass(frozen=True)
 class Knob:
-    """One tunable: its name (a ``Config`` field) and the values it may take."""
+    """One tunable: its name (a ``Config`` field) and the values it may take.
+
+    when: a conditional knob, e.g. ``{"algorithm": ("winograd",)}``: sampled only when every
+        named (earlier) knob holds one of the listed values; otherwise it keeps the default and
+        is absent from the trial, so the sampler never learns from a knob that had no effect.
+    """
 
     name: str
     choices: tuple
+    when: dict | None = None
+
+    def active(self, params: dict) -> bool:
+        return not self.when or all(params.get(k) in allowed for k, allowed in self.when.items())
 
 
 @dataclasses.dataclass(frozen=True)

@@ -82,7 +82,7 @@ def search_space(problem: dict) -> SearchSpace:
         Knob("conv1x1", codegen.CONV_VARIANTS),
         Knob("depthwise", codegen.DEPTHWISE_VARIANTS),
         Knob("patch_split", (-1, *patch.candidate_splits(graph))),
-        Knob("patch_grid", (2, 3, 4, 6, 8)),
+        Knob("patch_grid", (2, 3, 4, 6, 8), when={"patch_split": tuple(patch.candidate_splits(graph))}),
     ]
     if os.environ.get(cmsis_nn.ENV):
         knobs.append(Knob("backend", codegen.BACKENDS))

@@ -62,6 +62,7 @@ __all__ = [
 ]
 
 ALGORITHMS = ("im2col", "implicit_gemm", "winograd", "depthwise", "pointwise")
+GEMM_ALGORITHMS = ("im2col", "implicit_gemm", "winograd", "pointwise")  # those with output/reduction tiles
 ACTIVATIONS = (None, "relu", "relu6")
 DTYPES = ("float32", "bfloat16", "float16")
 MAX_GEMM_GROUPS = 16  # grouped convs on the GEMM paths run one GEMM per group
@@ -454,12 +455,13 @@ def search_space(problem: dict) -> SearchSpace:
     knobs = [
         Knob("algorithm", applicable_algorithms(g)),
         Knob("layout", LAYOUTS),
-        Knob("block_h", (1, 2, 4, 8)),
+        # Each algorithm reads only some tiles (see Config): the others are not sampled for it.
+        Knob("block_h", (1, 2, 4, 8), when={"algorithm": ("implicit_gemm", "depthwise")}),
         Knob("block_m", tuple(sorted(set(pow2s(g.out_w, 8, 128)) | set(pow2s(gemm_m, 16, 128))))),
-        Knob("block_n", pow2s(g.k, 16, 128)),
-        Knob("block_k", pow2s(g.c * g.kh * g.kw, 16, 128)),
-        Knob("block_c", pow2s(g.c, 8, 128)),
-        Knob("winograd_m", winograd.TILE_SIZES),
+        Knob("block_n", pow2s(g.k, 16, 128), when={"algorithm": GEMM_ALGORITHMS}),
+        Knob("block_k", pow2s(g.c * g.kh * g.kw, 16, 128), when={"algorithm": GEMM_ALGORITHMS}),
+        Knob("block_c", pow2s(g.c, 8, 128), when={"algorithm": ("depthwise",)}),
+        Knob("winograd_m", winograd.TILE_SIZES, when={"algorithm": ("winograd",)}),
     ]
     if on_gpu:
         knobs += [Knob("num_warps", (2, 4, 8)), Knob("num_stages", (1, 2, 3, 4))]

@@ -215,3 +215,19 @@ def test_benchmark_runs_on_cpu(tmp_path):
     row = doc["rows"][0]
     assert doc["env"]["interpreted"] is True and doc["env"]["jax"]
     assert row["relative_error_vs_xla"] < 1e-5 and row["tuned_vs_xla"] > 0 and row["tuned_vs_default"] > 0
+
+
+def test_conditional_knobs_are_sampled_only_when_they_apply(tmp_path):
+    space = SearchSpace(
+        kernel="toy3", problem={"n": 1},
+        knobs=(Knob("algorithm", ("direct", "winograd")), Knob("tile", (2, 4), when={"algorithm": ("winograd",)})),
+        violations=lambda p: [], to_config=lambda p: p,
+        measure=lambda p: {"seconds": 1.0 + (p["tile"] if p["algorithm"] == "winograd" else 0.5)},
+        default={"algorithm": "direct", "tile": 2},
+    )
+    result = tuner.tune(space, storage=f"sqlite:///{tmp_path}/t.db", n_trials=10, seed=0)
+    for t in result.study.trials:
+        assert ("tile" in t.params) == (t.params["algorithm"] == "winograd")
+        assert t.user_attrs["params"]["tile"] in (2, 4)
+    assert {t.params["algorithm"] for t in result.study.trials} == {"direct", "winograd"}
+    assert result.best_params["algorithm"] == "direct"
