@@ -141,9 +141,7 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengt
     return _decode(q, k_cache, v_cache, lengths, config=cfg, interpret=interpret)
 
 
-def problem_key(batch: int, seq: int, heads: int, kv_heads: int, head_dim: int, dtype) -> dict:
-    return {"batch": batch, "seq": seq, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim,
-            "dtype": jnp.dtype(dtype).name}
+problem_key = common.attention_problem_key
 
 
 DEFAULT_PROBLEMS = [problem_key(1, 4096, 32, 32, 128, "bfloat16"), problem_key(1, 4096, 32, 8, 128, "bfloat16")]
@@ -151,11 +149,7 @@ DEFAULT_PROBLEMS = [problem_key(1, 4096, 32, 32, 128, "bfloat16"), problem_key(1
 
 def parse_shape(text: str) -> dict:
     """``BxSxHQxHKVxD`` (S = cache length), e.g. ``1x4096x32x8x128``."""
-    try:
-        b, s, hq, hkv, d = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise ValueError(f"shape {text!r} is not BxSxHQxHKVxD, e.g. 1x4096x32x8x128") from None
-    return problem_key(b, s, hq, hkv, d, "bfloat16")
+    return common.parse_attention_shape(text, "BxSxHQxHKVxD", "1x4096x32x8x128")
 
 
 def search_space(problem: dict) -> SearchSpace:

@@ -128,9 +128,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = 
     return _flash(q, k, v, causal=causal, config=cfg, interpret=interpret)
 
 
-def problem_key(batch: int, seq: int, heads: int, kv_heads: int, head_dim: int, dtype) -> dict:
-    return {"batch": batch, "seq": seq, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim,
-            "dtype": jnp.dtype(dtype).name}
+problem_key = common.attention_problem_key
 
 
 DEFAULT_PROBLEMS = [problem_key(1, 512, 32, 32, 128, "bfloat16"), problem_key(1, 2048, 32, 8, 128, "bfloat16")]
@@ -138,11 +136,7 @@ DEFAULT_PROBLEMS = [problem_key(1, 512, 32, 32, 128, "bfloat16"), problem_key(1,
 
 def parse_shape(text: str) -> dict:
     """``BxTxHQxHKVxD``, e.g. ``1x2048x32x8x128``."""
-    try:
-        b, t, hq, hkv, d = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise ValueError(f"shape {text!r} is not BxTxHQxHKVxD, e.g. 1x2048x32x8x128") from None
-    return problem_key(b, t, hq, hkv, d, "bfloat16")
+    return common.parse_attention_shape(text, "BxTxHQxHKVxD", "1x2048x32x8x128")
 
 
 def search_space(problem: dict) -> SearchSpace:
