@@ -85,7 +85,13 @@ def _problems(args, module) -> list[dict]:
 
 def cmd_sweep(args) -> int:
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
     from rich.table import Table
 
     from autotune import registry, results, tuner
@@ -124,7 +130,7 @@ def cmd_sweep(args) -> int:
             progress.update(task, completed=0)
             result = tuner.tune(space, storage=storage, n_trials=n_trials, timeout=args.timeout,
                                 study_name=name, seed=args.seed,
-                                on_trial=lambda: progress.advance(task))
+                                on_trial=lambda task=task: progress.advance(task))
             progress.update(task, completed=n_trials)
             out.append(result)
 
@@ -169,11 +175,11 @@ def _fmt(value, objective: str) -> str:
 
 
 def cmd_show(args) -> int:
+    import jax
     from rich.console import Console
     from rich.table import Table
 
     from kernels import platform, tuned
-    import jax
 
     table = Table(title=f"best-config cache: {tuned.cache_path()}")
     for col in ("kernel", "problem", "device", "jax", "params", "value"):

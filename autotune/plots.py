@@ -8,8 +8,8 @@ import pathlib
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import optuna  # noqa: E402
+import matplotlib.pyplot as plt
+import optuna
 
 
 def _feasible(study):

@@ -35,7 +35,7 @@ def environment(seed: int | None = None) -> dict:
             return None
 
     env = {
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "python": sys.version.split()[0],
         "os": py_platform.platform(),
         "cpu_count": os.cpu_count(),
@@ -56,11 +56,11 @@ def environment(seed: int | None = None) -> dict:
         try:
             env["nvidia_smi"] = subprocess.run(
                 ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm",
-                 "--format=csv,noheader"], capture_output=True, text=True, timeout=20).stdout.strip()
+                 "--format=csv,noheader"], capture_output=True, text=True, timeout=20, check=False).stdout.strip()
         except (OSError, subprocess.SubprocessError) as e:
             env["nvidia_smi"] = f"unavailable: {e}"
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False,
                                 timeout=5, cwd=pathlib.Path(__file__).parent).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""

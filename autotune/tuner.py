@@ -17,13 +17,12 @@ import json
 import math
 import re
 import time
-from typing import Callable
+import warnings
+from collections.abc import Callable
 
 import jax
 import optuna
 import sqlalchemy.exc
-import warnings
-
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
 from autotune.measure import Timing, default_repeats, time_callable

@@ -19,16 +19,16 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
+import jax
+import jax.numpy as jnp
+from rich.console import Console
+from rich.table import Table
 
-from autotune import results, tuner  # noqa: E402
-from autotune.measure import time_callable  # noqa: E402
-from kernels import matmul as mm  # noqa: E402
-from kernels import platform  # noqa: E402
-from kernels.space import rotating_runner  # noqa: E402
+from autotune import results, tuner
+from autotune.measure import time_callable
+from kernels import matmul as mm
+from kernels import platform
+from kernels.space import rotating_runner
 
 SQUARE = [1024, 2048, 4096, 8192]
 LLAMA_MNK = [(m, n, k) for m in (1, 16, 128, 2048) for (k, n) in ((4096, 4096), (4096, 11008), (11008, 4096))]
@@ -73,7 +73,7 @@ def main(argv=None) -> int:
         default_cfg = mm.heuristic_config(m, n, k, dtype)
         tuned_cfg = mm.Config(**result.best_params) if result.best_params else default_cfg
 
-        def make_inputs(seed):
+        def make_inputs(seed, m=m, n=n, k=k):
             ka, kb = jax.random.split(jax.random.key(seed))
             return jax.random.normal(ka, (m, k), dtype), jax.random.normal(kb, (k, n), dtype)
 

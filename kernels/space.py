@@ -11,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 # Bytes of distinct inputs a runner cycles through on an accelerator so that repeated calls read
 # device memory, not the last call's operands left in L2 (50-60 MB on H100/H200).

@@ -15,7 +15,6 @@ from autotune.measure import time_callable
 from kernels import matmul as mm
 from kernels import tuned
 from kernels.space import Knob, Objective, SearchSpace
-
 from tests.conftest import REPO
 
 
@@ -200,7 +199,7 @@ def test_two_workers_share_one_study(tmp_path):
     for w in workers:
         assert w.wait(timeout=300) == 0, w.stderr.read().decode()[-2000:]
     name = "pool-" + tuner.study_name_for(mm.search_space(mm.parse_shape("32x32x32")))
-    study, completed = _finished(storage, name)
+    study, _ = _finished(storage, name)
     assert 8 <= len(study.trials) <= 16  # each worker runs until the shared study holds 8
     assert len({t.number for t in study.trials}) == len(study.trials)
 
