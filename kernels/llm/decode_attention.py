@@ -4,6 +4,8 @@ The cache's sequence axis is cut into ``num_splits`` chunks processed by separat
 batch-1 decode still fills the GPU); each returns a partial softmax (max, sum, normalised output)
 that a log-sum-exp merge combines (flash-decoding). All query heads of one KV group share a program
 and its K/V loads (GQA); the group is padded to 16 rows for the tensor-core dot.
+With ``rotary`` the cache holds un-rotated keys and RoPE is applied to each tile as it is loaded (key at
+its cache index, the query at length - 1): the new token's q and k need no separate RoPE pass.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from kernels import platform
-from kernels.llm import common
+from kernels.llm import common, rope
 from kernels.space import Knob, SearchSpace
 
 _NEG = -1e30
@@ -33,10 +35,16 @@ class Config:
         return common.params_of(self)
 
 
-def reference(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array) -> jax.Array:
-    """q (B, Hq, D), caches (B, Hkv, S, D), lengths (B,): attend to cache positions < length."""
+def reference(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array, *,
+              rotary: rope.Rotary | None = None) -> jax.Array:
+    """q (B, Hq, D), caches (B, Hkv, S, D), lengths (B,): attend to cache positions < length.
+    ``rotary``: the query (at position length - 1) and every key (at its cache index) are first rotated."""
     b, hq, d = q.shape
     hkv, s = k_cache.shape[1], k_cache.shape[2]
+    if rotary is not None:
+        q = rope.reference(q[:, None], (lengths - 1)[:, None], theta=rotary.theta, scaling=rotary.scaling)[:, 0]
+        k_cache = rope.reference(k_cache.transpose(0, 2, 1, 3), jnp.broadcast_to(jnp.arange(s), (b, s)),
+                                 theta=rotary.theta, scaling=rotary.scaling).transpose(0, 2, 1, 3)
     qg = q.astype(jnp.float32).reshape(b, hkv, hq // hkv, d)
     scores = jnp.einsum("bhgd,bhsd->bhgs", qg, k_cache.astype(jnp.float32)) / math.sqrt(d)
     valid = jnp.arange(s)[None, :] < lengths[:, None]  # (B, S)
@@ -46,19 +54,20 @@ def reference(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax
 
 
 def _decode_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, sm_scale: float, block_k: int,
-                   chunk: int):
+                   chunk: int, rotary: rope.Rotary | None):
     split = pl.program_id(2)
     length = len_ref[0]
     start = split * chunk
-    q = q_ref[...]  # (group_rows, D)
-    rows, d = q.shape
+    rows, d = q_ref.shape  # (group rows, D)
+    q = rope.load_rotated(q_ref, slice(None), length - 1, rotary)
     num_blocks = jnp.clip(pl.cdiv(length - start, block_k), 0, chunk // block_k)
 
     def body(j, carry):
         acc, m, l = carry
-        k = k_ref[pl.ds(j * block_k, block_k), :]
+        k_index = start + j * block_k + jax.lax.broadcasted_iota(jnp.int32, (block_k, 1), 0)
+        k = rope.load_rotated(k_ref, pl.ds(j * block_k, block_k), k_index, rotary)
         v = v_ref[pl.ds(j * block_k, block_k), :]
-        s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * sm_scale  # (rows, block_k)
+        s = rope.split_dot(q, k) * sm_scale  # (rows, block_k)
         pos = start + j * block_k + jax.lax.broadcasted_iota(jnp.int32, (rows, block_k), 1)
         s = jnp.where(pos < length, s, _NEG)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
@@ -83,8 +92,8 @@ def heuristic_config(seq: int, batch_heads: int) -> Config:
     return Config(block_k=block_k, num_splits=splits, num_warps=4, num_stages=2)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "interpret"))
-def _decode(q, k_cache, v_cache, lengths, *, config: Config, interpret: bool):
+@functools.partial(jax.jit, static_argnames=("rotary", "config", "interpret"))
+def _decode(q, k_cache, v_cache, lengths, *, rotary: rope.Rotary | None, config: Config, interpret: bool):
     b, hq, d = q.shape
     hkv, s = k_cache.shape[1], k_cache.shape[2]
     group = hq // hkv
@@ -92,7 +101,8 @@ def _decode(q, k_cache, v_cache, lengths, *, config: Config, interpret: bool):
     qg = jnp.pad(q.reshape(b, hkv, group, d), ((0, 0), (0, 0), (0, rows - group), (0, 0)))
     splits, chunk = config.num_splits, s // config.num_splits
     o, m, l = pl.pallas_call(
-        functools.partial(_decode_kernel, sm_scale=1.0 / math.sqrt(d), block_k=config.block_k, chunk=chunk),
+        functools.partial(_decode_kernel, sm_scale=1.0 / math.sqrt(d), block_k=config.block_k, chunk=chunk,
+                          rotary=rotary),
         grid=(b, hkv, splits),
         in_specs=[
             pl.BlockSpec((1,), lambda bi, h, si: (bi,)),
@@ -120,7 +130,8 @@ def _decode(q, k_cache, v_cache, lengths, *, config: Config, interpret: bool):
 
 
 def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array, *,
-                     config: Config | None = None, interpret: bool | None = None) -> jax.Array:
+                     rotary: rope.Rotary | None = None, config: Config | None = None,
+                     interpret: bool | None = None) -> jax.Array:
     """Pallas split-K decode attention; same contract as ``reference``. lengths must be >= 1."""
     if q.ndim != 3 or k_cache.ndim != 4 or k_cache.shape != v_cache.shape:
         raise ValueError(f"expected q (B, Hq, D), caches (B, Hkv, S, D); got {q.shape}, {k_cache.shape}, "
@@ -138,7 +149,7 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengt
     if s % (cfg.num_splits * cfg.block_k):
         raise ValueError(f"cache length {s} must be a multiple of num_splits*block_k = "
                          f"{cfg.num_splits}*{cfg.block_k}; allocate the cache in multiples of 256")
-    return _decode(q, k_cache, v_cache, lengths, config=cfg, interpret=interpret)
+    return _decode(q, k_cache, v_cache, lengths, rotary=rotary, config=cfg, interpret=interpret)
 
 
 problem_key = common.attention_problem_key

@@ -2,6 +2,8 @@
 
 Online softmax over key blocks (Dao et al., FlashAttention, Alg. 1); query head h reads key/value
 head h // (n_heads / n_kv_heads) straight from the index map, so K/V are never repeated in memory.
+With ``rotary``, q and k arrive un-rotated and RoPE is applied to each tile as it is loaded (position =
+index in the sequence), so the model runs no separate RoPE pass and caches un-rotated keys.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from kernels import platform
-from kernels.llm import common
+from kernels.llm import common, rope
 from kernels.space import Knob, SearchSpace
 
 _NEG = -1e30  # finite "minus infinity": exp(_NEG - m) is 0 without inf - inf = nan
@@ -31,9 +33,16 @@ class Config:
         return common.params_of(self)
 
 
-def reference(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True) -> jax.Array:
-    """q (B, T, Hq, D), k/v (B, S, Hkv, D) -> (B, T, Hq, D); softmax(q k^T / sqrt(D)) v in f32."""
-    _, t, hq, d = q.shape
+def reference(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
+              rotary: rope.Rotary | None = None) -> jax.Array:
+    """q (B, T, Hq, D), k/v (B, S, Hkv, D) -> (B, T, Hq, D); softmax(q k^T / sqrt(D)) v in f32.
+    ``rotary``: q and k are first rotated by RoPE at their sequence index."""
+    b, t, hq, d = q.shape
+    if rotary is not None:
+        q = rope.reference(q, jnp.broadcast_to(jnp.arange(t), (b, t)), theta=rotary.theta, scaling=rotary.scaling)
+        s_len = k.shape[1]
+        k = rope.reference(k, jnp.broadcast_to(jnp.arange(s_len), (b, s_len)), theta=rotary.theta,
+                           scaling=rotary.scaling)
     group = hq // k.shape[2]
     kf = jnp.repeat(k.astype(jnp.float32), group, axis=2)
     vf = jnp.repeat(v.astype(jnp.float32), group, axis=2)
@@ -45,16 +54,18 @@ def reference(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True) 
 
 
 def _flash_kernel(q_ref, k_ref, v_ref, o_ref, *, sm_scale: float, block_q: int, block_k: int, causal: bool,
-                  seq_len: int):
+                  seq_len: int, rotary: rope.Rotary | None):
     qi = pl.program_id(2)
-    q = q_ref[...]  # (block_q, D)
-    d = q.shape[-1]
+    d = q_ref.shape[-1]
+    q_index = qi * block_q + jax.lax.broadcasted_iota(jnp.int32, (block_q, 1), 0)
+    q = rope.load_rotated(q_ref, slice(None), q_index, rotary)  # [(block_q, D)], or its two rotated halves
 
     def body(j, carry):
         acc, m, l = carry
-        k = k_ref[pl.ds(j * block_k, block_k), :]
+        k_index = j * block_k + jax.lax.broadcasted_iota(jnp.int32, (block_k, 1), 0)
+        k = rope.load_rotated(k_ref, pl.ds(j * block_k, block_k), k_index, rotary)
         v = v_ref[pl.ds(j * block_k, block_k), :]
-        s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * sm_scale  # (block_q, block_k)
+        s = rope.split_dot(q, k) * sm_scale  # (block_q, block_k)
         if causal:
             q_pos = qi * block_q + jax.lax.broadcasted_iota(jnp.int32, (block_q, block_k), 0)
             k_pos = j * block_k + jax.lax.broadcasted_iota(jnp.int32, (block_q, block_k), 1)
@@ -77,8 +88,8 @@ def heuristic_config(seq_len: int, head_dim: int) -> Config:
     return Config(block_q=block, block_k=block, num_warps=4 if head_dim <= 64 else 8, num_stages=2)
 
 
-@functools.partial(jax.jit, static_argnames=("causal", "config", "interpret"))
-def _flash(q, k, v, *, causal: bool, config: Config, interpret: bool):
+@functools.partial(jax.jit, static_argnames=("causal", "rotary", "config", "interpret"))
+def _flash(q, k, v, *, causal: bool, rotary: rope.Rotary | None, config: Config, interpret: bool):
     b, t, hq, d = q.shape
     hkv = k.shape[2]
     group = hq // hkv
@@ -91,7 +102,7 @@ def _flash(q, k, v, *, causal: bool, config: Config, interpret: bool):
     tp = t + pad
     out = pl.pallas_call(
         functools.partial(_flash_kernel, sm_scale=1.0 / math.sqrt(d), block_q=cfg.block_q, block_k=cfg.block_k,
-                          causal=causal, seq_len=tp),
+                          causal=causal, seq_len=tp, rotary=rotary),
         grid=(b, hq, tp // cfg.block_q),
         in_specs=[
             pl.BlockSpec((None, cfg.block_q, None, d), lambda bi, h, i: (bi, i, h, 0)),
@@ -106,7 +117,8 @@ def _flash(q, k, v, *, causal: bool, config: Config, interpret: bool):
     return out[:, :t]
 
 
-def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True, config: Config | None = None,
+def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
+                    rotary: rope.Rotary | None = None, config: Config | None = None,
                     interpret: bool | None = None) -> jax.Array:
     """Pallas flash attention; same contract as ``reference`` (self-attention: S == T)."""
     if q.ndim != 4 or k.shape != v.shape or k.ndim != 4:
@@ -125,7 +137,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = 
     for name in ("block_q", "block_k"):
         if not common.is_pow2(getattr(cfg, name)) or getattr(cfg, name) < 16:
             raise ValueError(f"{name}={getattr(cfg, name)} must be a power of 2 >= 16")
-    return _flash(q, k, v, causal=causal, config=cfg, interpret=interpret)
+    return _flash(q, k, v, causal=causal, rotary=rotary, config=cfg, interpret=interpret)
 
 
 problem_key = common.attention_problem_key

@@ -2,6 +2,8 @@
 
 out[..., :d/2] = x1 cos - x2 sin,  out[..., d/2:] = x2 cos + x1 sin,  angle_i = pos / scaling *
 theta^(-2i/d)  (Su et al., RoFormer, eq. 34). No cos/sin tables are read from memory.
+``rotate`` and ``load_rotated`` are the in-kernel rotation; the attention kernels call them on the q and k
+tiles they load (so a LLaMA forward runs no separate RoPE pass), and the standalone ``rope`` op here too.
 """
 from __future__ import annotations
 
@@ -16,6 +18,14 @@ from jax.experimental import pallas as pl
 from kernels import platform
 from kernels.llm import common
 from kernels.space import Knob, SearchSpace
+
+
+@dataclasses.dataclass(frozen=True)
+class Rotary:
+    """The RoPE of a model, handed to the attention kernels: base ``theta`` and linear position ``scaling``."""
+
+    theta: float = 10000.0
+    scaling: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,15 +52,43 @@ def reference(x: jax.Array, positions: jax.Array, *, theta: float, scaling: floa
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def _rope_kernel(x_ref, pos_ref, o_ref, *, half: int, theta: float, scaling: float):
-    pos = pos_ref[...].astype(jnp.float32) / scaling  # (rows,)
+def rotate(x1: jax.Array, x2: jax.Array, positions: jax.Array, *, theta: float, scaling: float):
+    """Inside a kernel: the two halves (rows, d/2) of a tile in f32, positions broadcastable to (rows, 1)
+    -> the rotated halves. The angles come from an iota, not from a table in memory."""
+    half = x1.shape[-1]
     i = jax.lax.broadcasted_iota(jnp.int32, (1, half), 1).astype(jnp.float32)
-    angle = pos[:, None] * jnp.exp(i * (-math.log(theta) / half))  # theta^(-2i/d), d = 2 * half
+    angle = (positions.astype(jnp.float32) / scaling) * jnp.exp(i * (-math.log(theta) / half))  # theta^(-2i/d)
     cos, sin = jnp.cos(angle), jnp.sin(angle)
+    return x1 * cos - x2 * sin, x2 * cos + x1 * sin
+
+
+def load_rotated(ref, rows, positions: jax.Array | None, rotary: Rotary | None) -> list[jax.Array]:
+    """Inside a kernel: ``ref[rows, :]`` as the operand list of a split dot product.
+
+    Without ``rotary``: ``[tile]``. With it: the two RoPE-rotated halves ``[x1', x2']`` in the ref's
+    dtype (rounded as the reference rounds its rotated tensor), so q.k = q1'.k1' + q2'.k2' needs no
+    concatenation in registers.
+    """
+    if rotary is None:
+        return [ref[rows, :]]
+    half = ref.shape[-1] // 2
+    x1 = ref[rows, pl.ds(0, half)].astype(jnp.float32)
+    x2 = ref[rows, pl.ds(half, half)].astype(jnp.float32)
+    r1, r2 = rotate(x1, x2, positions, theta=rotary.theta, scaling=rotary.scaling)
+    return [r1.astype(ref.dtype), r2.astype(ref.dtype)]
+
+
+def split_dot(a_parts: list[jax.Array], b_parts: list[jax.Array]) -> jax.Array:
+    """sum_i a_i @ b_i^T in f32: attention scores from ``load_rotated`` operands."""
+    return sum(jnp.dot(a, b.T, preferred_element_type=jnp.float32) for a, b in zip(a_parts, b_parts))
+
+
+def _rope_kernel(x_ref, pos_ref, o_ref, *, half: int, theta: float, scaling: float):
     x1 = x_ref[:, pl.ds(0, half)].astype(jnp.float32)
     x2 = x_ref[:, pl.ds(half, half)].astype(jnp.float32)
-    o_ref[:, pl.ds(0, half)] = (x1 * cos - x2 * sin).astype(o_ref.dtype)
-    o_ref[:, pl.ds(half, half)] = (x2 * cos + x1 * sin).astype(o_ref.dtype)
+    r1, r2 = rotate(x1, x2, pos_ref[...][:, None], theta=theta, scaling=scaling)
+    o_ref[:, pl.ds(0, half)] = r1.astype(o_ref.dtype)
+    o_ref[:, pl.ds(half, half)] = r2.astype(o_ref.dtype)
 
 
 def heuristic_config(rows: int) -> Config:

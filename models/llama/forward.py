@@ -6,7 +6,8 @@ Weights are a list of per-layer dicts. On the GPU the layer loop is unrolled, so
 its weight buffer directly (a rolled loop over stacked weights copies each layer's slice first,
 tripling the bytes a decode step moves); on the CPU the layers are stacked in the jitted program and
 run as ``lax.scan`` (XLA:CPU compiles one rolled body several times faster than 30 unrolled ones,
-which pays for the copy). The KV cache is preallocated (L, B, Hkv, S, D) and donated.
+which pays for the copy). The KV cache is preallocated (L, B, Hkv, S, D) and donated; it holds keys
+before RoPE, which both attention ops apply to the q and k they read (inside the kernel on the pallas path).
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ import jax
 import jax.numpy as jnp
 
 from kernels import platform
-from kernels.llm import decode_attention, flash_attention, rmsnorm, rope, swiglu, w4a16
+from kernels.llm import decode_attention, flash_attention, rmsnorm, swiglu, w4a16
+from kernels.llm.rope import Rotary
 from models.llama.config import LlamaConfig
 from models.llama.params import stack_layers
 
@@ -28,7 +30,6 @@ PATHS = ("xla", "pallas")
 @dataclasses.dataclass(frozen=True)
 class Ops:
     rmsnorm: Callable
-    rope: Callable
     linear: Callable
     swiglu: Callable
     prefill_attention: Callable
@@ -36,9 +37,9 @@ class Ops:
 
 
 OPS = {
-    "xla": Ops(rmsnorm.reference, rope.reference, w4a16.xla_matmul, swiglu.xla_swiglu, flash_attention.reference,
+    "xla": Ops(rmsnorm.reference, w4a16.xla_matmul, swiglu.xla_swiglu, flash_attention.reference,
                decode_attention.reference),
-    "pallas": Ops(rmsnorm.rmsnorm, rope.rope, w4a16.quantized_matmul, swiglu.swiglu, flash_attention.flash_attention,
+    "pallas": Ops(rmsnorm.rmsnorm, w4a16.quantized_matmul, swiglu.swiglu, flash_attention.flash_attention,
                   decode_attention.decode_attention),
 }
 
@@ -61,9 +62,13 @@ def _logits(params, cfg: LlamaConfig, ops: Ops, h, delta):
     return ops.linear(x, out_w).astype(jnp.float32)
 
 
-def _run_layers(params, cfg: LlamaConfig, ops: Ops, tokens, positions, cache, attend, write):
-    """Shared layer loop. ``attend(q, k, v, k_layer, v_layer)`` -> attention output; ``write(cache_layer,
-    new)`` -> updated cache layer. Returns (logits, cache)."""
+def rotary_of(cfg: LlamaConfig) -> Rotary:
+    return Rotary(theta=float(cfg.rope_theta), scaling=float(cfg.rope_scaling))
+
+
+def _run_layers(params, cfg: LlamaConfig, ops: Ops, tokens, cache, attend, write):
+    """Shared layer loop. ``attend(q, k, v, k_layer, v_layer)`` -> attention output (q, k not yet
+    rotated); ``write(cache_layer, new)`` -> updated cache layer. Returns (logits, cache)."""
     b, t = tokens.shape
     hd = cfg.head_dim
     x = w4a16.embedding_lookup(params["embed"], tokens, cache["k"].dtype)  # (B, T, dim)
@@ -75,8 +80,6 @@ def _run_layers(params, cfg: LlamaConfig, ops: Ops, tokens, positions, cache, at
         q = ops.linear(xn, lp["wq"]).reshape(b, t, cfg.n_heads, hd)
         k = ops.linear(xn, lp["wk"]).reshape(b, t, cfg.n_kv_heads, hd)
         v = ops.linear(xn, lp["wv"]).reshape(b, t, cfg.n_kv_heads, hd)
-        q = ops.rope(q, positions, theta=cfg.rope_theta, scaling=cfg.rope_scaling)
-        k = ops.rope(k, positions, theta=cfg.rope_theta, scaling=cfg.rope_scaling)
         k_layer, v_layer = write(k_layer, k), write(v_layer, v)
         attn = attend(q, k, v, k_layer, v_layer).reshape(b, t, cfg.n_heads * hd)
         attn = ops.linear(attn, lp["wo"])
@@ -108,17 +111,15 @@ def prefill(params: dict, tokens: jax.Array, cache: dict, *, cfg: LlamaConfig, p
     and decode overwrites the padded cache slots.
     """
     ops = ops_for(path)
-    b, t = tokens.shape
-    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
 
     def attend(q, k, v, k_layer, v_layer):
-        return ops.prefill_attention(q, k, v, causal=True)
+        return ops.prefill_attention(q, k, v, causal=True, rotary=rotary_of(cfg))
 
     def write(cache_layer, new):  # (B, Hkv, S, D) <- (B, T, Hkv, D) at 0
         return jax.lax.dynamic_update_slice_in_dim(cache_layer, new.transpose(0, 2, 1, 3).astype(cache_layer.dtype),
                                                    0, axis=2)
 
-    return _run_layers(params, cfg, ops, tokens, positions, cache, attend, write)
+    return _run_layers(params, cfg, ops, tokens, cache, attend, write)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "path"), donate_argnames=("cache",))
@@ -128,7 +129,7 @@ def decode(params: dict, tokens: jax.Array, positions: jax.Array, cache: dict, *
     ops = ops_for(path)
 
     def attend(q, k, v, k_layer, v_layer):
-        return ops.decode_attention(q[:, 0], k_layer, v_layer, positions + 1)[:, None]
+        return ops.decode_attention(q[:, 0], k_layer, v_layer, positions + 1, rotary=rotary_of(cfg))[:, None]
 
     def write(cache_layer, new):  # (B, Hkv, S, D) <- (B, 1, Hkv, D) at positions[b]
         def one(c, n, p):
@@ -136,5 +137,5 @@ def decode(params: dict, tokens: jax.Array, positions: jax.Array, cache: dict, *
 
         return jax.vmap(one)(cache_layer, new, positions)
 
-    logits, cache = _run_layers(params, cfg, ops, tokens[:, None], positions[:, None], cache, attend, write)
+    logits, cache = _run_layers(params, cfg, ops, tokens[:, None], cache, attend, write)
     return logits[:, 0], cache

@@ -132,6 +132,41 @@ def test_decode_attention_split_k_matches_reference():
     np.testing.assert_allclose(got, decode_attention.reference(q, kc, vc, lengths), **TOL)
 
 
+def test_flash_attention_applies_rope_inside_the_kernel():
+    """Un-rotated q, k in; the same output as rotating them with the RoPE reference first."""
+    kq, kk, kv = _keys(3)
+    q = jax.random.normal(kq, (2, 48, 4, 32))
+    k = jax.random.normal(kk, (2, 48, 2, 32))
+    v = jax.random.normal(kv, (2, 48, 2, 32))
+    rotary = rope.Rotary(theta=500.0, scaling=2.0)
+    pos = jnp.broadcast_to(jnp.arange(48), (2, 48))
+    rotated = flash_attention.reference(rope.reference(q, pos, theta=500.0, scaling=2.0),
+                                        rope.reference(k, pos, theta=500.0, scaling=2.0), v)
+    got = flash_attention.flash_attention(q, k, v, rotary=rotary,
+                                          config=flash_attention.Config(block_q=32, block_k=16))
+    np.testing.assert_allclose(got, rotated, **TOL)
+    np.testing.assert_allclose(flash_attention.reference(q, k, v, rotary=rotary), rotated, **TOL)
+    assert not np.allclose(got, flash_attention.reference(q, k, v), atol=1e-2), "RoPE made no difference"
+
+
+def test_decode_attention_applies_rope_to_query_and_cached_keys():
+    """The cache holds un-rotated keys: key i is rotated at position i, the query at length - 1."""
+    kq, kk, kv = _keys(3)
+    q = jax.random.normal(kq, (2, 4, 32))
+    kc = jax.random.normal(kk, (2, 2, 128, 32))
+    vc = jax.random.normal(kv, (2, 2, 128, 32))
+    lengths = jnp.array([5, 100])
+    rotary = rope.Rotary(theta=10000.0)
+    rotated_k = rope.reference(kc.transpose(0, 2, 1, 3), jnp.broadcast_to(jnp.arange(128), (2, 128)),
+                               theta=10000.0).transpose(0, 2, 1, 3)
+    rotated_q = rope.reference(q[:, None], (lengths - 1)[:, None], theta=10000.0)[:, 0]
+    want = decode_attention.reference(rotated_q, rotated_k, vc, lengths)
+    got = decode_attention.decode_attention(q, kc, vc, lengths, rotary=rotary,
+                                            config=decode_attention.Config(block_k=16, num_splits=4))
+    np.testing.assert_allclose(got, want, **TOL)
+    np.testing.assert_allclose(decode_attention.reference(q, kc, vc, lengths, rotary=rotary), want, **TOL)
+
+
 def test_decode_attention_rejects_cache_not_divisible_by_splits():
     q = jnp.ones((1, 2, 16))
     kc = jnp.ones((1, 2, 96, 16))
@@ -156,10 +191,11 @@ def test_kernels_compile_on_gpu_at_llama_7b_shapes():
     np.testing.assert_allclose(w4a16.quantized_matmul(x, w).astype(jnp.float32), want, atol=0.05, rtol=0.02)
     q = jax.random.normal(kx, (1, 32, 128), jnp.bfloat16)
     kc = jax.random.normal(kw, (1, 8, 1024, 128), jnp.bfloat16)
-    got = decode_attention.decode_attention(q, kc, kc, jnp.array([700]))
-    np.testing.assert_allclose(got.astype(jnp.float32), decode_attention.reference(q, kc, kc, jnp.array([700]))
-                               .astype(jnp.float32), atol=0.03)
+    rotary = rope.Rotary(theta=10000.0)
+    got = decode_attention.decode_attention(q, kc, kc, jnp.array([700]), rotary=rotary)
+    want = decode_attention.reference(q, kc, kc, jnp.array([700]), rotary=rotary)
+    np.testing.assert_allclose(got.astype(jnp.float32), want.astype(jnp.float32), atol=0.03)
     qp = jax.random.normal(kx, (1, 200, 32, 128), jnp.bfloat16)
     kp = jax.random.normal(kw, (1, 200, 8, 128), jnp.bfloat16)
-    np.testing.assert_allclose(flash_attention.flash_attention(qp, kp, kp).astype(jnp.float32),
-                               flash_attention.reference(qp, kp, kp).astype(jnp.float32), atol=0.03)
+    np.testing.assert_allclose(flash_attention.flash_attention(qp, kp, kp, rotary=rotary).astype(jnp.float32),
+                               flash_attention.reference(qp, kp, kp, rotary=rotary).astype(jnp.float32), atol=0.03)
