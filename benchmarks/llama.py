@@ -111,7 +111,7 @@ def gemv_sweep(args) -> list[dict]:
     from kernels.llm import w4a16
 
     rows = []
-    for n, k in ((4096, 4096), (4096, 11008)):
+    for n, k in ((12288, 4096), (4096, 4096), (4096, 11008)):  # fused qkv, o, down
         x = jax.random.normal(jax.random.key(0), (1, k), jnp.bfloat16)
         w = jax.random.normal(jax.random.key(1), (k, n), jnp.float32) * 0.02
         for fmt, weight in (("bf16", w.astype(jnp.bfloat16)), ("w4a16", w4a16.quantize(w, bits=4, group=args.group))):

@@ -378,8 +378,9 @@ def quantized_matmul(x: jax.Array, w: QuantizedWeight | jax.Array, *, config: Co
 # Autotuning
 # ---------------------------------------------------------------------------------------------
 
-# LLaMA-2-7B decode GEMVs (batch 1): fused QKV is not used, so q/k/v/o share one shape.
+# LLaMA-2-7B decode GEMVs (batch 1): the fused q/k/v projection, o, the FFN, the output projection.
 DEFAULT_PROBLEMS = [
+    problem_key(1, 12288, 4096, 4, 32, "bfloat16"),
     problem_key(1, 4096, 4096, 4, 32, "bfloat16"),
     problem_key(1, 11008, 4096, 4, 32, "bfloat16"),
     problem_key(1, 4096, 11008, 4, 32, "bfloat16"),

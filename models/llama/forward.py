@@ -22,7 +22,7 @@ from kernels import platform
 from kernels.llm import decode_attention, flash_attention, rmsnorm, swiglu, w4a16
 from kernels.llm.rope import Rotary
 from models.llama.config import LlamaConfig
-from models.llama.params import stack_layers
+from models.llama.params import split_qkv, stack_layers
 
 PATHS = ("xla", "pallas")
 
@@ -77,9 +77,9 @@ def _run_layers(params, cfg: LlamaConfig, ops: Ops, tokens, cache, attend, write
         h, delta = carry
         lp, k_layer, v_layer = xs
         xn, h = ops.rmsnorm(delta, lp["attn_norm"], eps=cfg.norm_eps, residual=h)
-        q = ops.linear(xn, lp["wq"]).reshape(b, t, cfg.n_heads, hd)
-        k = ops.linear(xn, lp["wk"]).reshape(b, t, cfg.n_kv_heads, hd)
-        v = ops.linear(xn, lp["wv"]).reshape(b, t, cfg.n_kv_heads, hd)
+        q, k, v = split_qkv(ops.linear(xn, lp["wqkv"]), cfg)
+        q = q.reshape(b, t, cfg.n_heads, hd)
+        k, v = k.reshape(b, t, cfg.n_kv_heads, hd), v.reshape(b, t, cfg.n_kv_heads, hd)
         k_layer, v_layer = write(k_layer, k), write(v_layer, v)
         attn = attend(q, k, v, k_layer, v_layer).reshape(b, t, cfg.n_heads * hd)
         attn = ops.linear(attn, lp["wo"])

@@ -13,6 +13,7 @@ import numpy as np
 
 from kernels.llm.w4a16 import QuantizedWeight
 from models.llama.config import LlamaConfig
+from models.llama.params import fuse_qkv
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
@@ -168,7 +169,7 @@ def load_gguf(path: str | pathlib.Path, *, dtype=jnp.float32) -> GGUFModel:
         for ours, theirs in _LAYER_TENSORS.items():
             perm = q_perm if ours == "wq" else k_perm if ours == "wk" else None
             layer[ours] = tensor(f"blk.{i}.{theirs}.weight", perm)
-        layers.append(layer)
+        layers.append(fuse_qkv(layer, dtype))
     params = {
         "embed": tensor("token_embd.weight"),
         "output": tensor("output.weight") if "output.weight" in tensors else None,

@@ -1,14 +1,15 @@
 """LLaMA parameters as a pytree: ``{"embed", "output", "norm", "layers": [one dict per layer]}``.
 
 Linear weights are (K, N) (``x @ W``), dense or ``QuantizedWeight``; the embedding is stored as
-(dim, vocab) so the same array serves as the tied output projection.
+(dim, vocab) so the same array serves as the tied output projection. A layer holds ``wqkv``: the q, k
+and v projections side by side along N (``fuse_qkv``), so a decode step reads them in one GEMV.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-from kernels.llm.w4a16 import QuantizedWeight, quantize
+from kernels.llm.w4a16 import QuantizedWeight, dequantize, quantize
 from models.llama.config import LlamaConfig
 
 LAYER_MATRICES = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
@@ -25,6 +26,33 @@ def matrix_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, int]]:
         "w_up": (cfg.dim, cfg.ffn_dim),
         "w_down": (cfg.ffn_dim, cfg.dim),
     }
+
+
+def fuse_qkv(layer: dict, dtype=jnp.float32) -> dict:
+    """A layer with ``wq``, ``wk``, ``wv`` -> the same layer with one ``wqkv`` (K, Nq + 2 Nkv).
+
+    Quantization groups run along K, so projections stored in one form (bits, group, with or without
+    mins: GGUF Q4_0 and Q4_1 agree) concatenate along N unchanged and stay packed. Projections stored
+    in different forms are dequantized to ``dtype`` first: exact, at the cost of memory for that file.
+    """
+    parts = [layer[name] for name in ("wq", "wk", "wv")]
+    forms = {(w.bits, w.group, w.mins is None) if isinstance(w, QuantizedWeight) else "dense" for w in parts}
+    rest = {name: w for name, w in layer.items() if name not in ("wq", "wk", "wv")}
+    if len(forms) == 1 and forms != {"dense"}:
+        fused = QuantizedWeight(
+            jnp.concatenate([w.packed for w in parts], axis=-1), jnp.concatenate([w.scales for w in parts], axis=-1),
+            None if parts[0].mins is None else jnp.concatenate([w.mins for w in parts], axis=-1),
+            parts[0].bits, parts[0].group)
+    else:
+        fused = jnp.concatenate([dequantize(w, dtype) if isinstance(w, QuantizedWeight) else w.astype(dtype)
+                                 for w in parts], axis=-1)
+    return {"wqkv": fused, **rest}
+
+
+def split_qkv(x: jax.Array, cfg: LlamaConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The output (..., Nq + 2 Nkv) of the fused projection -> q, k, v along the last axis."""
+    nq, nkv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    return x[..., :nq], x[..., nq:nq + nkv], x[..., nq + nkv:]
 
 
 def stack_layers(layers: list[dict]) -> dict:
@@ -56,7 +84,7 @@ def init_params(cfg: LlamaConfig, key: jax.Array, *, dtype=jnp.float32, bits: in
         layer = {name: matrix(k, shapes[name]) for name, k in zip(LAYER_MATRICES, ks)}
         layer["attn_norm"] = (1.0 + 0.1 * jax.random.normal(ks[-2], (cfg.dim,))).astype(jnp.float32)
         layer["ffn_norm"] = (1.0 + 0.1 * jax.random.normal(ks[-1], (cfg.dim,))).astype(jnp.float32)
-        layers.append(layer)
+        layers.append(fuse_qkv(layer, dtype))
     ke, ko = jax.random.split(keys[-1])
     embed = jax.random.normal(ke, (cfg.dim, cfg.vocab_size), jnp.float32) * 0.02
     embed = embed.astype(dtype) if bits is None else quantize(embed, bits=8, group=group)

@@ -13,6 +13,7 @@ import numpy as np
 
 from kernels.llm.w4a16 import quantize
 from models.llama.config import LlamaConfig
+from models.llama.params import fuse_qkv
 
 _LAYER_TENSORS = {
     "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "wq": "self_attn.q_proj",
@@ -97,7 +98,7 @@ def load_safetensors(folder: str | pathlib.Path, *, dtype=jnp.float32, bits: int
         for ours, theirs in _LAYER_TENSORS.items():
             name = f"model.layers.{i}.{theirs}.weight"
             layer[ours] = jnp.asarray(get(name)) if ours.endswith("norm") else matrix(name)
-        layers.append(layer)
+        layers.append(fuse_qkv(layer, dtype))
     embed = get("model.embed_tokens.weight").T  # (dim, vocab)
     tied = cfg.tie_embeddings or "lm_head.weight" not in tensors
     if tied != cfg.tie_embeddings:

@@ -134,6 +134,13 @@ def _dense(weight):
     return np.asarray(w4a16.dequantize(weight) if isinstance(weight, w4a16.QuantizedWeight) else weight)
 
 
+def _dense_matrices(layer, cfg):
+    """A loaded layer's matrices as dense arrays under the file's names (wqkv split into wq, wk, wv)."""
+    out = {name: _dense(w) for name, w in layer.items() if name != "wqkv"}
+    out["wq"], out["wk"], out["wv"] = llama_params.split_qkv(_dense(layer["wqkv"]), cfg)
+    return out
+
+
 def test_gguf_tensors_load_packed_and_match_gguf_dequantizer(tmp_path):
     path = tmp_path / "tiny.gguf"
     written = write_tiny_gguf(path)
@@ -141,8 +148,10 @@ def test_gguf_tensors_load_packed_and_match_gguf_dequantizer(tmp_path):
     cfg = m.config
     assert (cfg.n_heads, cfg.n_kv_heads, cfg.dim, cfg.tie_embeddings) == (4, 2, 64, False)
     layers = m.params["layers"]
-    assert isinstance(layers[0]["wq"], w4a16.QuantizedWeight) and layers[0]["wq"].packed.dtype == jnp.uint8
-    assert layers[0]["wv"].bits == 8 and layers[0]["wo"].dtype == jnp.float32
+    assert isinstance(layers[0]["w_gate"], w4a16.QuantizedWeight) and layers[0]["w_gate"].packed.dtype == jnp.uint8
+    assert layers[0]["wo"].dtype == jnp.float32
+    # q (Q4_0), k (Q4_1) and v (Q8_0) differ in form, so their fused projection is dense
+    assert layers[0]["wqkv"].dtype == jnp.float32
     q_perm = gguf_loader.rope_unpermute(cfg.n_heads, cfg.head_dim)
     k_perm = gguf_loader.rope_unpermute(cfg.n_kv_heads, cfg.head_dim)
     for i in range(cfg.n_layers):
@@ -151,7 +160,7 @@ def test_gguf_tensors_load_packed_and_match_gguf_dequantizer(tmp_path):
             if want.ndim == 2:
                 want = want[q_perm] if ours == "wq" else want[k_perm] if ours == "wk" else want
                 want = want.T
-            got = _dense(layers[i][ours])
+            got = _dense_matrices(layers[i], cfg)[ours]
             np.testing.assert_allclose(got, want, atol=1e-6, err_msg=f"layer {i} {ours}")
     np.testing.assert_allclose(_dense(m.params["embed"]), written["token_embd.weight"].T, atol=1e-6)
     np.testing.assert_allclose(_dense(m.params["output"]), written["output.weight"].T, atol=1e-6)
@@ -171,7 +180,7 @@ def test_gguf_rope_unpermute_matches_pairwise_rope_on_file_weights(tmp_path):
                          q_file[..., 0] * np.sin(ang) + q_file[..., 1] * np.cos(ang)], -1)
     from kernels.llm import rope
 
-    ours = _dense(m.params["layers"][0]["wq"]).T @ x
+    ours = _dense_matrices(m.params["layers"][0], cfg)["wq"].T @ x
     ours = rope.reference(jnp.asarray(ours, jnp.float32).reshape(1, 1, cfg.n_heads, d), jnp.array([[5]]),
                           theta=cfg.rope_theta)[0, 0]
     halves = np.asarray(ours).reshape(cfg.n_heads, 2, d // 2).transpose(0, 2, 1)
@@ -209,6 +218,20 @@ def test_tied_embeddings_when_the_file_has_no_output_tensor(tmp_path):
     assert m.config.tie_embeddings and m.params["output"] is None
     logits, _ = forward.prefill(m.params, jnp.array([[1, 2, 3]]), forward.init_cache(m.config, 1, 64), cfg=m.config)
     assert logits.shape == (1, 3, m.config.vocab_size) and bool(jnp.all(jnp.isfinite(logits)))
+
+
+def test_fused_qkv_stays_packed_and_equals_the_three_projections():
+    cfg = llama_config.tiny()
+    shapes = llama_params.matrix_shapes(cfg)
+    ks = jax.random.split(jax.random.key(3), 4)
+    layer = {name: w4a16.quantize(jax.random.normal(k, shapes[name]) * 0.1, bits=4, group=32, symmetric=sym)
+             for name, k, sym in zip(("wq", "wk", "wv"), ks, (True, False, True))}
+    fused = llama_params.fuse_qkv(layer)["wqkv"]
+    assert isinstance(fused, w4a16.QuantizedWeight)
+    assert fused.shape == (cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim)
+    x = jax.random.normal(ks[3], (3, cfg.dim))
+    for got, name in zip(llama_params.split_qkv(w4a16.quantized_matmul(x, fused), cfg), ("wq", "wk", "wv")):
+        np.testing.assert_allclose(got, w4a16.reference(x, layer[name]), atol=1e-4, rtol=1e-4, err_msg=name)
 
 
 def test_weight_bytes_counts_the_streamed_weights():

@@ -40,7 +40,7 @@ def test_safetensors_quantized_on_load_stays_close(checkpoint):
     folder, _ = checkpoint
     cfg, dense = load_safetensors(folder)
     _, packed = load_safetensors(folder, bits=8, group=32)
-    assert isinstance(packed["layers"][0]["wq"], w4a16.QuantizedWeight)
+    assert isinstance(packed["layers"][0]["wqkv"], w4a16.QuantizedWeight)
     ids = jnp.array([[3, 1, 4, 1, 5]])
     a, _ = forward.prefill(dense, ids, forward.init_cache(cfg, 1, 64), cfg=cfg)
     b, _ = forward.prefill(packed, ids, forward.init_cache(cfg, 1, 64), cfg=cfg)
