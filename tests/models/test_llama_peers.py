@@ -3,6 +3,7 @@
 * llama.cpp (llama-cpp-python): same token ids; logits within a loose tolerance because llama.cpp
   quantizes activations to 8 bits (Q8_1) inside its Q4_1 dot products; greedy continuations equal.
 * transformers (GGUF dequantized to f32, run in torch f32): logits within 1e-3 absolute.
+Both peers run in child processes (``models.llama.peers``): a crash of theirs fails one test.
 """
 import sys
 
@@ -11,7 +12,10 @@ import numpy as np
 import pytest
 
 from models.llama import __main__ as cli
-from models.llama import forward, generate, gguf_loader, load
+from models.llama import forward, generate, gguf_loader, load, peers
+
+NEEDS_LLAMA_CPP = pytest.mark.skipif(not peers.available("llama_cpp"),
+                                     reason="pip install llama-cpp-python (the llama.cpp oracle)")
 
 TEXTS = [
     "Hello world", "  leading spaces and   runs\t\ttabs\n\n\nnewlines  ", "naïve café 東京 🚀 emoji 😀👍🏽",
@@ -30,16 +34,17 @@ def model():
 
 @pytest.fixture(scope="module")
 def llm():
-    llama_cpp = pytest.importorskip("llama_cpp", reason="pip install llama-cpp-python (the llama.cpp oracle)")
-    return llama_cpp.Llama(model_path=str(gguf_loader.bundled_model_path()), n_ctx=512, logits_all=True,
-                           verbose=False, n_threads=2, seed=0)
+    if not peers.available("llama_cpp"):
+        pytest.skip("pip install llama-cpp-python (the llama.cpp oracle)")
+    with peers.llama_cpp(gguf_loader.bundled_model_path(), n_ctx=512, logits_all=True, n_threads=2, seed=0) as peer:
+        yield peer
 
 
 def test_token_ids_equal_llama_cpp(model, llm):
     for text in TEXTS:
         for special in (False, True):
             ours = model.tokenizer.encode(text, parse_special=special)
-            theirs = llm.tokenize(text.encode(), add_bos=False, special=special)
+            theirs = llm.call("tokenize", text, add_bos=False, special=special)
             assert ours == theirs, (text, special)
         assert model.tokenizer.decode(model.tokenizer.encode(text)) == text
 
@@ -48,7 +53,7 @@ def test_chat_template_renders_and_tokenizes_like_llama_cpp(model, llm):
     text = model.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
     assert text.startswith("<|im_start|>system\n") and text.endswith("<|im_start|>assistant\n")
     ids = model.tokenizer.encode(text, parse_special=True)
-    assert ids == llm.tokenize(text.encode(), add_bos=False, special=True)
+    assert ids == llm.call("tokenize", text, add_bos=False, special=True)
     assert ids.count(1) == 3  # <|im_start|> parsed as one control token, three turns
 
 
@@ -59,9 +64,7 @@ def test_logits_close_to_llama_cpp(model, llm):
     logits, _ = forward.prefill(model.params, jnp.array([ids]), forward.init_cache(model.config, 1, 256),
                                 cfg=model.config)
     ours = np.asarray(logits[0])
-    llm.reset()
-    llm.eval(ids)
-    theirs = np.array(llm.scores[: len(ids)])
+    theirs = llm.call("logits", ids)
     diff = np.abs(ours - theirs)
     assert diff.mean() < 0.6 and diff.max() < 3.0, (diff.mean(), diff.max())
     assert (ours.argmax(-1) == theirs.argmax(-1)).mean() >= 0.95
@@ -76,11 +79,7 @@ def test_greedy_continuations_equal_llama_cpp(model, llm):
     batch = generate.generate(model.params, model.config, prompts, max_tokens=n).tokens
     exact = 0
     for ids, ours in zip(prompts, batch):
-        theirs = []
-        for tok in llm.generate(ids, top_k=1, temp=0.0, reset=True):
-            if len(theirs) == len(ours):
-                break
-            theirs.append(tok)
+        theirs = llm.call("greedy", ids, len(ours))
         if ours == theirs:
             exact += 1
             continue
@@ -95,15 +94,12 @@ def test_greedy_continuations_equal_llama_cpp(model, llm):
 
 def test_logits_match_transformers_f32(model):
     """Same dequantized weights, both in f32: any layout or RoPE slip would show up far above 1e-3."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    pytest.importorskip("accelerate")
-    path = gguf_loader.bundled_model_path()
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                            torch_dtype=torch.float32)
+    for package in ("torch", "transformers", "accelerate"):
+        if not peers.available(package):
+            pytest.skip(f"pip install {package} (the transformers oracle)")
     ids = model.tokenizer.encode("Gravity is the force by which a planet or other body draws objects toward its centre.")
-    with torch.no_grad():
-        theirs = hf(torch.tensor([ids])).logits[0].numpy()
+    with peers.transformers(gguf_loader.bundled_model_path()) as hf:
+        theirs = hf.call("logits", ids)
     logits, _ = forward.prefill(model.params, jnp.array([ids]), forward.init_cache(model.config, 1, 256),
                                 cfg=model.config)
     np.testing.assert_allclose(np.asarray(logits[0]), theirs, atol=1e-3, rtol=0)
@@ -172,17 +168,17 @@ def _write_spm_vocab_gguf(path):
     w.close()
 
 
+@NEEDS_LLAMA_CPP
 def test_sentencepiece_vocabulary_tokenizes_like_llama_cpp(tmp_path):
     import gguf
 
     from models.llama import tokenizer
 
-    llama_cpp = pytest.importorskip("llama_cpp", reason="pip install llama-cpp-python (the llama.cpp oracle)")
     path = tmp_path / "spm.gguf"
     _write_spm_vocab_gguf(path)
     tok = tokenizer.from_gguf_metadata(gguf_loader.read_metadata(gguf.GGUFReader(str(path))))
-    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
-    for text in ["the quick brown fox", "The Quick  fox!", "dog  sleeps\n\nin the sun", "naïve 東京 🚀", " leading",
-                 "x", "thethethe", "a  b   c"]:
-        assert tok.encode(text) == llm.tokenize(text.encode(), add_bos=True, special=False), text
-        assert tok.decode(tok.encode(text)) == text
+    with peers.llama_cpp(path, vocab_only=True) as llm:
+        for text in ["the quick brown fox", "The Quick  fox!", "dog  sleeps\n\nin the sun", "naïve 東京 🚀", " leading",
+                     "x", "thethethe", "a  b   c"]:
+            assert tok.encode(text) == llm.call("tokenize", text, add_bos=True, special=False), text
+            assert tok.decode(tok.encode(text)) == text
