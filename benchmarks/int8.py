@@ -23,7 +23,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from autotune import results
 from autotune.measure import time_callable
 from kernels import platform
-from models import diff, execute, tflite_import
+from models import execute, tflite_import, tflm
 
 MODELS = pathlib.Path(__file__).resolve().parents[2] / "shared" / "tflite"
 SMALL = ["mlperf_tiny_ad01_fc_autoencoder_int8", "mlperf_tiny_kws01_dscnn_int8", "mlperf_tiny_ic01_resnet8_cifar10_int8"]
@@ -36,7 +36,7 @@ def time_fn(fn, args, repeats: int) -> float:
 
 def bench_model(path: pathlib.Path, batch: int, repeats: int) -> dict:
     graph = tflite_import.load(path)
-    inputs = diff.random_inputs(graph, batch, seed=0)
+    inputs = tflm.random_inputs(graph, batch, seed=0)
     int8_args = [jnp.asarray(x) for x in inputs]
     float_graph = execute.dequantized_graph(graph)
     float_args = []

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from models import diff, execute, tflite_export, tflite_import
+from models import execute, tflite_export, tflite_import, tflm
 from models.ir import Graph, Op, Quantization, Tensor
 
 ACTS = ["NONE", "RELU", "RELU6"]
@@ -23,8 +23,8 @@ def act_tensor(name, shape, rng):
 def assert_matches_tflm(graph: Graph, batch: int = 3, seed: int = 0):
     data = tflite_export.to_bytes(graph)
     graph = tflite_import.from_bytes(data)
-    inputs = diff.random_inputs(graph, batch, seed)
-    want = diff.tflm_run(data, *inputs)
+    inputs = tflm.random_inputs(graph, batch, seed)
+    want = tflm.run(data, *inputs)
     got = execute.compile_graph(graph)(*(jnp.asarray(x) for x in inputs))
     for g, w in zip(got, want):
         np.testing.assert_array_equal(np.asarray(g), w)

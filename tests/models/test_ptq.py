@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models import builders, diff, digits, execute, ptq, tflite_export, tflite_import
+from models import builders, digits, execute, ptq, tflite_export, tflite_import, tflm
 
 
 def quantize_and_compare_with_tflm(graph, batch=3, seed=0):
@@ -13,7 +13,7 @@ def quantize_and_compare_with_tflm(graph, batch=3, seed=0):
     q = ptq.quantize(graph, [rng.normal(size=(32,) + shape).astype(np.float32)])
     data = tflite_export.to_bytes(q)
     xs = [rng.normal(size=(batch,) + shape).astype(np.float32)]
-    want = diff.tflm_run(data, *xs)
+    want = tflm.run(data, *xs)
     got = execute.compile_graph(tflite_import.from_bytes(data))(*(jnp.asarray(x) for x in xs))
     for g, w in zip(got, want):
         np.testing.assert_array_equal(np.asarray(g), w)

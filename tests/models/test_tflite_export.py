@@ -5,7 +5,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from models import diff, tflite_export, tflite_import
+from models import tflite_export, tflite_import, tflm
 
 MODELS = pathlib.Path(__file__).resolve().parents[3] / "shared" / "tflite"
 FILES = sorted(MODELS.glob("*.tflite"))
@@ -27,6 +27,6 @@ def test_export_round_trips_and_runs_identically_in_tflm(path):
         if t.quantization is not None:
             np.testing.assert_array_equal(u.quantization.scale, t.quantization.scale)
             np.testing.assert_array_equal(u.quantization.zero_point, t.quantization.zero_point)
-    inputs = diff.random_inputs(graph, 2, seed=3)
-    for a, b in zip(diff.tflm_run(original, *inputs), diff.tflm_run(written, *inputs)):
+    inputs = tflm.random_inputs(graph, 2, seed=3)
+    for a, b in zip(tflm.run(original, *inputs), tflm.run(written, *inputs)):
         np.testing.assert_array_equal(a, b)

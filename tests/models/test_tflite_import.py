@@ -96,8 +96,8 @@ def _patch_opcode(data: bytes, old: int, new: int) -> bytes:
 
 
 def test_unsupported_operator_is_named():
-    data = _patch_opcode(KWS.read_bytes(), old=25, new=14)  # SOFTMAX -> LOGISTIC
-    with pytest.raises(ValueError, match=r"operator 12 \(LOGISTIC\): unsupported operator LOGISTIC"):
+    data = _patch_opcode(KWS.read_bytes(), old=25, new=11)  # SOFTMAX -> L2_NORMALIZATION
+    with pytest.raises(ValueError, match=r"operator 12 \(L2_NORMALIZATION\): unsupported operator L2_NORMALIZATION"):
         tflite_import.from_bytes(data, name="kws.tflite")
 
 
