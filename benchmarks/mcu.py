@@ -23,8 +23,8 @@ sys.path.insert(0, str(REPO))
 
 import mcu
 from autotune import results
-from mcu import build, codegen, tflm
-from models import tflite_import
+from mcu import build, codegen
+from models import tflite_import, tflm
 
 
 def _version(cmd: list[str]) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import os
 import pathlib
 import shutil
@@ -37,7 +38,11 @@ def _run(cmd: list[str], what: str, cwd=None, timeout: float = 600) -> subproces
 
 
 def _uses_cmsis_nn(src: pathlib.Path) -> bool:
-    return '#include "arm_nnfunctions.h"' in (src / "model.c").read_text()
+    """Whether the exported folder links CMSIS-NN, from the manifest ``mcu.codegen.export`` wrote."""
+    manifest = src / "build.json"
+    if not manifest.is_file():
+        raise ValueError(f"{src} has no build.json; export the model there first (python -m mcu export)")
+    return "cmsis-nn" in json.loads(manifest.read_text()).get("libraries", [])
 
 
 def build_host(src_dir: str | pathlib.Path, sanitize: bool = False, opt: str = "-O2") -> pathlib.Path:

@@ -5,8 +5,8 @@ import pathlib
 import numpy as np
 import pytest
 
-from mcu import codegen, planner, tflm
-from models import quantization, tflite_import
+from mcu import codegen, planner
+from models import quantization, tflite_import, tflm
 
 MODELS_DIR = pathlib.Path(__file__).resolve().parents[3] / "shared" / "tflite"
 MODELS = sorted(p.name for p in MODELS_DIR.glob("*.tflite"))
