@@ -18,7 +18,8 @@ from models import quantization, schema
 from models.ir import Graph, Op
 
 C_DIR = pathlib.Path(__file__).parent / "c"
-BACKENDS = ("portable", "cmsis-nn")
+BACKENDS = ("portable", "cmsis-nn", "specialized")
+LAYER_KNOBS = {"conv": ("col2", "direct"), "weights": ("s16", "s8"), "unroll": ("1", "2"), "rows": ("1", "2", "4")}  # the specialized backend's
 CONV_VARIANTS = ("direct", "1x1", "1x1_unroll4")
 DEPTHWISE_VARIANTS = ("overlap", "channel_in_place")
 MANIFEST = "build.json"  # what mcu.build compiles and links for an exported folder
@@ -30,7 +31,9 @@ class Config:
 
     backend:   ``"portable"`` (the project's C99 kernels) or ``"cmsis-nn"`` (CMSIS-NN's s8
                functions where CMSIS-NN has the op, see each emitter's ``cmsis_nn`` form; needs
-               ``$CMSIS_NN_ROOT``). Each backend is a form of the emitters in ``mcu.emit``.
+               ``$CMSIS_NN_ROOT``), or ``"specialized"`` (C generated per layer with its shapes and
+               constants folded in, Cortex-M DSP SIMD: mcu/c/tp_specialized.h, mcu.specialized).
+               Each backend is a form of the emitters in ``mcu.emit``.
     in_place:  let outputs overlap the inputs that die at their op (mcu.planner); the
                portable kernels' walk order makes this safe, CMSIS-NN's is not assumed, so
                the cmsis-nn backend plans without overlap.
@@ -43,6 +46,15 @@ class Config:
                one-channel buffer), where the input dies at the op.
     patch_split: run ops ``0..patch_split`` patch by patch (MCUNetV2); -1 = off.
     patch_grid:  the patches tile the segment output ``patch_grid x patch_grid``.
+    layer_options: the specialized backend's per-layer knobs ``((op_index, knob, value), ...)``:
+               ``conv`` ``"col2"`` (two output pixels per pass through widened int16 columns,
+               2x2 register tiles) or ``"direct"`` (one pixel, the input read in place: no or
+               one int8 column of scratch); ``weights`` ``"s16"`` (int16 in flash, twice the bytes, no widening in the inner
+               loop) or ``"s8"``; ``unroll`` ``"1"``/``"2"`` (groups of four k per inner iteration,
+               conv); ``rows`` ``"1"``/``"2"``/``"4"`` (outputs per pass, fully connected).
+    flash_budget: bytes of const data the specialized backend may use (0: no limit): layers
+               without an explicit ``weights`` knob keep int16 weights, most reused first, while
+               the total fits, and take int8 weights beyond.
     """
 
     backend: str = "portable"
@@ -52,6 +64,8 @@ class Config:
     depthwise: str = "overlap"
     patch_split: int = -1
     patch_grid: int = 2
+    layer_options: tuple[tuple[int, str, str], ...] = ()
+    flash_budget: int = 0
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
@@ -61,15 +75,35 @@ class Config:
                 raise ValueError(f"conv variant {v!r} unknown; choose one of {CONV_VARIANTS}")
         if self.depthwise not in DEPTHWISE_VARIANTS:
             raise ValueError(f"depthwise variant {self.depthwise!r} unknown; choose one of {DEPTHWISE_VARIANTS}")
+        for _, knob, value in self.layer_options:
+            if knob not in LAYER_KNOBS or str(value) not in LAYER_KNOBS[knob]:
+                raise ValueError(f"layer option {knob}={value!r} unknown; choose from {LAYER_KNOBS}")
 
     def variant(self, op_index: int) -> str:
         return dict(self.layer_variants).get(op_index, self.conv1x1)
 
+    def options(self, op_index: int) -> dict[str, str]:
+        return {knob: str(value) for i, knob, value in self.layer_options if i == op_index}
 
-def scratch_bytes(graph: Graph, op: Op, params: dict | None = None) -> int:
-    """Scratch the portable kernel of ``op`` needs while it runs."""
+
+def scratch_bytes(graph: Graph, op: Op, params: dict | None = None, backend: str = "portable",
+                  options: dict | None = None) -> int:
+    """Scratch the kernel of ``op`` needs while it runs (the portable one, or the specialized
+    form with the layer's ``options`` where ``backend`` is ``"specialized"`` and it has one)."""
     params = params if params is not None else quantization.op_params(graph, op)
+    if backend == "specialized":
+        own = emit.emitter(op.kind).specialized_scratch(graph, op, params, options or {})
+        if own is not None:
+            return own
     return emit.emitter(op.kind).scratch_bytes(graph, op, params)
+
+
+def specialized_depthwise(graph: Graph, params: list[dict]) -> set[int]:
+    """Depthwise ops the specialized backend runs channel by channel (never overlapping)."""
+    from mcu.emit.conv import depthwise_geometry
+
+    return {i for i, op in enumerate(graph.ops)
+            if op.kind == "DEPTHWISE_CONV_2D" and depthwise_geometry(graph, op, params[i]) is not None}
 
 
 @dataclasses.dataclass
@@ -102,10 +136,17 @@ def plan_schedule(graph: Graph, config: Config, params: list[dict] | None = None
     patch_plan are None without patch-based inference. In the plan a patched segment is op 0."""
     params = params if params is not None else [quantization.op_params(graph, op) for op in graph.ops]
     if scratch is None:
-        scratch = {i: scratch_bytes(graph, op, params[i]) for i, op in enumerate(graph.ops)}
+        scratch = {i: scratch_bytes(graph, op, params[i], config.backend, config.options(i))
+                   for i, op in enumerate(graph.ops)}
     cmsis = config.backend == "cmsis-nn"
+    planar = specialized_depthwise(graph, params) if config.backend == "specialized" else set()
+
+    split = max(config.patch_split, -1)  # ops 0..split run patch by patch (portable kernels)
+    planar = {i for i in planar if i > split}
 
     def channel_in_place(ops: list[Op], first: int) -> dict[int, int] | None:
+        if config.backend == "specialized":  # its depthwise overlaps at delta 0 instead (below)
+            return None
         if config.depthwise != "channel_in_place" or cmsis:
             return None
         return {i: int(np.prod(graph.tensors[op.outputs[0]].shape[1:3])) for i, op in enumerate(ops) if i >= first
@@ -114,17 +155,19 @@ def plan_schedule(graph: Graph, config: Config, params: list[dict] | None = None
 
     if config.patch_split < 0:
         plan = plan_memory(graph, params, scratch, in_place=config.in_place and not cmsis,
-                           channel_in_place=channel_in_place(graph.ops, 0))
+                           channel_in_place=channel_in_place(graph.ops, 0), overlap_limits=dict.fromkeys(planar, 0))
         return None, plan, None
     if cmsis:
         raise ValueError("patch-based inference (patch_split) runs on the portable backend only")
     seg = patch.segment(graph, params, config.patch_split, config.patch_grid)
     patch_plan = plan_memory(patch.patch_graph(graph, seg), params[: seg.split + 1],
-                             {i: b for i, b in scratch.items() if i <= seg.split}, in_place=False)
+                             {i: scratch_bytes(graph, graph.ops[i], params[i]) for i in range(seg.split + 1)},
+                             in_place=False)
     outer, _ = patch.outer_graph(graph, seg, patch_plan.peak_bytes)
     outer_scratch = {0: patch_plan.peak_bytes, **{i - seg.split: b for i, b in scratch.items() if i > seg.split}}
     plan = plan_memory(outer, [{}] + params[seg.split + 1 :], outer_scratch, in_place=config.in_place,
-                       channel_in_place=channel_in_place(outer.ops, 1))
+                       channel_in_place=channel_in_place(outer.ops, 1),
+                       overlap_limits={i - seg.split: 0 for i in planar})
     return seg, plan, patch_plan
 
 
@@ -156,6 +199,36 @@ def min_sram_config(graph: Graph, base: Config | None = None, grids: tuple[int, 
     return best[1]
 
 
+def weight_formats(graph: Graph, config: Config) -> dict[int, str]:
+    """Weight format (``"s16"``/``"s8"``) of each conv/FC the specialized backend runs: the
+    layer's knob where set, else int16 while the const data fits ``config.flash_budget``, the
+    layers whose weights are reused most (output pixels per weight) keeping int16 first."""
+    weighted = [i for i, op in enumerate(graph.ops) if op.kind in ("CONV_2D", "FULLY_CONNECTED")]
+    chosen = {i: config.options(i)["weights"] for i in weighted if "weights" in config.options(i)}
+    free = [i for i in weighted if i not in chosen]
+    formats = {**chosen, **dict.fromkeys(free, "s16")}
+    if config.flash_budget <= 0:
+        return formats
+    t = graph.tensors
+    # int16 adds one byte per weight to the int8 layout; the rest of the const data is about
+    # the model's constants plus a 16-byte record per output channel
+    total = sum(x.nbytes for x in t.values() if x.is_constant) + sum(
+        16 * t[op.outputs[0]].shape[-1] for op in graph.ops if op.kind in ("CONV_2D", "FULLY_CONNECTED",
+                                                                            "DEPTHWISE_CONV_2D"))
+    total += sum(t[graph.ops[i].inputs[1]].size for i in formats if formats[i] == "s16")
+
+    def reuse(i: int) -> int:
+        y = t[graph.ops[i].outputs[0]]
+        return y.size // y.shape[-1]
+
+    for i in sorted(free, key=reuse):
+        if total <= config.flash_budget:
+            break
+        formats[i] = "s8"
+        total -= t[graph.ops[i].inputs[1]].size
+    return formats
+
+
 def lower(graph: Graph, config: Config | None = None) -> Lowered:
     """Generate ``model.c`` / ``model.h`` for ``graph`` under the schedule ``config``."""
     config = config or Config()
@@ -166,7 +239,9 @@ def lower(graph: Graph, config: Config | None = None) -> Lowered:
         raise ValueError(f"graph {graph.name!r} uses ops the MCU backend does not lower: {unsupported}")
     t = graph.tensors
     params = [quantization.op_params(graph, op) for op in graph.ops]
-    scratch = {i: scratch_bytes(graph, op, params[i]) for i, op in enumerate(graph.ops)}
+    scratch = {i: scratch_bytes(graph, op, params[i], config.backend, config.options(i))
+               for i, op in enumerate(graph.ops)}
+    formats = weight_formats(graph, config) if config.backend == "specialized" else {}
     if config.backend == "cmsis-nn":
         from mcu import cmsis_nn
 
@@ -201,7 +276,8 @@ def lower(graph: Graph, config: Config | None = None) -> Lowered:
             buf = plan.scratch.get(k)
             layer = emit.Layer(graph, op, i, params[i], out, arena, {}, scratch=f"ARENA + {plan.offsets[buf]}"
                                if buf else "0", scratch_bytes=plan.buffers[buf].size if buf else 0,
-                               channel_in_place=k in plan.channel_in_place, conv1x1=config.variant(i))
+                               channel_in_place=k in plan.channel_in_place, conv1x1=config.variant(i),
+                               options={**({"weights": formats[i]} if i in formats else {}), **config.options(i)})
             kernel = emit.emit(layer, config.backend)
         layers.append({"op": i, "kind": op.kind, "kernel": kernel, "output_shape": t[op.outputs[0]].shape,
                        "weight_bytes": out.const_bytes.get(i, 0), "name": op.name, "plan_op": max(plan_index(i), 0)})
@@ -222,7 +298,8 @@ def lower(graph: Graph, config: Config | None = None) -> Lowered:
         off += t[n].nbytes
 
     arena_bytes = max(plan.peak_bytes, 4)
-    cmsis_include = '#include "arm_nnfunctions.h"\n' if config.backend == "cmsis-nn" else ""
+    cmsis_include = {"cmsis-nn": '#include "arm_nnfunctions.h"\n',
+                     "specialized": '#include "tp_specialized.h"\n'}.get(config.backend, "")
     model_h = f"""/* Generated by `python -m mcu export` from graph {graph.name!r}. */
 #ifndef MODEL_H
 #define MODEL_H
@@ -323,7 +400,7 @@ def export(graph: Graph, out_dir: str | pathlib.Path, config: Config | None = No
     out.mkdir(parents=True, exist_ok=True)
     (out / "model.c").write_text(lowered.model_c)
     (out / "model.h").write_text(lowered.model_h)
-    for name in ("tp_kernels.c", "tp_kernels.h"):
+    for name in ("tp_kernels.c", "tp_kernels.h", "tp_specialized.h"):
         shutil.copyfile(C_DIR / name, out / name)
     (out / MANIFEST).write_text(json.dumps({"graph": graph.name, "backend": lowered.backend,
                                             "sources": ["model.c", "tp_kernels.c"],

@@ -136,6 +136,7 @@ def plan_memory(
     scratch_bytes: dict[int, int] | None = None,
     in_place: bool = True,
     channel_in_place: dict[int, int] | None = None,
+    overlap_limits: dict[int, int | None] | None = None,
 ) -> MemoryPlan:
     """Lifetimes, aliases, overlaps and greedy first-fit offsets for ``graph``.
 
@@ -145,6 +146,10 @@ def plan_memory(
     channel_in_place: op index -> scratch bytes, for depthwise ops that may write their output
                    over their input channel by channel (TinyEngine); applied where the input
                    dies at the op, recorded in ``MemoryPlan.channel_in_place``.
+    overlap_limits: op index -> the overlap its kernel allows, where the kernel that runs the op
+                   does not walk as ``overlap_limit`` assumes (the portable kernels' order): None
+                   (no overlap) or the one delta it allows (0: output over the input, as the
+                   specialized channel-by-channel depthwise writes it).
     """
     ops = graph.ops
     n = len(ops)
@@ -210,7 +215,10 @@ def plan_memory(
                 in_buf = tensor_buffer[name]
                 if buffers[in_buf].last != i or buffers[out_buf].first != i:
                     continue
-                limit = overlap_limit(graph, op, k, op_params[i])
+                if overlap_limits is not None and i in overlap_limits:
+                    limit = overlap_limits[i]
+                else:
+                    limit = overlap_limit(graph, op, k, op_params[i])
                 if limit is not None:
                     overlaps[(in_buf, out_buf)] = limit
 

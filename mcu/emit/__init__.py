@@ -76,6 +76,7 @@ class Layer:
     scratch_bytes: int = 0
     channel_in_place: bool = False  # the output shares the input's buffer (TinyEngine depthwise)
     conv1x1: str = "direct"  # kernel for 1x1 stride-1 unpadded convs (mcu.codegen.CONV_VARIANTS)
+    options: dict = dataclasses.field(default_factory=dict)  # the specialized backend's per-layer knobs
 
     @property
     def prefix(self) -> str:
@@ -128,6 +129,10 @@ class Emitter:
 
     def cmsis_nn_buffer(self, graph: Graph, op: Op, params: dict) -> str | None:
         """``host_expr;dsp_expr``: the C expressions of CMSIS-NN's scratch size for the op."""
+        return None
+
+    def specialized_scratch(self, graph: Graph, op: Op, params: dict, options: dict) -> int | None:
+        """Scratch of the specialized form, None where it has no form for this op (the portable runs)."""
         return None
 
     def portable(self, layer: Layer) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from mcu import specialized
 from mcu.emit import Emitter, Layer, dims, register
 from models.ir import Graph, Op
 
@@ -103,6 +104,12 @@ class ConvEmitter(Emitter):
                        f"{bias}, &{pre}_out_dims, {layer.ptr(op.outputs[0])}); }}")
         return d["fn"]
 
+    def specialized_scratch(self, graph: Graph, op: Op, params: dict, options: dict) -> int | None:
+        return _conv_specialized_scratch(graph, op, params, options)
+
+    def specialized(self, layer: Layer) -> str | None:
+        return _conv_specialized(layer)
+
 
 def _context(layer: Layer) -> str:
     return f"{layer.scratch}, {layer.scratch_bytes}"
@@ -156,4 +163,189 @@ class FullyConnectedEmitter(Emitter):
                        f"&{pre}_in_dims, {layer.ptr(op.inputs[0])}, &{pre}_filter_dims, {filt}, &{pre}_bias_dims, "
                        f"{bias}, &{pre}_out_dims, {layer.ptr(op.outputs[0])}); }}")
         return fn
+
+    def specialized_scratch(self, graph: Graph, op: Op, params: dict, options: dict) -> int | None:
+        return 0
+
+    def specialized(self, layer: Layer) -> str | None:
+        return _fc_specialized(layer)
+
+
+
+# ---- the specialized backend (mcu/c/tp_specialized.h, arithmetic in mcu.specialized) ----
+
+
+def _bias_values(graph: Graph, op: Op) -> np.ndarray:
+    channels = graph.tensors[op.outputs[0]].shape[-1]
+    if len(op.inputs) > 2 and op.inputs[2] is not None:
+        return graph.tensors[op.inputs[2]].data.astype(np.int64)
+    return np.zeros(channels, dtype=np.int64)
+
+
+def _acc_bound(graph: Graph, op: Op, p: dict, per_channel_weights: np.ndarray) -> np.ndarray:
+    """|bias| + max|x + input_offset| * sum|w| per output channel: bounds the accumulator."""
+    return np.abs(_bias_values(graph, op)) + specialized.input_magnitude(p["input_offset"]) * per_channel_weights
+
+
+def _words(values: np.ndarray, dtype) -> np.ndarray:
+    """An int16/int8 array (a whole number of words) as the int32 words the kernels load."""
+    return np.ascontiguousarray(np.asarray(values).astype(dtype)).view("<i4")
+
+
+def _sp_function(layer: Layer, kernel: str, struct: str, params: list[tuple[str, str]]) -> None:
+    """The layer as its own function (the kernel inlined with the layer's constants) and its call;
+    ``params``: (C declaration, argument) pairs."""
+    fn = f"{layer.prefix}_run"
+    names = ", ".join(decl.split()[-1].lstrip("*") for decl, _ in params)
+    layer.out.consts.append(f"static __attribute__((noinline)) void {fn}({', '.join(d for d, _ in params)}) {{ {kernel}(&{struct}, {names}); }}\n")
+    layer.out.call(f"{fn}({', '.join(a for _, a in params)});")
+
+
+def depthwise_geometry(graph: Graph, op: Op, p: dict) -> dict | None:
+    """The plane of the specialized depthwise, or None where it does not apply (depth multiplier
+    other than 1, dilation, batches)."""
+    x, w, y = graph.tensors[op.inputs[0]], graph.tensors[op.inputs[1]], graph.tensors[op.outputs[0]]
+    o = op.options
+    if (o["depth_multiplier"] != 1 or o["dilation_h"] != 1 or o["dilation_w"] != 1 or x.shape[0] != 1
+            or x.shape[3] != y.shape[3]):
+        return None
+    _, ih, iw, _ = x.shape
+    _, oh, ow, _ = y.shape
+    kh, kw = w.shape[1:3]
+    (pt, _), (pl, _) = p["padding"]
+    groups = -(-kw // 4)
+    plane_h = (oh - 1) * o["stride_h"] + kh
+    plane_w = specialized.round_up((ow - 1) * o["stride_w"] + 4 * groups, 4)
+    return {"plane_h": plane_h, "plane_w": plane_w, "rows_in": max(0, min(ih, plane_h - pt)),
+            "cols_in": max(0, min(iw, plane_w - pl)), "groups": groups, "pad_top": pt, "pad_left": pl}
+
+
+def _sp_conv_column(graph: Graph, op: Op) -> specialized.ConvColumn:
+    w = graph.tensors[op.inputs[1]]
+    return specialized.conv_column(w.shape[1], w.shape[2], w.shape[3], op.options["dilation_w"])
+
+
+def direct_mode(graph: Graph, op: Op, params: dict) -> int:
+    """How tp_sp_conv_direct reads a pixel's receptive field (TP_SP_DIRECT_*)."""
+    w = graph.tensors[op.inputs[1]]
+    if is_pointwise(graph, op, params):
+        return specialized.DIRECT_POINTWISE
+    if w.shape[3] % 4 == 0 and w.shape[1] * w.shape[2] <= specialized.MAX_TAPS:
+        return specialized.DIRECT_TAPS
+    return specialized.DIRECT_COLUMN
+
+
+def _conv_specialized_scratch(graph: Graph, op: Op, params: dict, options: dict) -> int | None:
+    if graph.tensors[op.inputs[0]].shape[0] != 1:
+        return None
+    if op.kind == "CONV_2D":
+        col = _sp_conv_column(graph, op)
+        if options.get("conv", "col2") == "direct":
+            return col.column if direct_mode(graph, op, params) == specialized.DIRECT_COLUMN else 0
+        return 4 * col.column + specialized.round_up(col.segment, 4)
+    g = depthwise_geometry(graph, op, params)
+    return None if g is None else g["plane_h"] * g["plane_w"]
+
+
+def _conv_specialized(layer: Layer) -> str | None:
+    graph, op, p = layer.graph, layer.op, layer.params
+    if layer.shapes or layer.pads is not None or _conv_specialized_scratch(graph, op, p, layer.options) is None:
+        return None  # patches run the portable form
+    x, w, y = layer.tensor(0), layer.tensor(1), layer.output
+    o = op.options
+    (pt, _), (pl, _) = p["padding"]
+    filt = w.data.astype(np.int64)
+    x_arg, y_arg = layer.ptr(op.inputs[0]), layer.ptr(op.outputs[0])
+    if op.kind == "DEPTHWISE_CONV_2D":
+        g = depthwise_geometry(graph, op, p)
+        req = specialized.requantization(_bias_values(graph, op), p["output_multiplier"], p["output_shift"],
+                                         p["output_offset"], _acc_bound(graph, op, p, np.abs(filt[0]).sum(axis=(0, 1))),
+                                         want_doubled=True)
+        weights = layer.const("int32_t", "sp_weights", _words(specialized.depthwise_weights(filt, req.doubled), np.int16))
+        records = layer.const("int32_t", "sp_channels", req.records)
+        fields = [x.shape[1], x.shape[2], x.shape[3], y.shape[1], y.shape[2], w.shape[1], w.shape[2], o["stride_h"],
+                  o["stride_w"], pt, pl, p["input_offset"], p["act_min"], p["act_max"], req.mode, int(req.doubled),
+                  g["plane_h"], g["plane_w"], g["rows_in"], g["cols_in"], g["groups"]]
+        struct = layer.struct("tp_sp_dw_layer", f"{{{', '.join(str(int(v)) for v in fields)}, "
+                                                f"(const tp_sp_word *){weights}, (const tp_sp_channel *){records}}}")
+        # in place (TinyEngine) when the plan gave the output the input's buffer: the same pointer
+        _sp_function(layer, "tp_sp_depthwise", struct, [("const int8_t *in", x_arg), ("int8_t *out", y_arg),
+                                                        ("int8_t *plane", f"(int8_t *)({layer.scratch})")])
+        return "tp_sp_depthwise"
+    fmt = layer.options.get("weights", "s16")
+    unroll = int(layer.options.get("unroll", 2))
+    col = _sp_conv_column(graph, op)
+    req = specialized.requantization(_bias_values(graph, op), p["output_multiplier"], p["output_shift"],
+                                     p["output_offset"], _acc_bound(graph, op, p, np.abs(filt).sum(axis=(1, 2, 3))),
+                                     want_doubled=fmt == "s16")
+    if layer.options.get("conv", "col2") == "direct":
+        return _conv_direct(layer, col, fmt, req)
+    packed = specialized.conv_weights(filt, col, fmt, req.doubled)
+    weights = layer.const("int32_t", "sp_weights", _words(packed, np.int16 if fmt == "s16" else np.int8))
+    records = layer.const("int32_t", "sp_channels", req.records)
+    fields = [x.shape[1], x.shape[2], x.shape[3], y.shape[1], y.shape[2], y.shape[3], w.shape[1], w.shape[2],
+              o["stride_h"], o["stride_w"], pt, pl, o["dilation_h"], o["dilation_w"], p["input_offset"], p["act_min"],
+              p["act_max"], col.segment, col.segment_padded, col.segments, col.column, int(fmt == "s16"),
+              int(req.doubled), req.mode, unroll]
+    struct = layer.struct("tp_sp_conv_layer", f"{{{', '.join(str(int(v)) for v in fields)}, {weights}, "
+                                              f"(const tp_sp_channel *){records}}}")
+    _sp_function(layer, "tp_sp_conv", struct, [("const int8_t *in", x_arg), ("int8_t *out", y_arg),
+                                               ("int16_t *col", f"(int16_t *)({layer.scratch})")])
+    return f"tp_sp_conv ({fmt}, unroll {unroll})"
+
+
+
+
+def _conv_direct(layer: Layer, col: specialized.ConvColumn, fmt: str, req: specialized.Requantization) -> str:
+    graph, op, p = layer.graph, layer.op, layer.params
+    x, w, y = layer.tensor(0), layer.tensor(1), layer.output
+    o = op.options
+    (pt, _), (pl, _) = p["padding"]
+    rows = int(layer.options.get("rows", 4))
+    mode = direct_mode(graph, op, p)
+    if mode == specialized.DIRECT_POINTWISE:
+        taps, tap_len = 1, x.shape[3]
+    elif mode == specialized.DIRECT_TAPS:
+        taps, tap_len = w.shape[1] * w.shape[2], x.shape[3]
+    else:
+        taps, tap_len = 1, col.column
+    packed = specialized.conv_weights(w.data.astype(np.int64), col, fmt, req.doubled, block=rows)
+    weights = layer.const("int32_t", "sp_weights", _words(packed, np.int16 if fmt == "s16" else np.int8))
+    records = layer.const("int32_t", "sp_channels", req.records)
+    zero = layer.const("int8_t", "sp_zero", np.full(x.shape[3], -p["input_offset"])) if mode == specialized.DIRECT_TAPS \
+        else "0"
+    fields = [x.shape[1], x.shape[2], x.shape[3], y.shape[1], y.shape[2], y.shape[3], w.shape[1], w.shape[2],
+              o["stride_h"], o["stride_w"], pt, pl, o["dilation_h"], o["dilation_w"], p["input_offset"], p["act_min"],
+              p["act_max"], mode, taps, tap_len, col.segment, col.segment_padded, col.segments, col.column,
+              int(fmt == "s16"), int(req.doubled), req.mode, rows]
+    struct = layer.struct("tp_sp_conv_direct_layer", f"{{{', '.join(str(int(v)) for v in fields)}, "
+                                                     f"(const tp_sp_word *){weights}, "
+                                                     f"(const tp_sp_channel *){records}, {zero}}}")
+    _sp_function(layer, "tp_sp_conv_direct", struct, [("const int8_t *in", layer.ptr(op.inputs[0])),
+                                                      ("int8_t *out", layer.ptr(op.outputs[0])),
+                                                      ("int8_t *col", f"(int8_t *)({layer.scratch})")])
+    return f"tp_sp_conv_direct ({fmt}, {rows} rows)"
+
+
+def _fc_specialized(layer: Layer) -> str | None:
+    op, p = layer.op, layer.params
+    w = layer.tensor(1)
+    filt = w.data.astype(np.int64)
+    fmt = layer.options.get("weights", "s16")
+    rows = int(layer.options.get("rows", 4))
+    bias = _bias_values(layer.graph, op)
+    req = specialized.requantization(bias + p["input_offset"] * filt.sum(axis=1), p["output_multiplier"],
+                                     p["output_shift"], p["output_offset"],
+                                     _acc_bound(layer.graph, op, p, np.abs(filt).sum(axis=1)), want_doubled=fmt == "s16")
+    packed = specialized.fc_weights(filt, rows, fmt, req.doubled)
+    weights = layer.const("int32_t", "sp_weights", _words(packed, np.int16 if fmt == "s16" else np.int8))
+    records = layer.const("int32_t", "sp_channels", req.records)
+    fields = [layer.tensor(0).size // w.shape[1], w.shape[1], w.shape[0], p["act_min"], p["act_max"], req.mode,
+              int(fmt == "s16"), int(req.doubled), rows]
+    struct = layer.struct("tp_sp_fc_layer", f"{{{', '.join(str(int(v)) for v in fields)}, (const tp_sp_word *){weights}, "
+                                            f"(const tp_sp_channel *){records}}}")
+    _sp_function(layer, "tp_sp_fully_connected", struct, [("const int8_t *in", layer.ptr(op.inputs[0])),
+                                                          ("int8_t *out", layer.ptr(op.outputs[0]))])
+    return f"tp_sp_fully_connected ({fmt}, {rows} rows)"
+
 

@@ -7,7 +7,9 @@ import typing
 
 import numpy as np
 
+from mcu import specialized
 from mcu.emit import Emitter, Layer, brace, pad6, register
+from models.ir import Graph, Op
 
 ADD_KEYS = ("input1_offset", "input2_offset", "output_offset", "left_shift", "input1_multiplier", "input1_shift",
             "input2_multiplier", "input2_shift", "output_multiplier", "output_shift", "act_min", "act_max")
@@ -64,6 +66,30 @@ class BinaryEmitter(Emitter):
                 f"{p['output_shift']}, {p['act_min']}, {p['act_max']}, {size}")
         layer.out.call(f"arm_elementwise_mul_s8({ins}, {args});")
         return "arm_elementwise_mul_s8"
+
+    def specialized_scratch(self, graph: Graph, op: Op, params: dict, options: dict) -> int | None:
+        return 0 if op.kind == "ADD" else None
+
+    def specialized(self, layer: Layer) -> str | None:
+        """ADD of same-shape tensors: the rescaled inputs looked up in two 256-entry tables."""
+        a, b, y = _shapes(layer)
+        if layer.op.kind != "ADD" or not a == b == y or any(layer.tensor(k).is_constant for k in (0, 1)):
+            return None
+        p = layer.params
+        t1, t2 = specialized.add_tables(p)
+        bound = int(np.abs(t1.astype(np.int64)).max() + np.abs(t2.astype(np.int64)).max())
+        req = specialized.requantization(np.zeros(1), [p["output_multiplier"]], [p["output_shift"]], p["output_offset"],
+                                         np.array([bound]), want_doubled=False)
+        table1, table2 = layer.const("int32_t", "sp_table1", t1), layer.const("int32_t", "sp_table2", t2)
+        out = req.records[0]
+        struct = layer.struct("tp_sp_add_layer", f"{{{int(np.prod(y))}, {p['act_min']}, {p['act_max']}, {req.mode}, "
+                                                 f"{brace(out)}, {table1}, {table2}}}")
+        fn = f"{layer.prefix}_run"
+        layer.out.consts.append(f"static __attribute__((noinline)) void {fn}(const int8_t *in1, const int8_t *in2, int8_t *out) "
+                                f"{{ tp_sp_add(&{struct}, in1, in2, out); }}\n")
+        layer.out.call(f"{fn}({layer.ptr(layer.op.inputs[0])}, {layer.ptr(layer.op.inputs[1])}, "
+                       f"{layer.ptr(layer.op.outputs[0])});")
+        return "tp_sp_add"
 
 
 @register
