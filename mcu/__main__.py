@@ -43,9 +43,12 @@ def main(argv: list[str] | None = None) -> int:
             except ValueError:
                 raise ValueError(f"--patch {args.patch!r}: expected SPLIT,GRID, e.g. --patch 7,4") from None
             overrides.update(patch_split=split, patch_grid=grid)
-        if config is None or args.backend != config.backend:
+        tuned = config is not None and args.backend == config.backend
+        if not tuned:
             config = codegen.Config(backend=args.backend)
         config = dataclasses.replace(config, **overrides)
+        if args.backend == "specialized" and not tuned:
+            config = codegen.specialized_config(graph, config, board.flash_bytes)
         if args.min_sram:
             config = codegen.min_sram_config(graph, config)
         lowered = codegen.export(graph, args.output, config)

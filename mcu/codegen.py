@@ -11,7 +11,7 @@ import shutil
 
 import numpy as np
 
-from mcu import emit, patch
+from mcu import emit, patch, specialized
 from mcu.emit.conv import is_pointwise  # noqa: F401  (part of the schedule vocabulary: mcu.tune)
 from mcu.planner import MemoryPlan, plan_memory
 from models import quantization, schema
@@ -19,7 +19,9 @@ from models.ir import Graph, Op
 
 C_DIR = pathlib.Path(__file__).parent / "c"
 BACKENDS = ("portable", "cmsis-nn", "specialized")
-LAYER_KNOBS = {"conv": ("col2", "direct"), "weights": ("s16", "s8"), "unroll": ("1", "2"), "rows": ("1", "2", "4")}  # the specialized backend's
+# the specialized backend's per-layer knobs (Config.layer_options)
+LAYER_KNOBS = {"kernel": ("col2", "direct", "planar", "portable"), "weights": ("s16", "s8"), "unroll": ("1", "2"),
+               "rows": ("1", "2", "4")}
 CONV_VARIANTS = ("direct", "1x1", "1x1_unroll4")
 DEPTHWISE_VARIANTS = ("overlap", "channel_in_place")
 MANIFEST = "build.json"  # what mcu.build compiles and links for an exported folder
@@ -47,9 +49,11 @@ class Config:
     patch_split: run ops ``0..patch_split`` patch by patch (MCUNetV2); -1 = off.
     patch_grid:  the patches tile the segment output ``patch_grid x patch_grid``.
     layer_options: the specialized backend's per-layer knobs ``((op_index, knob, value), ...)``:
-               ``conv`` ``"col2"`` (two output pixels per pass through widened int16 columns,
-               2x2 register tiles) or ``"direct"`` (one pixel, the input read in place: no or
-               one int8 column of scratch); ``weights`` ``"s16"`` (int16 in flash, twice the bytes, no widening in the inner
+               ``kernel``: for a conv ``"col2"`` (two output pixels per pass through widened
+               int16 columns, 2x2 register tiles) or ``"direct"`` (one pixel, the input read in
+               place: no or one int8 column of scratch), for a depthwise ``"planar"`` (channel
+               by channel, written over its input), or ``"portable"`` (the portable kernel,
+               which may overlap its input's tail); ``weights`` ``"s16"`` (int16 in flash, twice the bytes, no widening in the inner
                loop) or ``"s8"``; ``unroll`` ``"1"``/``"2"`` (groups of four k per inner iteration,
                conv); ``rows`` ``"1"``/``"2"``/``"4"`` (outputs per pass, fully connected).
     flash_budget: bytes of const data the specialized backend may use (0: no limit): layers
@@ -98,12 +102,13 @@ def scratch_bytes(graph: Graph, op: Op, params: dict | None = None, backend: str
     return emit.emitter(op.kind).scratch_bytes(graph, op, params)
 
 
-def specialized_depthwise(graph: Graph, params: list[dict]) -> set[int]:
-    """Depthwise ops the specialized backend runs channel by channel (never overlapping)."""
+def specialized_depthwise(graph: Graph, params: list[dict], config: Config) -> set[int]:
+    """Depthwise ops the specialized backend runs channel by channel (overlapping only at delta 0)."""
     from mcu.emit.conv import depthwise_geometry
 
     return {i for i, op in enumerate(graph.ops)
-            if op.kind == "DEPTHWISE_CONV_2D" and depthwise_geometry(graph, op, params[i]) is not None}
+            if op.kind == "DEPTHWISE_CONV_2D" and depthwise_geometry(graph, op, params[i]) is not None
+            and config.options(i).get("kernel", "planar") == "planar"}
 
 
 @dataclasses.dataclass
@@ -131,15 +136,46 @@ class Lowered:
         return self.backend == "cmsis-nn"
 
 
+def fold_pads(graph: Graph, params: list[dict], first: int = 0) -> tuple[Graph, list[dict], dict[int, int]]:
+    """Spatial PADs (of the zero point, as TFLite pads int8) whose one reader is a conv or
+    depthwise: the conv reads the PAD's input with the padding added to its own, and the PAD
+    becomes an alias that writes nothing, so neither its copy nor the padded tensor costs
+    anything. Op indices are kept. Returns the graph, its op params and {PAD index: conv index}."""
+    consumers = graph.consumers()
+    ops, params, folded = list(graph.ops), list(params), {}
+    for i, op in enumerate(graph.ops):
+        if i < first or op.kind != "PAD" or op.outputs[0] in graph.outputs or len(consumers[op.outputs[0]]) != 1:
+            continue
+        j = consumers[op.outputs[0]][0]
+        conv, pads = graph.ops[j], op.options["paddings"]
+        x = graph.tensors[op.inputs[0]]
+        if (conv.kind not in ("CONV_2D", "DEPTHWISE_CONV_2D") or conv.inputs[0] != op.outputs[0] or len(pads) != 4
+                or x.shape[0] != 1 or tuple(pads[0]) != (0, 0) or tuple(pads[3]) != (0, 0)):
+            continue
+        (pt, pb), (pl, pr) = params[j]["padding"]
+        params[j] = {**params[j], "padding": ((pt + pads[1][0], pb + pads[1][1]), (pl + pads[2][0], pr + pads[2][1]))}
+        ops[j] = dataclasses.replace(conv, inputs=[op.inputs[0], *conv.inputs[1:]])
+        ops[i] = dataclasses.replace(op, kind="RESHAPE", options={"new_shape": graph.tensors[op.outputs[0]].shape})
+        params[i] = {}
+        folded[i] = j
+    if not folded:
+        return graph, params, folded
+    return (Graph(graph.tensors, ops, graph.inputs, graph.outputs, graph.name, graph.metadata), params, folded)
+
+
 def plan_schedule(graph: Graph, config: Config, params: list[dict] | None = None, scratch: dict[int, int] | None = None):
     """The memory plan of ``graph`` under ``config``: ``(segment, plan, patch_plan)``; segment and
-    patch_plan are None without patch-based inference. In the plan a patched segment is op 0."""
-    params = params if params is not None else [quantization.op_params(graph, op) for op in graph.ops]
+    patch_plan are None without patch-based inference. In the plan a patched segment is op 0.
+    Without ``params``, the specialized backend's PAD folding (fold_pads) is applied first."""
+    if params is None:
+        params = [quantization.op_params(graph, op) for op in graph.ops]
+        if config.backend == "specialized":
+            graph, params, _ = fold_pads(graph, params, config.patch_split + 1)
     if scratch is None:
         scratch = {i: scratch_bytes(graph, op, params[i], config.backend, config.options(i))
                    for i, op in enumerate(graph.ops)}
     cmsis = config.backend == "cmsis-nn"
-    planar = specialized_depthwise(graph, params) if config.backend == "specialized" else set()
+    planar = specialized_depthwise(graph, params, config) if config.backend == "specialized" else set()
 
     split = max(config.patch_split, -1)  # ops 0..split run patch by patch (portable kernels)
     planar = {i for i in planar if i > split}
@@ -210,12 +246,11 @@ def weight_formats(graph: Graph, config: Config) -> dict[int, str]:
     if config.flash_budget <= 0:
         return formats
     t = graph.tensors
-    # int16 adds one byte per weight to the int8 layout; the rest of the const data is about
-    # the model's constants plus a 16-byte record per output channel
-    total = sum(x.nbytes for x in t.values() if x.is_constant) + sum(
-        16 * t[op.outputs[0]].shape[-1] for op in graph.ops if op.kind in ("CONV_2D", "FULLY_CONNECTED",
-                                                                            "DEPTHWISE_CONV_2D"))
-    total += sum(t[graph.ops[i].inputs[1]].size for i in formats if formats[i] == "s16")
+    sizes = {i: specialized.const_bytes(graph, op) for i, op in enumerate(graph.ops)}
+    weighted_inputs = {n for op in graph.ops if op.kind in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
+                       for n in op.inputs[1:] if n is not None}
+    total = sum(x.nbytes for n, x in t.items() if x.is_constant and n not in weighted_inputs)
+    total += sum(sizes[i][formats.get(i, "s16")] for i in sizes)
 
     def reuse(i: int) -> int:
         y = t[graph.ops[i].outputs[0]]
@@ -225,8 +260,77 @@ def weight_formats(graph: Graph, config: Config) -> dict[int, str]:
         if total <= config.flash_budget:
             break
         formats[i] = "s8"
-        total -= t[graph.ops[i].inputs[1]].size
+        total -= sizes[i]["s16"] - sizes[i]["s8"]
     return formats
+
+
+def fit_sram(graph: Graph, config: Config, cap: int) -> Config:
+    """``config`` with smaller-scratch kernels at the ops where the specialized schedule's peak
+    SRAM lies, while it is above ``cap``: convs read their input in place (``direct``), a
+    depthwise runs the portable kernel (which may overlap its input's tail). Knobs set in
+    ``config.layer_options`` are kept."""
+    base = config
+    fixed = {(i, knob) for i, knob, _ in config.layer_options}
+    plan = plan_schedule(graph, config)[1]
+    best = plan.peak_bytes, config
+    for _ in range(len(graph.ops)):
+        if best[0] <= cap:
+            break
+        rows = plan.per_op()
+        peak_ops = [r["op"] for r in rows if r["high_water"] == plan.peak_bytes]
+        offset = max(config.patch_split, 0)  # plan indices of a patched schedule: the segment is op 0
+        changes = []
+        for k in peak_ops:
+            for i in (k + offset - 1, k + offset, k + offset + 1):  # the op and its neighbours share the buffers
+                if not 0 <= i < len(graph.ops) or i <= config.patch_split or (i, "kernel") in fixed:
+                    continue
+                op, current = graph.ops[i], config.options(i).get("kernel")
+                if op.kind == "CONV_2D" and current in (None, "col2"):
+                    changes.append((i, "kernel", "direct"))
+                elif op.kind == "DEPTHWISE_CONV_2D" and current in (None, "planar"):
+                    changes.append((i, "kernel", "portable"))
+        if not changes:
+            break
+        config = dataclasses.replace(config, layer_options=(*config.layer_options, *dict.fromkeys(changes)))
+        fixed |= {(i, knob) for i, knob, _ in changes}
+        plan = plan_schedule(graph, config)[1]
+        if plan.peak_bytes < best[0]:
+            best = (plan.peak_bytes, config)
+    if best[0] <= cap:
+        return best[1]
+    # the placement is greedy, so the peak may move rather than fall: start from the smallest
+    # scratch everywhere and give the fast kernels back, largest layer first, while it fits
+    slow = {i: ("direct" if op.kind == "CONV_2D" else "portable") for i, op in enumerate(graph.ops)
+            if i > config.patch_split and op.kind in ("CONV_2D", "DEPTHWISE_CONV_2D")
+            and (i, "kernel") not in {(j, k) for j, k, _ in base.layer_options}}
+    config = dataclasses.replace(base, layer_options=(*base.layer_options, *((i, "kernel", v) for i, v in slow.items())))
+    peak = plan_schedule(graph, config)[1].peak_bytes
+    if peak >= best[0]:
+        return best[1]
+    best = (peak, config)
+    t = graph.tensors
+    for i in sorted(slow, key=lambda i: -t[graph.ops[i].outputs[0]].size * t[graph.ops[i].inputs[1]].size):
+        trial = dataclasses.replace(best[1], layer_options=tuple(o for o in best[1].layer_options
+                                                                 if o != (i, "kernel", slow[i])))
+        peak = plan_schedule(graph, trial)[1].peak_bytes
+        if peak <= max(cap, best[0]):
+            best = (min(peak, best[0]), trial)
+    return best[1]
+
+
+SPECIALIZED_CODE_BYTES = 64 * 1024  # flash left for code when int16 weights are chosen for a board
+
+
+def specialized_config(graph: Graph, base: Config | None = None, flash_bytes: int = 0,
+                       sram_cap: int | None = None) -> Config:
+    """The specialized backend's default schedule from ``base``: int16 weights while the const data
+    fits ``flash_bytes`` (a board's flash; 0: no limit) less SPECIALIZED_CODE_BYTES, and peak
+    SRAM no higher than ``sram_cap`` (default: the portable default schedule's peak)."""
+    base = base or Config()
+    config = dataclasses.replace(base, backend="specialized",
+                                 flash_budget=max(flash_bytes - SPECIALIZED_CODE_BYTES, 1) if flash_bytes else 0)
+    cap = sram_cap if sram_cap is not None else plan_schedule(graph, Config())[1].peak_bytes
+    return fit_sram(graph, config, cap)
 
 
 def lower(graph: Graph, config: Config | None = None) -> Lowered:
@@ -237,8 +341,11 @@ def lower(graph: Graph, config: Config | None = None) -> Lowered:
     unsupported = sorted({op.kind for op in graph.ops if op.kind not in emit.EMITTERS})
     if unsupported:
         raise ValueError(f"graph {graph.name!r} uses ops the MCU backend does not lower: {unsupported}")
-    t = graph.tensors
     params = [quantization.op_params(graph, op) for op in graph.ops]
+    folded: dict[int, int] = {}
+    if config.backend == "specialized":
+        graph, params, folded = fold_pads(graph, params, config.patch_split + 1)
+    t = graph.tensors
     scratch = {i: scratch_bytes(graph, op, params[i], config.backend, config.options(i))
                for i, op in enumerate(graph.ops)}
     formats = weight_formats(graph, config) if config.backend == "specialized" else {}
@@ -265,7 +372,7 @@ def lower(graph: Graph, config: Config | None = None) -> Lowered:
     for i, op in enumerate(graph.ops):
         if seg is None or i >= seg.split:
             markers.append(f"ops 0..{i} ({seg.grid}x{seg.grid} patches)" if seg is not None and i == seg.split
-                           else f"op {i} {op.kind}")
+                           else f"op {i} {'PAD' if i in folded else op.kind}")
             out.call("TP_LAYER();")
         if seg is not None and i <= seg.split:
             kernel = f"patch {seg.grid}x{seg.grid}"
@@ -278,8 +385,8 @@ def lower(graph: Graph, config: Config | None = None) -> Lowered:
                                if buf else "0", scratch_bytes=plan.buffers[buf].size if buf else 0,
                                channel_in_place=k in plan.channel_in_place, conv1x1=config.variant(i),
                                options={**({"weights": formats[i]} if i in formats else {}), **config.options(i)})
-            kernel = emit.emit(layer, config.backend)
-        layers.append({"op": i, "kind": op.kind, "kernel": kernel, "output_shape": t[op.outputs[0]].shape,
+            kernel = emit.emit(layer, config.backend) if i not in folded else f"(folded into op {folded[i]})"
+        layers.append({"op": i, "kind": "PAD" if i in folded else op.kind, "kernel": kernel, "output_shape": t[op.outputs[0]].shape,
                        "weight_bytes": out.const_bytes.get(i, 0), "name": op.name, "plan_op": max(plan_index(i), 0)})
     for layer in layers:  # patched ops' constants are written with the last op of the segment
         layer["weight_bytes"] = out.const_bytes.get(layer["op"], 0)

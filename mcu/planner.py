@@ -222,15 +222,32 @@ def plan_memory(
                 if limit is not None:
                     overlaps[(in_buf, out_buf)] = limit
 
-    offsets = _first_fit(buffers, overlaps)
-    # A rigid chain can drift far down the arena; drop the links whose removal does not
-    # raise the peak (largest drift first): one pass of greedy descent.
-    for pair in sorted(overlaps, key=lambda k: overlaps[k]):
-        trial = {k: v for k, v in overlaps.items() if k != pair}
-        trial_offsets = _first_fit(buffers, trial)
-        if _peak(buffers, trial_offsets) <= _peak(buffers, offsets):
-            overlaps, offsets = trial, trial_offsets
+    # A rigid chain can drift far down the arena, so not every allowed link is worth keeping:
+    # one pass of greedy descent (drop the links whose removal does not raise the peak),
+    # largest drift first and once more in the other order, and one pass of greedy ascent
+    # (from no links, keep those that lower the peak); each judging a link by the peak alone
+    # or also by the other buffers' ends (which matters when the peak lies elsewhere); the best.
+    order = sorted(overlaps, key=lambda k: overlaps[k])
+    best = None
+    for start, sequence, tie_break in ((overlaps, order, False), (overlaps, order[::-1], False), ({}, order, False),
+                                       (overlaps, order, True), (overlaps, order[::-1], True), ({}, order, True)):
+        links, offsets = dict(start), _first_fit(buffers, start)
+        cost = _cost if tie_break else _peak
+        for pair in sequence:
+            trial = {k: v for k, v in links.items() if k != pair} if pair in links else {**links, pair: overlaps[pair]}
+            trial_offsets = _first_fit(buffers, trial)
+            if cost(buffers, trial_offsets) < cost(buffers, offsets) or (
+                    pair in links and _peak(buffers, trial_offsets) <= _peak(buffers, offsets)):
+                links, offsets = trial, trial_offsets
+        if best is None or _cost(buffers, offsets) < _cost(buffers, best[1]):
+            best = (links, offsets)
+    overlaps, offsets = best
     return MemoryPlan(buffers, offsets, tensor_buffer, scratch, overlaps, n, frozenset(applied))
+
+
+def _cost(buffers: dict[str, Buffer], offsets: dict[str, int]) -> tuple[int, int]:
+    """The peak, then the sum of buffer ends: lower ends elsewhere leave room for the next link."""
+    return _peak(buffers, offsets), sum(offsets[b] + buffers[b].size for b in buffers)
 
 
 def _peak(buffers: dict[str, Buffer], offsets: dict[str, int]) -> int:

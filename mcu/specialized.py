@@ -141,3 +141,22 @@ def add_tables(p: dict) -> tuple[np.ndarray, np.ndarray]:
         tables.append(np.asarray(quant.multiply_by_quantized_multiplier(shifted, p[f"input{k}_multiplier"],
                                                                         p[f"input{k}_shift"]), dtype=np.int32))
     return tables[0], tables[1]
+
+
+def const_bytes(graph, op) -> dict[str, int]:
+    """Flash bytes of ``op``'s constants in the specialized form, per weight format."""
+    t = graph.tensors
+    if op.kind in ("CONV_2D", "FULLY_CONNECTED"):
+        w = t[op.inputs[1]]
+        k = round_up(w.size // w.shape[0], 4)
+        if op.kind == "CONV_2D":
+            k = conv_column(w.shape[1], w.shape[2], w.shape[3], op.options["dilation_w"]).column
+        records = 16 * w.shape[0]
+        return {"s16": 2 * k * w.shape[0] + records, "s8": k * w.shape[0] + records}
+    if op.kind == "DEPTHWISE_CONV_2D":
+        _, kh, kw, c = t[op.inputs[1]].shape
+        n = 8 * kh * -(-kw // 4) * c + 16 * c
+        return {"s16": n, "s8": n}
+    if op.kind == "ADD":
+        return {"s16": 2048, "s8": 2048}
+    return {"s16": 0, "s8": 0}

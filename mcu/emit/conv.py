@@ -240,11 +240,13 @@ def _conv_specialized_scratch(graph: Graph, op: Op, params: dict, options: dict)
         return None
     if op.kind == "CONV_2D":
         col = _sp_conv_column(graph, op)
-        if options.get("conv", "col2") == "direct":
+        if options.get("kernel") == "portable":
+            return None
+        if options.get("kernel", "col2") == "direct":
             return col.column if direct_mode(graph, op, params) == specialized.DIRECT_COLUMN else 0
         return 4 * col.column + specialized.round_up(col.segment, 4)
     g = depthwise_geometry(graph, op, params)
-    return None if g is None else g["plane_h"] * g["plane_w"]
+    return None if g is None or options.get("kernel") == "portable" else g["plane_h"] * g["plane_w"]
 
 
 def _conv_specialized(layer: Layer) -> str | None:
@@ -278,7 +280,7 @@ def _conv_specialized(layer: Layer) -> str | None:
     req = specialized.requantization(_bias_values(graph, op), p["output_multiplier"], p["output_shift"],
                                      p["output_offset"], _acc_bound(graph, op, p, np.abs(filt).sum(axis=(1, 2, 3))),
                                      want_doubled=fmt == "s16")
-    if layer.options.get("conv", "col2") == "direct":
+    if layer.options.get("kernel", "col2") == "direct":
         return _conv_direct(layer, col, fmt, req)
     packed = specialized.conv_weights(filt, col, fmt, req.doubled)
     weights = layer.const("int32_t", "sp_weights", _words(packed, np.int16 if fmt == "s16" else np.int8))
