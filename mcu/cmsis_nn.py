@@ -65,16 +65,21 @@ def library(cc: str, cflags: list[str]) -> pathlib.Path:
     return lib
 
 
+_SIZES: dict[tuple[str, str], int] = {}  # (library, probe) -> bytes: the probe program is compiled once
+
+
 def buffer_sizes(calls: dict[int, str]) -> dict[int, int]:
     """Scratch bytes per op: ``calls`` maps op index -> a C expression list
     ``(host_expr, dsp_expr)`` joined by ``;``; the larger of the two is taken so one plan
     serves the host build and the Cortex-M build."""
+    lib = str(library("gcc", []))
+    known = {i: _SIZES[(lib, expr)] for i, expr in calls.items() if (lib, expr) in _SIZES}
+    calls = {i: expr for i, expr in calls.items() if i not in known}
     if not calls:
-        return {}
+        return known
     lines = [f'  printf("%d %d %d\\n", {i}, (int)({host}), (int)({dsp}));' for i, expr in calls.items()
              for host, dsp in [expr.split(";")]]
     program = "#include <stdio.h>\n#include \"arm_nnfunctions.h\"\nint main(void) {\n" + "\n".join(lines) + "\n  return 0;\n}\n"
-    lib = library("gcc", [])
     with tempfile.TemporaryDirectory() as tmp:
         src = pathlib.Path(tmp) / "sizes.c"
         src.write_text(program)
@@ -84,8 +89,8 @@ def buffer_sizes(calls: dict[int, str]) -> dict[int, int]:
         if proc.returncode != 0:
             raise RuntimeError(f"CMSIS-NN buffer-size probe failed to build:\n{proc.stderr[-3000:]}")
         out = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout
-    sizes = {}
+    sizes = dict(known)
     for line in out.splitlines():
         i, host, dsp = (int(v) for v in line.split())
-        sizes[i] = max(host, dsp, 0)
+        sizes[i] = _SIZES[(lib, calls[i])] = max(host, dsp, 0)
     return sizes

@@ -20,7 +20,7 @@ from models.ir import Graph, Op
 C_DIR = pathlib.Path(__file__).parent / "c"
 BACKENDS = ("portable", "cmsis-nn", "specialized")
 # the specialized backend's per-layer knobs (Config.layer_options)
-LAYER_KNOBS = {"kernel": ("col2", "direct", "planar", "portable"), "weights": ("s16", "s8"), "unroll": ("1", "2"),
+LAYER_KNOBS = {"kernel": ("col2", "direct", "planar", "portable", "general"), "weights": ("s16", "s8"), "unroll": ("1", "2"),
                "rows": ("1", "2", "4")}
 CONV_VARIANTS = ("direct", "1x1", "1x1_unroll4")
 DEPTHWISE_VARIANTS = ("overlap", "channel_in_place")
@@ -36,9 +36,9 @@ class Config:
                ``$CMSIS_NN_ROOT``), or ``"specialized"`` (C generated per layer with its shapes and
                constants folded in, Cortex-M DSP SIMD: mcu/c/tp_specialized.h, mcu.specialized).
                Each backend is a form of the emitters in ``mcu.emit``.
-    in_place:  let outputs overlap the inputs that die at their op (mcu.planner); the
-               portable kernels' walk order makes this safe, CMSIS-NN's is not assumed, so
-               the cmsis-nn backend plans without overlap.
+    in_place:  let outputs overlap the inputs that die at their op (mcu.planner) where the
+               kernel's walk order makes it safe: the portable kernels', CMSIS-NN's except its
+               1x1 convs (``cmsis_no_overlap``), the specialized ones' (depthwise: at delta 0).
     conv1x1:   kernel for 1x1 stride-1 unpadded convs: ``"direct"`` (the general conv),
                ``"1x1"`` (pixel x channel product) or ``"1x1_unroll4"`` (four output channels
                per input load).
@@ -53,7 +53,9 @@ class Config:
                int16 columns, 2x2 register tiles) or ``"direct"`` (one pixel, the input read in
                place: no or one int8 column of scratch), for a depthwise ``"planar"`` (channel
                by channel, written over its input), or ``"portable"`` (the portable kernel,
-               which may overlap its input's tail); ``weights`` ``"s16"`` (int16 in flash, twice the bytes, no widening in the inner
+               which may overlap its input's tail); for the cmsis-nn backend's 1x1 convs
+               ``"general"`` (arm_convolve_s8 instead of arm_convolve_1x1_s8_fast: slower, but
+               its output may overlap its input); ``weights`` ``"s16"`` (int16 in flash, twice the bytes, no widening in the inner
                loop) or ``"s8"``; ``unroll`` ``"1"``/``"2"`` (groups of four k per inner iteration,
                conv); ``rows`` ``"1"``/``"2"``/``"4"`` (outputs per pass, fully connected).
     flash_budget: bytes of const data the specialized backend may use (0: no limit): layers
@@ -102,6 +104,26 @@ def scratch_bytes(graph: Graph, op: Op, params: dict | None = None, backend: str
     return emit.emitter(op.kind).scratch_bytes(graph, op, params)
 
 
+def cmsis_no_overlap(graph: Graph, params: list[dict], config: Config) -> set[int]:
+    """Ops whose CMSIS-NN kernel does not walk its output pixel by pixel, so that no overlap is
+    safe: 1x1 convs (arm_convolve_1x1_s8_fast / _s8 run arm_nn_mat_mult_nt_t_s8, whose DSP form
+    writes one pair of output channels for every pixel before it reads the inputs again). The
+    other CMSIS-NN kernels the backend calls keep the portable kernels' order, checked in the
+    sources of CMSIS-NN 99f736a6: arm_convolve_s8 (also what arm_convolve_1_x_n_s8 runs without
+    MVE) gathers one or two pixels' columns and writes their outputs, arm_depthwise_conv_3x3_s8,
+    _s8_opt and _s8 and the pooling kernels walk output pixels in order reading only their
+    taps, and arm_elementwise_add/mul_s8 read each group of four elements before writing it
+    (mcu/planner.py overlap_limit); fully connected and softmax never overlap."""
+    out = set()
+    for i, op in enumerate(graph.ops):
+        if op.kind == "CONV_2D" and config.options(i).get("kernel") != "general":
+            w, o = graph.tensors[op.inputs[1]], op.options
+            (pt, _), (pl, _) = params[i]["padding"]
+            if w.shape[1:3] == (1, 1) and pt == pl == 0 and o["dilation_h"] == o["dilation_w"] == 1:  # arm_nn_is_convolve_1x1
+                out.add(i)
+    return out
+
+
 def specialized_depthwise(graph: Graph, params: list[dict], config: Config) -> set[int]:
     """Depthwise ops the specialized backend runs channel by channel (overlapping only at delta 0)."""
     from mcu.emit.conv import depthwise_geometry
@@ -134,6 +156,20 @@ class Lowered:
     @property
     def uses_cmsis_nn(self) -> bool:
         return self.backend == "cmsis-nn"
+
+
+def backend_scratch(graph: Graph, config: Config, params: list[dict]) -> dict[int, int]:
+    """Scratch bytes per op of the kernels ``config`` runs (CMSIS-NN's from its size functions)."""
+    scratch = {i: scratch_bytes(graph, op, params[i], config.backend, config.options(i))
+               for i, op in enumerate(graph.ops)}
+    if config.backend == "cmsis-nn":
+        from mcu import cmsis_nn
+
+        probes = {i: emit.emitter(op.kind).cmsis_nn_buffer(graph, op, params[i], config.options(i))
+                  for i, op in enumerate(graph.ops) if emit.form(op.kind, config.backend) is not None}
+        for i, nbytes in cmsis_nn.buffer_sizes({i: p for i, p in probes.items() if p}).items():
+            scratch[i] = max(scratch[i], nbytes)
+    return scratch
 
 
 def fold_pads(graph: Graph, params: list[dict], first: int = 0) -> tuple[Graph, list[dict], dict[int, int]]:
@@ -172,8 +208,7 @@ def plan_schedule(graph: Graph, config: Config, params: list[dict] | None = None
         if config.backend == "specialized":
             graph, params, _ = fold_pads(graph, params, config.patch_split + 1)
     if scratch is None:
-        scratch = {i: scratch_bytes(graph, op, params[i], config.backend, config.options(i))
-                   for i, op in enumerate(graph.ops)}
+        scratch = backend_scratch(graph, config, params)
     cmsis = config.backend == "cmsis-nn"
     planar = specialized_depthwise(graph, params, config) if config.backend == "specialized" else set()
 
@@ -190,8 +225,9 @@ def plan_schedule(graph: Graph, config: Config, params: list[dict] | None = None
                 and graph.tensors[op.inputs[0]].shape[0] == 1}
 
     if config.patch_split < 0:
-        plan = plan_memory(graph, params, scratch, in_place=config.in_place and not cmsis,
-                           channel_in_place=channel_in_place(graph.ops, 0), overlap_limits=dict.fromkeys(planar, 0))
+        limits = dict.fromkeys(planar, 0) if not cmsis else dict.fromkeys(cmsis_no_overlap(graph, params, config), None)
+        plan = plan_memory(graph, params, scratch, in_place=config.in_place,
+                           channel_in_place=channel_in_place(graph.ops, 0), overlap_limits=limits)
         return None, plan, None
     if cmsis:
         raise ValueError("patch-based inference (patch_split) runs on the portable backend only")
@@ -211,6 +247,8 @@ def min_sram_config(graph: Graph, base: Config | None = None, grids: tuple[int, 
     """The depthwise variant and patch split/grid (or none) with the smallest peak SRAM; the
     other knobs from ``base``."""
     base = base or Config()
+    if base.backend == "cmsis-nn":
+        return fit_sram(graph, base, 0)
     if base.backend != "portable":
         return base
     params = [quantization.op_params(graph, op) for op in graph.ops]
@@ -270,6 +308,7 @@ def fit_sram(graph: Graph, config: Config, cap: int) -> Config:
     depthwise runs the portable kernel (which may overlap its input's tail). Knobs set in
     ``config.layer_options`` are kept."""
     base = config
+    params = [quantization.op_params(graph, op) for op in graph.ops]
     fixed = {(i, knob) for i, knob, _ in config.layer_options}
     plan = plan_schedule(graph, config)[1]
     best = plan.peak_bytes, config
@@ -285,7 +324,10 @@ def fit_sram(graph: Graph, config: Config, cap: int) -> Config:
                 if not 0 <= i < len(graph.ops) or i <= config.patch_split or (i, "kernel") in fixed:
                     continue
                 op, current = graph.ops[i], config.options(i).get("kernel")
-                if op.kind == "CONV_2D" and current in (None, "col2"):
+                if config.backend == "cmsis-nn":
+                    if op.kind == "CONV_2D" and current is None and i in cmsis_no_overlap(graph, params, config):
+                        changes.append((i, "kernel", "general"))
+                elif op.kind == "CONV_2D" and current in (None, "col2"):
                     changes.append((i, "kernel", "direct"))
                 elif op.kind == "DEPTHWISE_CONV_2D" and current in (None, "planar"):
                     changes.append((i, "kernel", "portable"))
@@ -296,7 +338,7 @@ def fit_sram(graph: Graph, config: Config, cap: int) -> Config:
         plan = plan_schedule(graph, config)[1]
         if plan.peak_bytes < best[0]:
             best = (plan.peak_bytes, config)
-    if best[0] <= cap:
+    if best[0] <= cap or config.backend != "specialized":
         return best[1]
     # the placement is greedy, so the peak may move rather than fall: start from the smallest
     # scratch everywhere and give the fast kernels back, largest layer first, while it fits
@@ -346,16 +388,8 @@ def lower(graph: Graph, config: Config | None = None) -> Lowered:
     if config.backend == "specialized":
         graph, params, folded = fold_pads(graph, params, config.patch_split + 1)
     t = graph.tensors
-    scratch = {i: scratch_bytes(graph, op, params[i], config.backend, config.options(i))
-               for i, op in enumerate(graph.ops)}
+    scratch = backend_scratch(graph, config, params)
     formats = weight_formats(graph, config) if config.backend == "specialized" else {}
-    if config.backend == "cmsis-nn":
-        from mcu import cmsis_nn
-
-        probes = {i: emit.emitter(op.kind).cmsis_nn_buffer(graph, op, params[i]) for i, op in enumerate(graph.ops)
-                  if emit.form(op.kind, config.backend) is not None}
-        for i, nbytes in cmsis_nn.buffer_sizes({i: p for i, p in probes.items() if p}).items():
-            scratch[i] = max(scratch[i], nbytes)
     seg, plan, patch_plan = plan_schedule(graph, config, params, scratch)
 
     def plan_index(i: int) -> int:  # op index in the plan (the patched segment is folded into op 0)

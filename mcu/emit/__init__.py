@@ -127,7 +127,7 @@ class Emitter:
         """Scratch the portable form needs while the op runs."""
         return 0
 
-    def cmsis_nn_buffer(self, graph: Graph, op: Op, params: dict) -> str | None:
+    def cmsis_nn_buffer(self, graph: Graph, op: Op, params: dict, options: dict | None = None) -> str | None:
         """``host_expr;dsp_expr``: the C expressions of CMSIS-NN's scratch size for the op."""
         return None
 

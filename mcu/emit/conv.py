@@ -31,8 +31,10 @@ def _requantization(layer: Layer) -> tuple[str, str]:
     return layer.const("int32_t", "mult", p["output_multiplier"]), layer.const("int32_t", "shift", p["output_shift"])
 
 
-def _cmsis_conv_args(graph: Graph, op: Op, p: dict) -> dict:
-    """C initialisers of the CMSIS-NN structs of a conv/depthwise."""
+def _cmsis_conv_args(graph: Graph, op: Op, p: dict, options: dict | None = None) -> dict:
+    """C initialisers of the CMSIS-NN structs of a conv/depthwise; ``options["kernel"] ==
+    "general"`` calls arm_convolve_s8 itself (pixel by pixel, so its output may overlap the
+    input) instead of the wrapper's choice (a 1x1 conv's arm_convolve_1x1_s8_fast may not)."""
     x, w, y = graph.tensors[op.inputs[0]], graph.tensors[op.inputs[1]], graph.tensors[op.outputs[0]]
     o = op.options
     (pt, _), (pl, _) = p["padding"]
@@ -41,7 +43,8 @@ def _cmsis_conv_args(graph: Graph, op: Op, p: dict) -> dict:
     d = {"in": dims(*x.shape), "out": dims(*y.shape), "bias": dims(1, 1, 1, y.shape[3])}
     if op.kind == "CONV_2D":
         d.update(ptype="cmsis_nn_conv_params", params=f"{{{p['input_offset']}, {p['output_offset']}, {tiles}}}",
-                 filter=dims(*w.shape), fn="arm_convolve_wrapper_s8")
+                 filter=dims(*w.shape),
+                 fn="arm_convolve_s8" if (options or {}).get("kernel") == "general" else "arm_convolve_wrapper_s8")
     else:
         d.update(ptype="cmsis_nn_dw_conv_params", fn="arm_depthwise_conv_wrapper_s8",
                  params=f"{{{p['input_offset']}, {p['output_offset']}, {o['depth_multiplier']}, {tiles}}}",
@@ -83,15 +86,18 @@ class ConvEmitter(Emitter):
         layer.per_image(kernel, name, f", (int8_t *)({layer.scratch})" if kernel == "tp_conv_s8" else "")
         return kernel
 
-    def cmsis_nn_buffer(self, graph: Graph, op: Op, params: dict) -> str | None:
-        d = _cmsis_conv_args(graph, op, params)
+    def cmsis_nn_buffer(self, graph: Graph, op: Op, params: dict, options: dict | None = None) -> str | None:
+        d = _cmsis_conv_args(graph, op, params, options)
+        if d["fn"] == "arm_convolve_s8":  # one size for every core without MVE
+            args = f"&(cmsis_nn_dims){d['in']}, &(cmsis_nn_dims){d['filter']}"
+            return f"arm_convolve_s8_get_buffer_size({args});arm_convolve_s8_get_buffer_size({args})"
         args = (f"&({d['ptype']}){d['params']}, &(cmsis_nn_dims){d['in']}, &(cmsis_nn_dims){d['filter']}, "
                 f"&(cmsis_nn_dims){d['out']}")
         return f"{d['fn']}_get_buffer_size({args});{d['fn']}_get_buffer_size_dsp({args})"
 
     def cmsis_nn(self, layer: Layer) -> str:
         op, pre = layer.op, layer.prefix
-        d = _cmsis_conv_args(layer.graph, op, layer.params)
+        d = _cmsis_conv_args(layer.graph, op, layer.params, layer.options)
         filt, bias = layer.const("int8_t", "filter", layer.tensor(1).data), _bias(layer)
         mult, shift = _requantization(layer)
         consts = [f"static const {d['ptype']} {pre}_params = {d['params']};\n",
@@ -101,7 +107,8 @@ class ConvEmitter(Emitter):
         layer.out.consts.extend(consts)
         layer.out.call(f"{{ cmsis_nn_context ctx = {{{_context(layer)}}}; {d['fn']}(&ctx, &{pre}_params, &{pre}_quant, "
                        f"&{pre}_in_dims, {layer.ptr(op.inputs[0])}, &{pre}_filter_dims, {filt}, &{pre}_bias_dims, "
-                       f"{bias}, &{pre}_out_dims, {layer.ptr(op.outputs[0])}); }}")
+                       f"{bias}, {'NULL, ' if d['fn'] == 'arm_convolve_s8' else ''}&{pre}_out_dims, "
+                       f"{layer.ptr(op.outputs[0])}); }}")
         return d["fn"]
 
     def specialized_scratch(self, graph: Graph, op: Op, params: dict, options: dict) -> int | None:
@@ -133,7 +140,7 @@ class FullyConnectedEmitter(Emitter):
         layer.out.call(f"tp_fully_connected_s8(&{name}, {layer.ptr(op.inputs[0])}, {layer.ptr(op.outputs[0])});")
         return "tp_fully_connected_s8"
 
-    def cmsis_nn_buffer(self, graph: Graph, op: Op, params: dict) -> str | None:
+    def cmsis_nn_buffer(self, graph: Graph, op: Op, params: dict, options: dict | None = None) -> str | None:
         w = graph.tensors[op.inputs[1]]
         f = f"&(cmsis_nn_dims){dims(w.shape[1], 1, 1, w.shape[0])}"
         return f"arm_fully_connected_s8_get_buffer_size({f});arm_fully_connected_s8_get_buffer_size_dsp({f})"

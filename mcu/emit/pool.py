@@ -20,7 +20,7 @@ class PoolEmitter(Emitter):
         layer.per_image(kernel, layer.struct("tp_pool_params", brace(fields)))
         return kernel
 
-    def cmsis_nn_buffer(self, graph: Graph, op: Op, params: dict) -> str | None:
+    def cmsis_nn_buffer(self, graph: Graph, op: Op, params: dict, options: dict | None = None) -> str | None:
         if op.kind != "AVERAGE_POOL_2D":
             return None
         _, _, w, c = graph.tensors[op.outputs[0]].shape
