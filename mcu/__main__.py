@@ -23,6 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("--patch", metavar="SPLIT,GRID", help="run ops 0..SPLIT patch by patch on a GRIDxGRID grid")
     ex.add_argument("--min-sram", action="store_true", help="pick the patch schedule with the smallest peak SRAM")
     ex.add_argument("--untuned", action="store_true", help="ignore the schedule the autotuner chose")
+    ex.add_argument("--prefix", default="", metavar="NAME",
+                    help="namespace every global symbol (NAME_model_invoke, NAME_tp_*) to link several models into one image")
     ex.add_argument("-o", "--output", required=True, help="output directory")
     args = parser.parse_args(argv)
 
@@ -51,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             config = codegen.specialized_config(graph, config, board.flash_bytes)
         if args.min_sram:
             config = codegen.min_sram_config(graph, config)
-        lowered = codegen.export(graph, args.output, config)
+        lowered = codegen.export(graph, args.output, config, prefix=codegen.check_prefix(args.prefix))
     except (ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -37,12 +37,21 @@ def _run(cmd: list[str], what: str, cwd=None, timeout: float = 600) -> subproces
     return proc
 
 
-def _uses_cmsis_nn(src: pathlib.Path) -> bool:
-    """Whether the exported folder links CMSIS-NN, from the manifest ``mcu.codegen.export`` wrote."""
+def _manifest(src: pathlib.Path) -> dict:
+    """The build manifest ``mcu.codegen.export`` wrote: sources (relative to the folder), defines, libraries."""
     manifest = src / "build.json"
     if not manifest.is_file():
         raise ValueError(f"{src} has no build.json; export the model there first (python -m mcu export)")
-    return "cmsis-nn" in json.loads(manifest.read_text()).get("libraries", [])
+    return json.loads(manifest.read_text())
+
+
+def _uses_cmsis_nn(src: pathlib.Path) -> bool:
+    return "cmsis-nn" in _manifest(src).get("libraries", [])
+
+
+def _sources(src: pathlib.Path) -> list[str]:
+    m = _manifest(src)
+    return [*(f"-D{d}" for d in m.get("defines", [])), *(str(src / f) for f in m.get("sources", ["model.c", "tp_kernels.c"]))]
 
 
 def build_host(src_dir: str | pathlib.Path, sanitize: bool = False, opt: str = "-O2") -> pathlib.Path:
@@ -56,8 +65,7 @@ def build_host(src_dir: str | pathlib.Path, sanitize: bool = False, opt: str = "
     if sanitize:
         flags += ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
     _run(
-        [require("gcc"), *flags, f"-I{src}", str(src / "model.c"), str(src / "tp_kernels.c"), str(C_DIR / "harness.c"),
-         *extra, "-o", str(exe), "-lm"],
+        [require("gcc"), *flags, f"-I{src}", *_sources(src), str(C_DIR / "harness.c"), *extra, "-o", str(exe), "-lm"],
         "host build",
     )
     return exe
@@ -77,7 +85,7 @@ def build_target(src_dir: str | pathlib.Path, board: Board, opt: str = "-O2", pr
     _run(
         [require("arm-none-eabi-gcc"), *board.cflags, "-std=c99", "-Wall", "-Wextra", "-Werror", opt,
          "-ffunction-sections", "-fdata-sections", "--specs=nano.specs", "--specs=nosys.specs", "-nostartfiles",
-         f"-T{ld}", "-Wl,--gc-sections", f"-I{src}", str(src / "model.c"), str(src / "tp_kernels.c"),
+         f"-T{ld}", "-Wl,--gc-sections", f"-I{src}", *_sources(src),
          str(C_DIR / "harness.c"), str(C_DIR / "startup.c"), *extra, "-o", str(elf), "-lm"],
         f"Cortex-M build for {board.name}",
     )

@@ -98,6 +98,11 @@ class Layer:
     def struct(self, ctype: str, init: str) -> str:
         return self.out.struct(ctype, self.prefix, init)
 
+    def checked(self, call: str) -> str:
+        """A kernel call that returns a status (CMSIS-NN's arm_cmsis_nn_status): model_invoke
+        returns 1 + this op's index when it is not success (0)."""
+        return f"TP_CHECK({self.index}, {call})"
+
     def operand(self, k: int) -> str:
         """C pointer to input ``k``: the arena for a computed tensor, a const array for a constant."""
         t = self.tensor(k)

@@ -105,10 +105,10 @@ class ConvEmitter(Emitter):
                    f"(int32_t *){shift}}};\n")]
         consts += [f"static const cmsis_nn_dims {pre}_{k}_dims = {d[k]};\n" for k in ("in", "filter", "bias", "out")]
         layer.out.consts.extend(consts)
-        layer.out.call(f"{{ cmsis_nn_context ctx = {{{_context(layer)}}}; {d['fn']}(&ctx, &{pre}_params, &{pre}_quant, "
-                       f"&{pre}_in_dims, {layer.ptr(op.inputs[0])}, &{pre}_filter_dims, {filt}, &{pre}_bias_dims, "
-                       f"{bias}, {'NULL, ' if d['fn'] == 'arm_convolve_s8' else ''}&{pre}_out_dims, "
-                       f"{layer.ptr(op.outputs[0])}); }}")
+        call = (f"{d['fn']}(&ctx, &{pre}_params, &{pre}_quant, &{pre}_in_dims, {layer.ptr(op.inputs[0])}, "
+                f"&{pre}_filter_dims, {filt}, &{pre}_bias_dims, {bias}, "
+                f"{'NULL, ' if d['fn'] == 'arm_convolve_s8' else ''}&{pre}_out_dims, {layer.ptr(op.outputs[0])})")
+        layer.out.call(f"{{ cmsis_nn_context ctx = {{{_context(layer)}}}; {layer.checked(call)}; }}")
         return d["fn"]
 
     def specialized_scratch(self, graph: Graph, op: Op, params: dict, options: dict) -> int | None:
@@ -166,9 +166,9 @@ class FullyConnectedEmitter(Emitter):
                      ("bias", dims(1, 1, 1, w.shape[0])), ("out", dims(batches, 1, 1, w.shape[0]))):
             consts.append(f"static const cmsis_nn_dims {pre}_{k}_dims = {v};\n")
         layer.out.consts.extend(consts)
-        layer.out.call(f"{{ cmsis_nn_context ctx = {{{_context(layer)}}}; {fn}(&ctx, &{pre}_params, &{pre}_quant, "
-                       f"&{pre}_in_dims, {layer.ptr(op.inputs[0])}, &{pre}_filter_dims, {filt}, &{pre}_bias_dims, "
-                       f"{bias}, &{pre}_out_dims, {layer.ptr(op.outputs[0])}); }}")
+        call = (f"{fn}(&ctx, &{pre}_params, &{pre}_quant, &{pre}_in_dims, {layer.ptr(op.inputs[0])}, "
+                f"&{pre}_filter_dims, {filt}, &{pre}_bias_dims, {bias}, &{pre}_out_dims, {layer.ptr(op.outputs[0])})")
+        layer.out.call(f"{{ cmsis_nn_context ctx = {{{_context(layer)}}}; {layer.checked(call)}; }}")
         return fn
 
     def specialized_scratch(self, graph: Graph, op: Op, params: dict, options: dict) -> int | None:

@@ -60,11 +60,11 @@ class BinaryEmitter(Emitter):
             args = (f"{p['input1_offset']}, {p['input1_multiplier']}, {p['input1_shift']}, {p['input2_offset']}, "
                     f"{p['input2_multiplier']}, {p['input2_shift']}, {p['left_shift']}, {out}, {p['output_offset']}, "
                     f"{p['output_multiplier']}, {p['output_shift']}, {p['act_min']}, {p['act_max']}, {size}")
-            layer.out.call(f"arm_elementwise_add_s8({ins}, {args});")
+            layer.out.call(layer.checked(f"arm_elementwise_add_s8({ins}, {args})") + ";")
             return "arm_elementwise_add_s8"
         args = (f"{p['input1_offset']}, {p['input2_offset']}, {out}, {p['output_offset']}, {p['output_multiplier']}, "
                 f"{p['output_shift']}, {p['act_min']}, {p['act_max']}, {size}")
-        layer.out.call(f"arm_elementwise_mul_s8({ins}, {args});")
+        layer.out.call(layer.checked(f"arm_elementwise_mul_s8({ins}, {args})") + ";")
         return "arm_elementwise_mul_s8"
 
     def specialized_scratch(self, graph: Graph, op: Op, params: dict, options: dict) -> int | None:

@@ -38,7 +38,7 @@ class PoolEmitter(Emitter):
             f"static const cmsis_nn_dims {pre}_filter_dims = {dims(1, o['filter_h'], o['filter_w'], 1)};\n",
             f"static const cmsis_nn_dims {pre}_out_dims = {dims(*y.shape)};\n",
         ])
-        layer.out.call(f"{{ cmsis_nn_context ctx = {{{layer.scratch}, {layer.scratch_bytes}}}; {fn}(&ctx, &{pre}_params, "
-                       f"&{pre}_in_dims, {layer.ptr(op.inputs[0])}, &{pre}_filter_dims, &{pre}_out_dims, "
-                       f"{layer.ptr(op.outputs[0])}); }}")
+        call = (f"{fn}(&ctx, &{pre}_params, &{pre}_in_dims, {layer.ptr(op.inputs[0])}, &{pre}_filter_dims, "
+                f"&{pre}_out_dims, {layer.ptr(op.outputs[0])})")
+        layer.out.call(f"{{ cmsis_nn_context ctx = {{{layer.scratch}, {layer.scratch_bytes}}}; {layer.checked(call)}; }}")
         return fn

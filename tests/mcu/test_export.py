@@ -156,8 +156,8 @@ def _custom_program(tmp_path, body):
     graph = _graph("mlperf_tiny_ad01_fc_autoencoder_int8.tflite")
     mcu.export(graph, tmp_path)
     model_c = tmp_path / "model.c"
-    model_c.write_text(model_c.read_text().replace("void model_invoke(const model_input_t *input, model_output_t *output) {",
-                                                   "void model_invoke(const model_input_t *input, model_output_t *output) {\n  " + body))
+    model_c.write_text(model_c.read_text().replace("int32_t model_invoke(const model_input_t *input, model_output_t *output) {",
+                                                   "int32_t model_invoke(const model_input_t *input, model_output_t *output) {\n  " + body))
     return graph
 
 
