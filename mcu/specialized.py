@@ -160,3 +160,15 @@ def const_bytes(graph, op) -> dict[str, int]:
     if op.kind == "ADD":
         return {"s16": 2048, "s8": 2048}
     return {"s16": 0, "s8": 0}
+
+
+def macs(graph) -> int:
+    """Multiply-accumulates of one inference: convs, depthwise convs and fully connected layers."""
+    total = 0
+    for op in graph.ops:
+        t = graph.tensors
+        if op.kind in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"):
+            w, y = t[op.inputs[1]], t[op.outputs[0]]
+            per_output = w.size // w.shape[0] if op.kind != "DEPTHWISE_CONV_2D" else w.shape[1] * w.shape[2]
+            total += y.size * per_output
+    return int(total)
