@@ -15,8 +15,9 @@ def main(argv: list[str] | None = None) -> int:
     ex = sub.add_parser("export", help="lower a .tflite model to C for a board")
     ex.add_argument("model", help="int8 .tflite file")
     ex.add_argument("--board", default="stm32f746", choices=sorted(boards.BOARDS))
-    ex.add_argument("--backend", default="portable",
-                    help=f"one of {codegen.BACKENDS}; cmsis-nn needs $CMSIS_NN_ROOT (a CMSIS-NN checkout)")
+    ex.add_argument("--backend", default=None,
+                    help=f"one of {codegen.BACKENDS} (default: the tuned schedule's, else portable); cmsis-nn needs "
+                         "$CMSIS_NN_ROOT (a CMSIS-NN checkout)")
     ex.add_argument("--no-in-place", action="store_true", help="disable output/input overlap in the memory plan")
     ex.add_argument("--conv1x1", default=None, choices=codegen.CONV_VARIANTS, help="kernel for 1x1 convs")
     ex.add_argument("--depthwise", default=None, choices=codegen.DEPTHWISE_VARIANTS, help="in-place depthwise variant")
@@ -45,11 +46,12 @@ def main(argv: list[str] | None = None) -> int:
             except ValueError:
                 raise ValueError(f"--patch {args.patch!r}: expected SPLIT,GRID, e.g. --patch 7,4") from None
             overrides.update(patch_split=split, patch_grid=grid)
-        tuned = config is not None and args.backend == config.backend
+        backend = args.backend or (config.backend if config is not None else "portable")
+        tuned = config is not None and backend == config.backend
         if not tuned:
-            config = codegen.Config(backend=args.backend)
+            config = codegen.Config(backend=backend)
         config = dataclasses.replace(config, **overrides)
-        if args.backend == "specialized" and not tuned:
+        if backend == "specialized" and not tuned:
             config = codegen.specialized_config(graph, config, board.flash_bytes)
         if args.min_sram:
             config = codegen.min_sram_config(graph, config)
