@@ -22,7 +22,7 @@ C_DIR = pathlib.Path(__file__).parent / "c"
 BACKENDS = ("portable", "cmsis-nn", "specialized")
 # the specialized backend's per-layer knobs (Config.layer_options)
 LAYER_KNOBS = {"kernel": ("col2", "direct", "planar", "portable", "general"), "weights": ("s16", "s8"), "unroll": ("1", "2"),
-               "rows": ("1", "2", "4")}
+               "rows": ("1", "2", "4"), "strip": ("all", "16", "8", "4", "2")}
 CONV_VARIANTS = ("direct", "1x1", "1x1_unroll4")
 DEPTHWISE_VARIANTS = ("overlap", "channel_in_place")
 MANIFEST = "build.json"  # what mcu.build compiles and links for an exported folder
@@ -58,7 +58,8 @@ class Config:
                ``"general"`` (arm_convolve_s8 instead of arm_convolve_1x1_s8_fast: slower, but
                its output may overlap its input); ``weights`` ``"s16"`` (int16 in flash, twice the bytes, no widening in the inner
                loop) or ``"s8"``; ``unroll`` ``"1"``/``"2"`` (groups of four k per inner iteration,
-               conv); ``rows`` ``"1"``/``"2"``/``"4"`` (outputs per pass, fully connected).
+               conv); ``rows`` ``"1"``/``"2"``/``"4"`` (outputs per pass, fully connected); ``strip``
+               (output rows per pass over a planar depthwise's plane: its scratch; ``"all"``).
     flash_budget: bytes of const data the specialized backend may use (0: no limit): layers
                without an explicit ``weights`` knob keep int16 weights, most reused first, while
                the total fits, and take int8 weights beyond.
@@ -304,58 +305,84 @@ def weight_formats(graph: Graph, config: Config) -> dict[int, str]:
     return formats
 
 
+def _with_option(config: Config, i: int, knob: str, value: str) -> Config:
+    kept = tuple(o for o in config.layer_options if o[:2] != (i, knob))
+    return dataclasses.replace(config, layer_options=(*kept, (i, knob, value)))
+
+
+def _smaller(graph: Graph, params: list[dict], config: Config, i: int) -> tuple[str, str] | None:
+    """The next kernel choice for op ``i`` that needs less SRAM, or None."""
+    op, options = graph.ops[i], config.options(i)
+    if config.backend == "cmsis-nn":
+        if op.kind == "CONV_2D" and "kernel" not in options and i in cmsis_no_overlap(graph, params, config):
+            return ("kernel", "general")
+        return None
+    if op.kind == "CONV_2D" and options.get("kernel", "col2") == "col2":
+        return ("kernel", "direct")
+    if op.kind == "DEPTHWISE_CONV_2D" and options.get("kernel", "planar") == "planar":
+        from mcu.emit.conv import depthwise_geometry
+
+        if depthwise_geometry(graph, op, params[i]) is None:
+            return None
+        return ("strip", "4") if options.get("strip", "all") == "all" else ("kernel", "portable")
+    return None
+
+
 def fit_sram(graph: Graph, config: Config, cap: int) -> Config:
-    """``config`` with smaller-scratch kernels at the ops where the specialized schedule's peak
-    SRAM lies, while it is above ``cap``: convs read their input in place (``direct``), a
-    depthwise runs the portable kernel (which may overlap its input's tail). Knobs set in
+    """``config`` with smaller-scratch kernels at the ops where the schedule's peak SRAM lies, while
+    it is above ``cap``: specialized convs read their input in place (``direct``), a specialized
+    depthwise walks its plane in strips of 4 rows, then runs the portable kernel (which may
+    overlap its input's tail); cmsis-nn 1x1 convs run through arm_convolve_s8. Knobs set in
     ``config.layer_options`` are kept."""
     base = config
     params = [quantization.op_params(graph, op) for op in graph.ops]
     fixed = {(i, knob) for i, knob, _ in config.layer_options}
+
+    def step(cfg: Config, i: int) -> Config | None:
+        change = _smaller(graph, params, cfg, i)
+        if change is None or (i, change[0]) in fixed or i <= cfg.patch_split:
+            return None
+        return _with_option(cfg, i, *change)
+
     plan = plan_schedule(graph, config)[1]
     best = plan.peak_bytes, config
-    for _ in range(len(graph.ops)):
+    for _ in range(2 * len(graph.ops)):
         if best[0] <= cap:
             break
-        rows = plan.per_op()
-        peak_ops = [r["op"] for r in rows if r["high_water"] == plan.peak_bytes]
         offset = max(config.patch_split, 0)  # plan indices of a patched schedule: the segment is op 0
-        changes = []
-        for k in peak_ops:
-            for i in (k + offset - 1, k + offset, k + offset + 1):  # the op and its neighbours share the buffers
-                if not 0 <= i < len(graph.ops) or i <= config.patch_split or (i, "kernel") in fixed:
-                    continue
-                op, current = graph.ops[i], config.options(i).get("kernel")
-                if config.backend == "cmsis-nn":
-                    if op.kind == "CONV_2D" and current is None and i in cmsis_no_overlap(graph, params, config):
-                        changes.append((i, "kernel", "general"))
-                elif op.kind == "CONV_2D" and current in (None, "col2"):
-                    changes.append((i, "kernel", "direct"))
-                elif op.kind == "DEPTHWISE_CONV_2D" and current in (None, "planar"):
-                    changes.append((i, "kernel", "portable"))
-        if not changes:
+        peak_ops = {r["op"] + offset + d for r in plan.per_op() if r["high_water"] == plan.peak_bytes for d in (-1, 0, 1)}
+        changed = config  # the op at the peak and its neighbours share the buffers there
+        for i in sorted(j for j in peak_ops if 0 <= j < len(graph.ops)):
+            changed = step(changed, i) or changed
+        if changed == config:
             break
-        config = dataclasses.replace(config, layer_options=(*config.layer_options, *dict.fromkeys(changes)))
-        fixed |= {(i, knob) for i, knob, _ in changes}
+        config = changed
         plan = plan_schedule(graph, config)[1]
         if plan.peak_bytes < best[0]:
             best = (plan.peak_bytes, config)
     if best[0] <= cap or config.backend != "specialized":
         return best[1]
-    # the placement is greedy, so the peak may move rather than fall: start from the smallest
-    # scratch everywhere and give the fast kernels back, largest layer first, while it fits
-    slow = {i: ("direct" if op.kind == "CONV_2D" else "portable") for i, op in enumerate(graph.ops)
-            if i > config.patch_split and op.kind in ("CONV_2D", "DEPTHWISE_CONV_2D")
-            and (i, "kernel") not in {(j, k) for j, k, _ in base.layer_options}}
-    config = dataclasses.replace(base, layer_options=(*base.layer_options, *((i, "kernel", v) for i, v in slow.items())))
-    peak = plan_schedule(graph, config)[1].peak_bytes
-    if peak >= best[0]:
-        return best[1]
-    best = (peak, config)
+    # the placement is greedy, so the peak may move rather than fall: take every layer one step
+    # (then two) towards less scratch, and give the faster kernels back, largest layer first,
+    # while it fits
     t = graph.tensors
-    for i in sorted(slow, key=lambda i: -t[graph.ops[i].outputs[0]].size * t[graph.ops[i].inputs[1]].size):
+    layers = [i for i, op in enumerate(graph.ops) if op.kind in ("CONV_2D", "DEPTHWISE_CONV_2D")]
+    slow = base
+    for _ in range(2):
+        for i in layers:
+            slow = step(slow, i) or slow
+        peak = plan_schedule(graph, slow)[1].peak_bytes
+        if peak < best[0]:
+            best = (peak, slow)
+        if peak <= cap:
+            break
+    if best[1] is not slow:
+        return best[1]
+    for i in sorted(layers, key=lambda i: -t[graph.ops[i].outputs[0]].size * t[graph.ops[i].inputs[1]].size):
         trial = dataclasses.replace(best[1], layer_options=tuple(o for o in best[1].layer_options
-                                                                 if o != (i, "kernel", slow[i])))
+                                                                 if o[0] != i or o in base.layer_options))
+        if trial == best[1]:
+            continue
         peak = plan_schedule(graph, trial)[1].peak_bytes
         if peak <= max(cap, best[0]):
             best = (min(peak, best[0]), trial)

@@ -505,6 +505,8 @@ typedef struct {
                                for whole-word reads past the last tap) */
   int32_t rows_in, cols_in; /* input rows / columns copied into the plane */
   int32_t groups;           /* ceil(k_w / 4) */
+  int32_t strip;            /* output rows per pass over the plane (out_h: the whole plane); plane_h
+                               = (strip - 1) * stride_h + k_h rows, the rows two passes share kept */
   const tp_sp_word *weights; /* per channel, filter row and group of 4 taps: (w0, w2), (w1, w3), doubled with acc_doubled */
   const tp_sp_channel *channels;
 } tp_sp_dw_layer;
@@ -518,50 +520,67 @@ typedef struct {
 TP_SP_INLINE void tp_sp_depthwise(const tp_sp_dw_layer *L, const int8_t *in, int8_t *out, int8_t *plane) {
   const int32_t c_n = L->in_c;
   const int32_t offset2 = (int32_t)(((uint32_t)(uint16_t)L->input_offset << 16) | (uint16_t)L->input_offset);
-  memset(plane, (int8_t)(-L->input_offset), (size_t)(L->plane_h * L->plane_w));
+  const int8_t zero_point = (int8_t)(-L->input_offset);
+  memset(plane, zero_point, (size_t)(L->plane_h * L->plane_w));
   const tp_sp_word *w = L->weights;
   for (int32_t c = 0; c < c_n; c++, w += 2 * L->k_h * L->groups) {
-    for (int32_t iy = 0; iy < L->rows_in; iy++) {
-      const int8_t *src = in + iy * L->in_w * c_n + c;
-      int8_t *dst = plane + (iy + L->pad_top) * L->plane_w + L->pad_left;
-#pragma GCC unroll 4
-      for (int32_t ix = 0; ix < L->cols_in; ix++) dst[ix] = src[ix * c_n];
-    }
     const tp_sp_channel q = L->channels[c];
     int8_t *o = out + c;
-    for (int32_t oy = 0; oy < L->out_h; oy++) {
-      const int8_t *row = plane + oy * L->stride_h * L->plane_w;
-      int32_t ox = 0;
-      if (L->k_w == 3 && L->stride_w == 1) {
-        for (; ox + 2 <= L->out_w; ox += 2, o += 2 * c_n) {
-          int32_t a0 = q.bias, a1 = q.bias;
+    int32_t loaded_from = 0, loaded_to = 0; /* plane rows (padded input rows) in the buffer */
+    for (int32_t s0 = 0; s0 < L->out_h; s0 += L->strip) {
+      const int32_t s1 = s0 + L->strip < L->out_h ? s0 + L->strip : L->out_h;
+      const int32_t p0 = s0 * L->stride_h, p1 = (s1 - 1) * L->stride_h + L->k_h;
+      int32_t row_in = p0;
+      if (s0 > 0 && loaded_to > p0) { /* rows this pass shares with the last: already overwritten in place */
+        memmove(plane, plane + (p0 - loaded_from) * L->plane_w, (size_t)((loaded_to - p0) * L->plane_w));
+        row_in = loaded_to;
+      }
+      for (; row_in < p1; row_in++) {
+        const int32_t iy = row_in - L->pad_top;
+        int8_t *dst = plane + (row_in - p0) * L->plane_w + L->pad_left;
+        if (iy < 0 || iy >= L->rows_in) {
+          if (L->strip < L->out_h) memset(dst, zero_point, (size_t)L->cols_in); /* else still the zero point */
+          continue;
+        }
+        const int8_t *src = in + iy * L->in_w * c_n + c;
+#pragma GCC unroll 4
+        for (int32_t ix = 0; ix < L->cols_in; ix++) dst[ix] = src[ix * c_n];
+      }
+      loaded_from = p0, loaded_to = p1;
+      for (int32_t oy = s0; oy < s1; oy++) {
+        const int8_t *row = plane + (oy * L->stride_h - p0) * L->plane_w;
+        int32_t ox = 0;
+        if (L->k_w == 3 && L->stride_w == 1) {
+          for (; ox + 2 <= L->out_w; ox += 2, o += 2 * c_n) {
+            int32_t a0 = q.bias, a1 = q.bias;
+#pragma GCC unroll 7
+            for (int32_t ky = 0; ky < L->k_h; ky++) {
+              const int32_t v = tp_sp_ld32(row + ky * L->plane_w + ox);
+              const int32_t even = tp_sp_sxtab16(offset2, v), odd = tp_sp_sxtab16_ror8(offset2, v);
+              const int32_t w02 = w[2 * ky], w1 = w[2 * ky + 1];
+              a0 = tp_sp_smlabb(odd, w1, tp_sp_smlad(even, w02, a0));
+              a1 = tp_sp_smlatb(even, w1, tp_sp_smlad(odd, w02, a1));
+            }
+            const int32_t y0 = tp_sp_requantize(a0, &q, L->requant, L->acc_doubled, L->act_min, L->act_max);
+            const int32_t y1 = tp_sp_requantize(a1, &q, L->requant, L->acc_doubled, L->act_min, L->act_max);
+            o[0] = (int8_t)y0;
+            o[c_n] = (int8_t)y1;
+          }
+        }
+        for (; ox < L->out_w; ox++, o += c_n) {
+          int32_t a = q.bias;
+          const int8_t *p = row + ox * L->stride_w;
 #pragma GCC unroll 7
           for (int32_t ky = 0; ky < L->k_h; ky++) {
-            const int32_t v = tp_sp_ld32(row + ky * L->plane_w + ox);
-            const int32_t even = tp_sp_sxtab16(offset2, v), odd = tp_sp_sxtab16_ror8(offset2, v);
-            const int32_t w02 = w[2 * ky], w1 = w[2 * ky + 1];
-            a0 = tp_sp_smlabb(odd, w1, tp_sp_smlad(even, w02, a0));
-            a1 = tp_sp_smlatb(even, w1, tp_sp_smlad(odd, w02, a1));
-          }
-          const int32_t y0 = tp_sp_requantize(a0, &q, L->requant, L->acc_doubled, L->act_min, L->act_max);
-          const int32_t y1 = tp_sp_requantize(a1, &q, L->requant, L->acc_doubled, L->act_min, L->act_max);
-          o[0] = (int8_t)y0;
-          o[c_n] = (int8_t)y1;
-        }
-      }
-      for (; ox < L->out_w; ox++, o += c_n) {
-        int32_t a = q.bias;
-        const int8_t *p = row + ox * L->stride_w;
-#pragma GCC unroll 7
-        for (int32_t ky = 0; ky < L->k_h; ky++) {
 #pragma GCC unroll 2
-          for (int32_t g = 0; g < L->groups; g++) {
-            const int32_t v = tp_sp_ld32(p + ky * L->plane_w + 4 * g);
-            const tp_sp_word *wg = w + 2 * (ky * L->groups + g);
-            a = tp_sp_smlad(tp_sp_sxtab16_ror8(offset2, v), wg[1], tp_sp_smlad(tp_sp_sxtab16(offset2, v), wg[0], a));
+            for (int32_t g = 0; g < L->groups; g++) {
+              const int32_t v = tp_sp_ld32(p + ky * L->plane_w + 4 * g);
+              const tp_sp_word *wg = w + 2 * (ky * L->groups + g);
+              a = tp_sp_smlad(tp_sp_sxtab16_ror8(offset2, v), wg[1], tp_sp_smlad(tp_sp_sxtab16(offset2, v), wg[0], a));
+            }
           }
+          *o = (int8_t)tp_sp_requantize(a, &q, L->requant, L->acc_doubled, L->act_min, L->act_max);
         }
-        *o = (int8_t)tp_sp_requantize(a, &q, L->requant, L->acc_doubled, L->act_min, L->act_max);
       }
     }
   }

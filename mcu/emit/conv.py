@@ -208,23 +208,44 @@ def _sp_function(layer: Layer, kernel: str, struct: str, params: list[tuple[str,
     layer.out.call(f"{fn}({', '.join(a for _, a in params)});")
 
 
-def depthwise_geometry(graph: Graph, op: Op, p: dict) -> dict | None:
+def _strip_in_place_ok(g: dict, strip: int) -> bool:
+    """Whether passes of ``strip`` output rows stay exact when the output is written over the
+    input: before each pass loads its new input rows, the output pixels written so far (channel
+    c, pixel index < first output row * out_w) must all lie before the first of those rows."""
+    for s0 in range(strip, g["out_h"], strip):
+        loaded_to = (s0 - 1) * g["stride_h"] + g["k_h"]
+        first_new = max(s0 * g["stride_h"], loaded_to) - g["pad_top"]
+        if first_new < g["rows_in"] and s0 * g["out_w"] > max(first_new, 0) * g["in_w"]:
+            return False
+    return True
+
+
+def depthwise_geometry(graph: Graph, op: Op, p: dict, strip: str = "all") -> dict | None:
     """The plane of the specialized depthwise, or None where it does not apply (depth multiplier
-    other than 1, dilation, batches)."""
+    other than 1, dilation, batches). ``strip``: output rows per pass over the plane (the
+    smallest at least that large which is exact in place; "all": the whole plane)."""
     x, w, y = graph.tensors[op.inputs[0]], graph.tensors[op.inputs[1]], graph.tensors[op.outputs[0]]
     o = op.options
     if (o["depth_multiplier"] != 1 or o["dilation_h"] != 1 or o["dilation_w"] != 1 or x.shape[0] != 1
             or x.shape[3] != y.shape[3]):
         return None
-    _, ih, iw, _ = x.shape
+    _, ih, iw, c = x.shape
     _, oh, ow, _ = y.shape
     kh, kw = w.shape[1:3]
     (pt, _), (pl, _) = p["padding"]
+    sh, sw = o["stride_h"], o["stride_w"]
+    transposed = iw == ow == kw == 1 and kh > 1  # a column (H x 1) is laid out as a row (1 x H): filter along the row
+    if transposed:
+        ih, iw, oh, ow, kh, kw, pt, pl, sh, sw = iw, ih, ow, oh, kw, kh, pl, pt, sw, sh
     groups = -(-kw // 4)
-    plane_h = (oh - 1) * o["stride_h"] + kh
-    plane_w = specialized.round_up((ow - 1) * o["stride_w"] + 4 * groups, 4)
-    return {"plane_h": plane_h, "plane_w": plane_w, "rows_in": max(0, min(ih, plane_h - pt)),
-            "cols_in": max(0, min(iw, plane_w - pl)), "groups": groups, "pad_top": pt, "pad_left": pl}
+    plane_w = specialized.round_up((ow - 1) * sw + 4 * groups, 4)
+    g = {"in_h": ih, "in_w": iw, "channels": c, "out_h": oh, "out_w": ow, "k_h": kh, "k_w": kw, "stride_h": sh,
+         "stride_w": sw, "pad_top": pt, "pad_left": pl, "plane_w": plane_w, "groups": groups, "transposed": transposed,
+         "rows_in": max(0, min(ih, (oh - 1) * sh + kh - pt)), "cols_in": max(0, min(iw, plane_w - pl))}
+    rows = oh if strip == "all" else min(int(strip), oh)
+    while rows < oh and not _strip_in_place_ok(g, rows):
+        rows += 1
+    return {**g, "strip": rows, "plane_h": (rows - 1) * sh + kh}
 
 
 def _sp_conv_column(graph: Graph, op: Op) -> specialized.ConvColumn:
@@ -252,7 +273,7 @@ def _conv_specialized_scratch(graph: Graph, op: Op, params: dict, options: dict)
         if options.get("kernel", "col2") == "direct":
             return col.column if direct_mode(graph, op, params) == specialized.DIRECT_COLUMN else 0
         return 4 * col.column + specialized.round_up(col.segment, 4)
-    g = depthwise_geometry(graph, op, params)
+    g = depthwise_geometry(graph, op, params, options.get("strip", "all"))
     return None if g is None or options.get("kernel") == "portable" else g["plane_h"] * g["plane_w"]
 
 
@@ -266,21 +287,23 @@ def _conv_specialized(layer: Layer) -> str | None:
     filt = w.data.astype(np.int64)
     x_arg, y_arg = layer.ptr(op.inputs[0]), layer.ptr(op.outputs[0])
     if op.kind == "DEPTHWISE_CONV_2D":
-        g = depthwise_geometry(graph, op, p)
+        g = depthwise_geometry(graph, op, p, layer.options.get("strip", "all"))
         req = specialized.requantization(_bias_values(graph, op), p["output_multiplier"], p["output_shift"],
                                          p["output_offset"], _acc_bound(graph, op, p, np.abs(filt[0]).sum(axis=(0, 1))),
                                          want_doubled=True)
-        weights = layer.const("int32_t", "sp_weights", _words(specialized.depthwise_weights(filt, req.doubled), np.int16))
+        taps = filt.transpose(0, 2, 1, 3) if g["transposed"] else filt
+        weights = layer.const("int32_t", "sp_weights", _words(specialized.depthwise_weights(taps, req.doubled), np.int16))
         records = layer.const("int32_t", "sp_channels", req.records)
-        fields = [x.shape[1], x.shape[2], x.shape[3], y.shape[1], y.shape[2], w.shape[1], w.shape[2], o["stride_h"],
-                  o["stride_w"], pt, pl, p["input_offset"], p["act_min"], p["act_max"], req.mode, int(req.doubled),
-                  g["plane_h"], g["plane_w"], g["rows_in"], g["cols_in"], g["groups"]]
+        fields = [*(g[k] for k in ("in_h", "in_w", "channels", "out_h", "out_w", "k_h", "k_w", "stride_h", "stride_w",
+                                   "pad_top", "pad_left")),
+                  p["input_offset"], p["act_min"], p["act_max"], req.mode, int(req.doubled),
+                  g["plane_h"], g["plane_w"], g["rows_in"], g["cols_in"], g["groups"], g["strip"]]
         struct = layer.struct("tp_sp_dw_layer", f"{{{', '.join(str(int(v)) for v in fields)}, "
                                                 f"(const tp_sp_word *){weights}, (const tp_sp_channel *){records}}}")
         # in place (TinyEngine) when the plan gave the output the input's buffer: the same pointer
         _sp_function(layer, "tp_sp_depthwise", struct, [("const int8_t *in", x_arg), ("int8_t *out", y_arg),
                                                         ("int8_t *plane", f"(int8_t *)({layer.scratch})")])
-        return "tp_sp_depthwise"
+        return "tp_sp_depthwise" + (f" (strips of {g['strip']})" if g["strip"] < g["out_h"] else "")
     fmt = layer.options.get("weights", "s16")
     unroll = int(layer.options.get("unroll", 2))
     col = _sp_conv_column(graph, op)

@@ -77,7 +77,7 @@ def _variants(graph, **knobs):
 
 
 @pytest.mark.parametrize("knobs", [{"weights": "s16", "unroll": "2", "rows": "4"},
-                                   {"kernel": "direct", "weights": "s8", "unroll": "1", "rows": "2"},
+                                   {"kernel": "direct", "weights": "s8", "unroll": "1", "rows": "2", "strip": "2"},
                                    {"weights": "s8", "kernel": "portable"}], ids=lambda k: "-".join(k.values()))
 def test_specialized_variants_match_tflm(knobs, tmp_path):
     """ResNet-8 (residual ADDs, 3-channel input: a padded int8 column) and an MCUNet-style net
