@@ -379,13 +379,15 @@ def fit_sram(graph: Graph, config: Config, cap: int) -> Config:
     if best[1] is not slow:
         return best[1]
     for i in sorted(layers, key=lambda i: -t[graph.ops[i].outputs[0]].size * t[graph.ops[i].inputs[1]].size):
-        trial = dataclasses.replace(best[1], layer_options=tuple(o for o in best[1].layer_options
-                                                                 if o[0] != i or o in base.layer_options))
-        if trial == best[1]:
-            continue
-        peak = plan_schedule(graph, trial)[1].peak_bytes
-        if peak <= max(cap, best[0]):
-            best = (min(peak, best[0]), trial)
+        added = [o for o in best[1].layer_options if o[0] == i and o not in base.layer_options]
+        for drop in (added, added[-1:]):  # all the way back, else one step back (strips, not the portable kernel)
+            trial = dataclasses.replace(best[1], layer_options=tuple(o for o in best[1].layer_options if o not in drop))
+            if not drop or trial == best[1]:
+                continue
+            peak = plan_schedule(graph, trial)[1].peak_bytes
+            if peak <= max(cap, best[0]):
+                best = (min(peak, best[0]), trial)
+                break
     return best[1]
 
 

@@ -264,7 +264,7 @@ TP_SP_INLINE void tp_sp_mac_group(const tp_sp_conv_layer *L, const tp_sp_word **
   int32_t xa, xb, ya = 0, yb = 0;
   tp_sp_ld2_ia(x0, &xa, &xb);
   if (cols == 2) tp_sp_ld2_ia(x1, &ya, &yb);
-  #pragma GCC unroll 4
+#pragma GCC unroll 4
   for (int32_t r = 0; r < rows; r++) {
     int32_t wa, wb;
     if (L->weights_s16) {
@@ -362,6 +362,39 @@ TP_SP_INLINE void tp_sp_conv(const tp_sp_conv_layer *L, const int8_t *in, int8_t
   }
 }
 
+/* ---- one widened input group against `rows` weight rows; `rows` outputs requantized ---- */
+
+/* a[r] += (xe, xo) . row r's group of 4 weights, for r < rows; w advances past the rows. */
+TP_SP_INLINE void tp_sp_mac_rows(const tp_sp_word **w, int32_t weights_s16, int32_t xe, int32_t xo, int32_t rows,
+                                 int32_t a[4]) {
+#pragma GCC unroll 4
+  for (int32_t r = 0; r < rows; r++) {
+    int32_t wa, wb;
+    if (weights_s16) {
+      tp_sp_ld2_ia(w, &wa, &wb);
+    } else {
+      const int32_t wv = **w;
+      *w += 1;
+      wa = tp_sp_sxtb16(wv);
+      wb = tp_sp_sxtb16_ror8(wv);
+    }
+    a[r] = tp_sp_smlad(xo, wb, tp_sp_smlad(xe, wa, a[r]));
+  }
+}
+
+/* out[r] = requantize(a[r]) for r < rows (all computed before the int8 stores, which may alias q). */
+TP_SP_INLINE void tp_sp_store_rows(const int32_t a[4], const tp_sp_channel *q, int32_t rows, int32_t mode,
+                                   int32_t doubled, int32_t act_min, int32_t act_max, int8_t *out) {
+  int32_t y[4];
+#pragma GCC unroll 4
+  for (int32_t r = 0; r < rows; r++) {
+    const tp_sp_channel qr = q[r];
+    y[r] = tp_sp_requantize(a[r], &qr, mode, doubled, act_min, act_max);
+  }
+#pragma GCC unroll 4
+  for (int32_t r = 0; r < rows; r++) out[r] = (int8_t)y[r];
+}
+
 /* ---- convolution without a widened column: one output pixel at a time, `rows` x 1 tiles ---- */
 
 #define TP_SP_MAX_TAPS 64
@@ -392,7 +425,7 @@ TP_SP_INLINE const tp_sp_word *tp_sp_direct_block(const tp_sp_conv_direct_layer 
                                                   int8_t *out) {
   const int32_t offset2 = (int32_t)(((uint32_t)(uint16_t)L->input_offset << 16) | (uint16_t)L->input_offset);
   int32_t a[4] = {0, 0, 0, 0};
-  #pragma GCC unroll 4
+#pragma GCC unroll 4
   for (int32_t r = 0; r < rows; r++) a[r] = q[r].bias;
   for (int32_t t = 0; t < L->taps; t++) {
     const int8_t *x = seg[t];
@@ -406,29 +439,10 @@ TP_SP_INLINE const tp_sp_word *tp_sp_direct_block(const tp_sp_conv_direct_layer 
         for (int32_t j = 0; k + j < L->tap_len; j++) u |= (uint32_t)(uint8_t)x[k + j] << (8 * j);
         v = (int32_t)u;
       }
-      const int32_t xe = tp_sp_sxtab16(offset2, v), xo = tp_sp_sxtab16_ror8(offset2, v);
-      #pragma GCC unroll 4
-      for (int32_t r = 0; r < rows; r++) {
-        int32_t wa, wb;
-        if (L->weights_s16) {
-          tp_sp_ld2_ia(&w, &wa, &wb);
-        } else {
-          const int32_t wv = *w++;
-          wa = tp_sp_sxtb16(wv);
-          wb = tp_sp_sxtb16_ror8(wv);
-        }
-        a[r] = tp_sp_smlad(xo, wb, tp_sp_smlad(xe, wa, a[r]));
-      }
+      tp_sp_mac_rows(&w, L->weights_s16, tp_sp_sxtab16(offset2, v), tp_sp_sxtab16_ror8(offset2, v), rows, a);
     }
   }
-  int32_t y[4];
-  #pragma GCC unroll 4
-  for (int32_t r = 0; r < rows; r++) {
-    const tp_sp_channel qr = q[r];
-    y[r] = tp_sp_requantize(a[r], &qr, L->requant, L->acc_doubled, L->act_min, L->act_max);
-  }
-  #pragma GCC unroll 4
-  for (int32_t r = 0; r < rows; r++) out[r] = (int8_t)y[r];
+  tp_sp_store_rows(a, q, rows, L->requant, L->acc_doubled, L->act_min, L->act_max, out);
   return w;
 }
 
@@ -607,34 +621,15 @@ TP_SP_INLINE int32_t tp_sp_fc_group(const int8_t *x, int32_t k, int32_t n) {
 TP_SP_INLINE const tp_sp_word *tp_sp_fc_block(const tp_sp_fc_layer *L, const int8_t *x, const tp_sp_word *w,
                                               const tp_sp_channel *q, int32_t rows, int8_t *out) {
   int32_t a[4];
-  #pragma GCC unroll 4
+#pragma GCC unroll 4
   for (int32_t r = 0; r < rows; r++) a[r] = q[r].bias;
   const int32_t n = L->in_features;
 #pragma GCC unroll 2
   for (int32_t k = 0; k < n; k += 4) {
     const int32_t v = tp_sp_fc_group(x, k, n);
-    const int32_t xe = tp_sp_sxtb16(v), xo = tp_sp_sxtb16_ror8(v);
-    #pragma GCC unroll 4
-    for (int32_t r = 0; r < rows; r++) {
-      int32_t wa, wb;
-      if (L->weights_s16) {
-        tp_sp_ld2_ia(&w, &wa, &wb);
-      } else {
-        const int32_t wv = *w++;
-        wa = tp_sp_sxtb16(wv);
-        wb = tp_sp_sxtb16_ror8(wv);
-      }
-      a[r] = tp_sp_smlad(xo, wb, tp_sp_smlad(xe, wa, a[r]));
-    }
+    tp_sp_mac_rows(&w, L->weights_s16, tp_sp_sxtb16(v), tp_sp_sxtb16_ror8(v), rows, a);
   }
-  int32_t y[4];
-  #pragma GCC unroll 4
-  for (int32_t r = 0; r < rows; r++) {
-    const tp_sp_channel qr = q[r];
-    y[r] = tp_sp_requantize(a[r], &qr, L->requant, L->acc_doubled, L->act_min, L->act_max);
-  }
-  #pragma GCC unroll 4
-  for (int32_t r = 0; r < rows; r++) out[r] = (int8_t)y[r];
+  tp_sp_store_rows(a, q, rows, L->requant, L->acc_doubled, L->act_min, L->act_max, out);
   return w;
 }
 
