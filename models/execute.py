@@ -174,7 +174,6 @@ def compile_graph(graph: Graph, *, pallas: bool = True, intermediates: bool = Fa
     constants = {n: jnp.asarray(t.data) for n, t in graph.tensors.items()
                  if t.is_constant and any(n in computed_inputs(op) for op in graph.ops)}
     batch_axis = _batch_axis(graph)
-    n = graph.tensors[graph.inputs[0]].shape[0] if graph.inputs else 1
 
     def invoke(*inputs):
         env = dict(constants)
@@ -189,25 +188,26 @@ def compile_graph(graph: Graph, *, pallas: bool = True, intermediates: bool = Fa
     def run(*inputs):
         if len(inputs) != len(graph.inputs):
             raise ValueError(f"graph {graph.name!r} takes {len(graph.inputs)} inputs, got {len(inputs)}")
-        batch = None
+        counts = set()
         for name, x in zip(graph.inputs, inputs):
             t = graph.tensors[name]
             if tuple(x.shape[1:]) != t.shape[1:] or jnp.dtype(x.dtype) != jnp.dtype(t.dtype) or x.ndim != len(t.shape):
                 raise ValueError(
                     f"input {name!r} must be {t.dtype}(B, {', '.join(map(str, t.shape[1:]))}), got {x.dtype}{tuple(x.shape)}"
                 )
-            if batch not in (None, x.shape[0]):
-                raise ValueError(f"graph {graph.name!r}: inputs have different batch sizes")
-            batch = x.shape[0]
+            if not batch_axis and x.shape[0] % t.shape[0]:
+                raise ValueError(f"graph {graph.name!r} reads across the leading axis of input {name!r} (size "
+                                 f"{t.shape[0]}); its batch ({x.shape[0]}) must be a multiple of {t.shape[0]}")
+            counts.add(x.shape[0] if batch_axis else x.shape[0] // t.shape[0])
+        if len(counts) > 1:
+            raise ValueError(f"graph {graph.name!r}: the inputs hold different numbers of graph invocations")
         if batch_axis:
             env = invoke(*inputs)
         else:
-            if batch % n:
-                raise ValueError(f"graph {graph.name!r} reads across its leading axis of size {n}; the batch ({batch}) "
-                                 f"must be a multiple of {n}")
+            count = counts.pop()
             names = [m for m in graph.tensors if not graph.tensors[m].is_constant and
                      (m in graph.inputs or any(m in op.outputs for op in graph.ops))]
-            split = [x.reshape((batch // n, n) + x.shape[1:]) for x in inputs]
+            split = [x.reshape((count,) + graph.tensors[m].shape) for m, x in zip(graph.inputs, inputs)]
             stacked = jax.lax.map(lambda xs: {m: v for m, v in invoke(*xs).items() if m in names}, split)
             env = {m: v.reshape((-1,) + v.shape[2:]) for m, v in stacked.items()}
         outs = [env[m] for m in graph.outputs]

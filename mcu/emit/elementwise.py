@@ -37,7 +37,7 @@ def _shapes(layer: Layer) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, 
 
 @register
 class BinaryEmitter(Emitter):
-    kinds = ("ADD", "SUB", "MUL", "PRELU")
+    kinds = ("SUB", "PRELU")
     FORMS: typing.ClassVar[dict] = {"ADD": ("tp_add_s8", "tp_add_params", ADD_KEYS), "SUB": ("tp_sub_s8", "tp_add_params", ADD_KEYS),
               "MUL": ("tp_mul_s8", "tp_mul_params", MUL_KEYS), "PRELU": ("tp_prelu_s8", "tp_prelu_params", PRELU_KEYS)}
 
@@ -48,9 +48,14 @@ class BinaryEmitter(Emitter):
         layer.out.call(f"{kernel}(&{name}, {layer.operand(0)}, {layer.operand(1)}, {layer.ptr(layer.op.outputs[0])});")
         return kernel
 
+
+@register
+class AddMulEmitter(BinaryEmitter):
+    kinds = ("ADD", "MUL")
+
     def cmsis_nn(self, layer: Layer) -> str | None:
         a, b, y = _shapes(layer)
-        if layer.op.kind not in ("ADD", "MUL") or not a == b == y:
+        if not a == b == y:
             return None  # CMSIS-NN's elementwise functions do not broadcast
         p, size = layer.params, int(np.prod(y))
         ins, out = f"{layer.operand(0)}, {layer.operand(1)}", layer.ptr(layer.op.outputs[0])
