@@ -178,11 +178,11 @@ def compile_graph(graph: Graph, *, pallas: bool = True, intermediates: bool = Fa
     def invoke(*inputs):
         env = dict(constants)
         env.update(zip(graph.inputs, inputs))
+        lead = inputs[0].shape[0] if batch_axis else None  # every computed tensor's leading size
         for op, fn in zip(graph.ops, fns):
             y = graph.tensors[op.outputs[0]]
             out = fn(*(env[m] for m in computed_inputs(op)))
-            lead = out.shape[0] if batch_axis and out.ndim else y.shape[0]
-            env[op.outputs[0]] = out.reshape((lead,) + y.shape[1:])
+            env[op.outputs[0]] = out.reshape((lead or y.shape[0],) + y.shape[1:])
         return env
 
     def run(*inputs):

@@ -69,9 +69,13 @@ def conv(kind: str, h, w, cin, cout_or_mult, k, stride, dilation, padding, activ
     return graph(Op(kind, ["x", "w", "b"], ["y"], options), x, wt, b, y)
 
 
-def fully_connected(rows: int, in_features: int, out_features: int, per_channel: bool, seed=5) -> Graph:
+def fully_connected(rows: int, in_features: int, out_features: int, per_channel: bool, seed=5,
+                    steps: int | None = None) -> Graph:
+    """FULLY_CONNECTED on (rows, in), or with ``steps`` on (rows, steps, in) keeping the dims (a
+    Dense layer after a Conv1D)."""
     rng = np.random.default_rng(seed)
-    x = act("x", (rows, in_features), rng)
+    lead = (rows,) if steps is None else (rows, steps)
+    x = act("x", lead + (in_features,), rng)
     n = out_features if per_channel else 1
     ws = rng.uniform(0.002, 0.02, n).astype(np.float32)
     w = Tensor("w", (out_features, in_features), "int8", Quantization(ws, np.zeros(n, np.int64)),
@@ -79,8 +83,8 @@ def fully_connected(rows: int, in_features: int, out_features: int, per_channel:
     b = Tensor("b", (out_features,), "int32", Quantization(np.broadcast_to(x.quantization.scale[0] * ws, (n,)),
                                                              np.zeros(n, np.int64)),
                rng.integers(-900, 900, out_features).astype(np.int32))
-    y = act("y", (rows, out_features), rng)
-    return graph(Op("FULLY_CONNECTED", ["x", "w", "b"], ["y"], {"activation": "RELU", "keep_num_dims": False}),
+    y = act("y", lead + (out_features,), rng)
+    return graph(Op("FULLY_CONNECTED", ["x", "w", "b"], ["y"], {"activation": "RELU", "keep_num_dims": steps is not None}),
                  x, w, b, y)
 
 
@@ -155,6 +159,7 @@ def cases() -> dict[str, Graph]:
         "fully_connected_per_channel": fully_connected(1, 20, 7, True),
         "fully_connected_per_tensor_batch2": fully_connected(2, 20, 7, False, seed=35),
         "fully_connected_per_channel_batch2": fully_connected(2, 33, 9, True, seed=36),
+        "fully_connected_keep_num_dims": fully_connected(1, 8, 6, True, seed=37, steps=5),
     }
     return c
 
