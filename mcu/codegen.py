@@ -285,15 +285,15 @@ def _emit_patches(graph: Graph, params: list[dict], seg, plan: MemoryPlan, patch
             layer = emit.Layer(graph, op, j, params[j], out, ptr, shape, scratch=column, conv1x1=config.variant(j))
             if schema.has(op.kind, schema.ELEMENTWISE):
                 if any(reg[n] != reg[op.outputs[0]] for n in shape):
-                    _emit_elementwise_rows(layer, reg)
+                    _emit_elementwise_rows(layer, reg, config.backend)
                     continue
             else:
                 layer.pads = patch.local_padding(reg[op.inputs[0]], reg[op.outputs[0]], op, params[j], graph)
-            emit.emitter(op.kind).portable(layer)
+            emit.emit(layer, config.backend)
         out.call(region_copy("tp_paste", seg.output, reg[seg.output]))
 
 
-def _emit_elementwise_rows(layer: emit.Layer, reg) -> None:
+def _emit_elementwise_rows(layer: emit.Layer, reg, backend: str) -> None:
     """An elementwise op whose inputs cover more than its output region: one call per output
     row (loop variable ``r``), each input read at its row/column offset inside its own region."""
     graph, op = layer.graph, layer.op
@@ -310,7 +310,7 @@ def _emit_elementwise_rows(layer: emit.Layer, reg) -> None:
     calls, layer.out.calls = layer.out.calls, []
     layer.ptr = row_ptr
     layer.shapes = {n: (1, 1, q1 - q0, channels) for n in layer.shapes}
-    emit.emitter(op.kind).portable(layer)
+    emit.emit(layer, backend)
     row, layer.out.calls = layer.out.calls, calls
     layer.out.call(f"for (int32_t r = 0; r < {o1 - o0}; r++) {{ {' '.join(row)} }}")
 

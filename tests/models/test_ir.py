@@ -104,3 +104,11 @@ def test_depth_multiplier_zero_and_rank_zero_are_refused():
     g.tensors["x"] = Tensor("x", (), "int8", q)
     with pytest.raises(ValueError, match="rank-0 activation"):
         g.validate()
+
+
+def test_every_schema_kind_has_a_jax_function_and_its_runtimes():
+    from models import execute, schema
+
+    assert set(execute.INT8_OPS) == set(schema.SCHEMA)
+    for spec in schema.SCHEMA.values():
+        assert {"jax", "portable"} <= spec.runtimes  # JAX and the C export accept the same graphs
