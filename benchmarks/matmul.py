@@ -25,10 +25,9 @@ from rich.console import Console
 from rich.table import Table
 
 from autotune import results, tuner
-from autotune.measure import time_callable
+from autotune.measure import time_callable, workload
 from kernels import matmul as mm
 from kernels import platform
-from kernels.space import rotating_runner
 
 SQUARE = [1024, 2048, 4096, 8192]
 LLAMA_MNK = [(m, n, k) for m in (1, 16, 128, 2048) for (k, n) in ((4096, 4096), (4096, 11008), (11008, 4096))]
@@ -83,7 +82,7 @@ def main(argv=None) -> int:
             "default": jax.jit(functools.partial(mm.matmul, config=default_cfg)),
             "tuned": jax.jit(functools.partial(mm.matmul, config=tuned_cfg)),
         }
-        timings = {name: time_callable(rotating_runner(f, make_inputs, on_accelerator=on_gpu),
+        timings = {name: time_callable(workload(f, make_inputs),
                                        warmup=warmup, repeats=repeats)
                    for name, f in contenders.items()}
         a, b = make_inputs(0)
