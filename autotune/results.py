@@ -17,12 +17,15 @@ import platform as py_platform
 import shutil
 import subprocess
 import sys
+from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
-import optuna
 
 from kernels import platform
+
+if TYPE_CHECKING:  # optuna is needed for sweeps only; benchmarks without one run without it
+    import optuna
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -129,7 +132,7 @@ def environment(seed: int | None = None, warm_start_sources: dict | None = None)
         "jax": jax.__version__,
         "jaxlib": _version("jaxlib"),
         "jax_cuda_plugin": _version("jax-cuda12-plugin") or _version("jax-cuda13-plugin"),
-        "optuna": optuna.__version__,
+        "optuna": _version("optuna"),
         "numpy": np.__version__,
         "xla_flags": os.environ.get("XLA_FLAGS"),
         "jax_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("JAX_")},
@@ -210,6 +213,8 @@ def write_trials_csv(path: pathlib.Path, rows: list[dict]) -> None:
 
 def _best_timing(result) -> dict | None:
     """The timing (median, interval, samples) of the trial that holds the best params."""
+    import optuna
+
     for t in result.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         if t.user_attrs.get("params") == result.best_params and "median_seconds" in t.user_attrs \
                 and t.values and t.values[0] == (result.best_values or {}).get(result.space.objectives[0].name):

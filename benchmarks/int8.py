@@ -69,6 +69,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=None, help="inputs per call (default: 4 on CPU, 256 on GPU)")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (>= 10; default 10 CPU, 30 GPU)")
     parser.add_argument("--all", action="store_true", help="all nine models (default on GPU)")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N models")
     parser.add_argument("--models", default=os.environ.get("TINYPALLAS_MODELS", str(MODELS)),
                         help="folder of .tflite files (default: $TINYPALLAS_MODELS, else ../shared/tflite)")
     parser.add_argument("--out", default="results/benchmark_int8.json", help="JSON output path")
@@ -87,6 +88,7 @@ def main(argv=None) -> int:
     paths = sorted(pathlib.Path(args.models).glob("*.tflite"))
     if quick and not args.all:
         paths = [p for p in paths if p.stem in SMALL]
+    paths = paths[:args.limit]
     if not paths:
         print(f"error: no .tflite models found in {args.models}; pass --models DIR or set $TINYPALLAS_MODELS",
               file=sys.stderr)

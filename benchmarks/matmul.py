@@ -23,7 +23,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import jax
 import jax.numpy as jnp
 
-from autotune import measure, report, results, tuner
+from autotune import measure, report, results
 from kernels import matmul as mm
 from kernels import platform
 
@@ -46,6 +46,8 @@ def bench_shape(m: int, n: int, k: int, dtype: str, *, trials: int, rounds: int 
     default_cfg = space.to_config(space.default)
     tuned_cfg = default_cfg
     if trials > 0:
+        from autotune import tuner  # needs optuna; --trials 0 runs without it
+
         result = tuner.tune(space, storage=storage, n_trials=trials, seed=0, warm_start=False, write_cache=False)
         if result.best_params:
             tuned_cfg = space.to_config(result.best_params)

@@ -100,3 +100,22 @@ def test_benchmark_quick_mode_writes_a_report_ready_json(script, tmp_path):
         for t in r["comparison"]["timings"].values():
             assert len(t["samples_seconds"]) == r["comparison"]["rounds"]
     assert report.report([out])
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_starts_every_stage(tmp_path):
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--dry-run"], check=False,
+                          capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "OUT_DIR": str(tmp_path), "PYTHON": sys.executable,
+                               "TINYPALLAS_CACHE": str(tmp_path / "cache.json")})
+    summary = json.loads(next(tmp_path.glob("gpu_check_*_dry.json")).read_text())
+    stages = {s["stage"]: s for s in summary["stages"]}
+    assert list(stages) == ["gpu_tests", "matmul", "conv", "int8"], proc.stdout[-2000:]
+    assert "test_device_time_of_a_1024_cubed_bf16_matmul" in stages["gpu_tests"]["output_tail"]
+    for name in ("gpu_tests", "matmul", "conv"):
+        assert stages[name]["exit"] == 0, stages[name]["output_tail"]
+    if stages["int8"]["exit"] != 0:  # only for want of the reference models
+        assert "no .tflite models" in stages["int8"]["output_tail"]
+    for name in ("matmul", "conv"):
+        assert report.report([next(tmp_path.glob(f"{name}_*_dry.json"))])
+    assert summary["env"]["git_commit"] and proc.returncode == (0 if stages["int8"]["exit"] == 0 else 2)
