@@ -305,6 +305,8 @@ def _device_sample(target: Workload, calls: int) -> tuple[float, dict[str, float
         jax.block_until_ready(out)
     finally:
         recorded = stop()
+    if not recorded:
+        raise RuntimeError(f"CUPTI recorded no kernel for {calls} call(s)")
     per_kernel: dict[str, float] = {}
     for name, ms in recorded or ():
         per_kernel[name] = per_kernel.get(name, 0.0) + ms * 1e-3 / calls
@@ -355,8 +357,8 @@ class _Sampler:
             try:
                 _device_sample(target, 1)  # probe once: the first CUPTI session pays its setup
                 self.timer = "cupti"
-            except RuntimeError as e:
-                self.note = str(e)
+            except Exception as e:  # noqa: BLE001 -- no device timer: wall time, and the reason recorded
+                self.note = str(e) if isinstance(e, RuntimeError) else f"{type(e).__name__}: {e}"
         elif self.is_workload and platform.backend() == "gpu":
             self.note = "device timing not requested"
         self.samples: list[float] = []

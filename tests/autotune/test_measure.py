@@ -145,6 +145,32 @@ def test_read_bandwidth_states_measured_and_nominal():
     assert "nominal_bytes_per_second" in bw and bw["timer"] in ("wall", "cupti")
 
 
+def test_device_samples_sum_the_kernels_of_each_call(monkeypatch):
+    # The CUPTI session is replaced by one that reports two kernels per call of the workload, so
+    # the bookkeeping (per-call sums, per-kernel medians, the fallback) runs on the CPU too.
+    w = measure.workload(lambda x: x + 1, lambda seed: (jnp.full((8,), float(seed)),))
+    calls = []
+    compiled = w.compiled
+    w.compiled = lambda *args: calls.append(1) or compiled(*args)
+    per_call = [("fusion_add", 3e-3), ("copy", 1e-3)]  # milliseconds, as CUPTI reports them
+
+    def fake_cupti():
+        def start():
+            calls.clear()
+
+        return start, lambda: per_call * len(calls)
+
+    monkeypatch.setattr(measure, "_cupti", fake_cupti)
+    t = measure.time_callable(w, warmup=1, repeats=4, sample_seconds=1e-3)
+    assert t.timer == "cupti" and t.timer_note == ""
+    assert t.samples_seconds == pytest.approx([4e-6] * 4)
+    assert dict(t.kernels) == pytest.approx({"fusion_add": 3e-6, "copy": 1e-6})
+    assert len(t.wall_samples_seconds) == 4  # wall time kept beside the device time
+    per_call = []  # a session that records nothing: wall time, and the reason
+    t = measure.time_callable(w, warmup=0, repeats=2)
+    assert t.timer == "wall" and "no kernel" in t.timer_note
+
+
 # ---------------------------------------------------------------------------------------------
 # On an NVIDIA GPU (H100/H200): device-side time
 # ---------------------------------------------------------------------------------------------
