@@ -455,6 +455,10 @@ def compare(contenders: Mapping[str, Workload | Callable[[], Any]], *, baseline:
     samplers = {name: _Sampler(target, warmup=default_warmup if warmup is None else warmup,
                                sample_seconds=sample_seconds, device=device)
                 for name, target in contenders.items()}
+    if len({s.timer for s in samplers.values()}) > 1:  # a ratio compares like with like
+        without = sorted(name for name, s in samplers.items() if s.timer != "cupti")
+        for s in samplers.values():
+            s.timer, s.note = "wall", f"wall time for every contender: no device time for {', '.join(without)}"
     for r in range(rounds):
         for i in range(len(names)):
             samplers[names[(r + i) % len(names)]].sample()

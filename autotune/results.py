@@ -158,7 +158,7 @@ def environment(seed: int | None = None, warm_start_sources: dict | None = None)
 # Timing fields of a trial (``autotune.measure.Timing.as_dict()``) kept in the bundle's rows.
 TIMING_FIELDS = ("compile_seconds", "median_seconds", "ci_low_seconds", "ci_high_seconds", "p10_seconds",
                  "p90_seconds", "wall_median_seconds", "repeats", "calls_per_sample", "spread", "noisy", "timer",
-                 "input_sets", "cold_cache", "samples_seconds")
+                 "timer_note", "input_sets", "cold_cache", "samples_seconds", "kernels")
 ROW_FIELDS = ("study", "kernel", "number", "state", "values", "params", "duration_seconds", *TIMING_FIELDS,
               "violations", "error", "is_default")
 

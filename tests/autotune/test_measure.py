@@ -166,6 +166,9 @@ def test_device_samples_sum_the_kernels_of_each_call(monkeypatch):
     assert t.samples_seconds == pytest.approx([4e-6] * 4)
     assert dict(t.kernels) == pytest.approx({"fusion_add": 3e-6, "copy": 1e-6})
     assert len(t.wall_samples_seconds) == 4  # wall time kept beside the device time
+    # beside a contender without device time (a peer in another process), every contender is wall time
+    c = measure.compare({"peer": lambda: None, "ours": w}, rounds=10, warmup=0)
+    assert {t.timer for t in c.timings.values()} == {"wall"} and "no device time for peer" in c.timings["ours"].timer_note
     per_call = []  # a session that records nothing: wall time, and the reason
     t = measure.time_callable(w, warmup=0, repeats=2)
     assert t.timer == "wall" and "no kernel" in t.timer_note
