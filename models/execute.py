@@ -145,16 +145,8 @@ def _batch_axis(graph: Graph) -> bool:
                graph.tensors[m].shape[0] != 1 for m in names):
             return False  # a constant with its own leading axis: tiling it would change the op
         if any(not graph.tensors[m].is_constant and graph.tensors[m].shape[0] != n for m in names):
-            return False
-        o = op.options
-        if op.kind == "MEAN" and 0 in o["axes"] or op.kind == "PAD" and tuple(o["paddings"][0]) != (0, 0):
-            return False
-        if op.kind == "TRANSPOSE" and o["perm"][0] != 0 or op.kind == "CONCATENATION" and o["axis"] == 0:
-            return False
-        if op.kind in ("SOFTMAX", "SQUEEZE", "EXPAND_DIMS") and (len(y.shape) < 2 or op.kind != "SOFTMAX" and
-                                                                  graph.tensors[op.inputs[0]].shape[0] != y.shape[0]):
-            return False
-        if op.kind == "FULLY_CONNECTED" and (graph.tensors[op.inputs[0]].size // n) % graph.tensors[op.inputs[1]].shape[1]:
+            return False  # a reshape or FULLY_CONNECTED that moves rows across the leading axis
+        if schema.spec(op.kind).reads_across_batch(graph, op):
             return False
     return all(graph.tensors[m].shape[0] == n for m in graph.inputs + graph.outputs)
 
