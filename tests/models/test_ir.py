@@ -39,6 +39,7 @@ def test_valid_graph_passes_and_reports_structure():
         (lambda g: setattr(g.tensors["x"], "dtype", "complex64"), "dtype 'complex64'"),
         (lambda g: setattr(g.tensors["w"].quantization, "quantized_dimension", 1), "per-channel scales"),
         (lambda g: g.outputs.append("ghost"), "'ghost' is not a tensor"),
+        (lambda g: g.outputs.append("w"), "graph output 'w' is a constant"),
     ],
 )
 def test_validate_names_the_problem(mutate, message):
