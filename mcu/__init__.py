@@ -32,7 +32,7 @@ def pack_inputs(graph: Graph, inputs: list[np.ndarray]) -> np.ndarray:
     """(count, input bytes) uint8 from batched inputs (``models.tflm.random_inputs``'s layout: one
     array per graph input, ``count`` graph invocations of its leading dimension each): the graph
     inputs of each invocation back to back, as ``model_invoke`` reads them."""
-    count = inputs[0].shape[0] // graph.tensors[graph.inputs[0]].shape[0]
+    count = inputs[0].shape[0] // graph.tensors[graph.inputs[0]].shape[0]  # each input: count x its leading dim
     rows = [np.ascontiguousarray(x).view(np.uint8).reshape(count, -1) for x in inputs]
     return np.concatenate(rows, axis=1)
 

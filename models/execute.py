@@ -145,16 +145,8 @@ def _batch_axis(graph: Graph) -> bool:
                graph.tensors[m].shape[0] != 1 for m in names):
             return False  # a constant with its own leading axis: tiling it would change the op
         if any(not graph.tensors[m].is_constant and graph.tensors[m].shape[0] != n for m in names):
-            return False
-        o = op.options
-        if op.kind == "MEAN" and 0 in o["axes"] or op.kind == "PAD" and tuple(o["paddings"][0]) != (0, 0):
-            return False
-        if op.kind == "TRANSPOSE" and o["perm"][0] != 0 or op.kind == "CONCATENATION" and o["axis"] == 0:
-            return False
-        if op.kind in ("SOFTMAX", "SQUEEZE", "EXPAND_DIMS") and (len(y.shape) < 2 or op.kind != "SOFTMAX" and
-                                                                  graph.tensors[op.inputs[0]].shape[0] != y.shape[0]):
-            return False
-        if op.kind == "FULLY_CONNECTED" and (graph.tensors[op.inputs[0]].size // n) % graph.tensors[op.inputs[1]].shape[1]:
+            return False  # a reshape or FULLY_CONNECTED that moves rows across the leading axis
+        if schema.spec(op.kind).reads_across_batch(graph, op):
             return False
     return all(graph.tensors[m].shape[0] == n for m in graph.inputs + graph.outputs)
 
@@ -174,40 +166,40 @@ def compile_graph(graph: Graph, *, pallas: bool = True, intermediates: bool = Fa
     constants = {n: jnp.asarray(t.data) for n, t in graph.tensors.items()
                  if t.is_constant and any(n in computed_inputs(op) for op in graph.ops)}
     batch_axis = _batch_axis(graph)
-    n = graph.tensors[graph.inputs[0]].shape[0] if graph.inputs else 1
 
     def invoke(*inputs):
         env = dict(constants)
         env.update(zip(graph.inputs, inputs))
+        lead = inputs[0].shape[0] if batch_axis else None  # every computed tensor's leading size
         for op, fn in zip(graph.ops, fns):
             y = graph.tensors[op.outputs[0]]
             out = fn(*(env[m] for m in computed_inputs(op)))
-            lead = out.shape[0] if batch_axis and out.ndim else y.shape[0]
-            env[op.outputs[0]] = out.reshape((lead,) + y.shape[1:])
+            env[op.outputs[0]] = out.reshape((lead or y.shape[0],) + y.shape[1:])
         return env
 
     def run(*inputs):
         if len(inputs) != len(graph.inputs):
             raise ValueError(f"graph {graph.name!r} takes {len(graph.inputs)} inputs, got {len(inputs)}")
-        batch = None
+        counts = set()
         for name, x in zip(graph.inputs, inputs):
             t = graph.tensors[name]
             if tuple(x.shape[1:]) != t.shape[1:] or jnp.dtype(x.dtype) != jnp.dtype(t.dtype) or x.ndim != len(t.shape):
                 raise ValueError(
                     f"input {name!r} must be {t.dtype}(B, {', '.join(map(str, t.shape[1:]))}), got {x.dtype}{tuple(x.shape)}"
                 )
-            if batch not in (None, x.shape[0]):
-                raise ValueError(f"graph {graph.name!r}: inputs have different batch sizes")
-            batch = x.shape[0]
+            if not batch_axis and x.shape[0] % t.shape[0]:
+                raise ValueError(f"graph {graph.name!r} reads across the leading axis of input {name!r} (size "
+                                 f"{t.shape[0]}); its batch ({x.shape[0]}) must be a multiple of {t.shape[0]}")
+            counts.add(x.shape[0] if batch_axis else x.shape[0] // t.shape[0])
+        if len(counts) > 1:
+            raise ValueError(f"graph {graph.name!r}: the inputs hold different numbers of graph invocations")
         if batch_axis:
             env = invoke(*inputs)
         else:
-            if batch % n:
-                raise ValueError(f"graph {graph.name!r} reads across its leading axis of size {n}; the batch ({batch}) "
-                                 f"must be a multiple of {n}")
+            count = counts.pop()
             names = [m for m in graph.tensors if not graph.tensors[m].is_constant and
                      (m in graph.inputs or any(m in op.outputs for op in graph.ops))]
-            split = [x.reshape((batch // n, n) + x.shape[1:]) for x in inputs]
+            split = [x.reshape((count,) + graph.tensors[m].shape) for m, x in zip(graph.inputs, inputs)]
             stacked = jax.lax.map(lambda xs: {m: v for m, v in invoke(*xs).items() if m in names}, split)
             env = {m: v.reshape((-1,) + v.shape[2:]) for m, v in stacked.items()}
         outs = [env[m] for m in graph.outputs]

@@ -212,11 +212,14 @@ class Graph:
         for name in self.inputs + self.outputs:
             if name not in self.tensors:
                 raise ValueError(f"graph input/output {name!r} is not a tensor of the graph")
+        if not self.inputs:
+            raise ValueError(f"graph {self.name!r} has no inputs")
         if len(set(self.inputs)) != len(self.inputs):
             raise ValueError(f"graph inputs {self.inputs} name a tensor twice")
-        for name in self.inputs:
+        for name in self.inputs + self.outputs:
             if self.tensors[name].is_constant:
-                raise ValueError(f"graph input {name!r} is a constant")
+                side = "input" if name in self.inputs else "output"
+                raise ValueError(f"graph {side} {name!r} is a constant; graph inputs and outputs are computed tensors")
         available = {n for n, t in self.tensors.items() if t.is_constant} | set(self.inputs)
         for i, op in enumerate(self.ops):
             where = f"op {i} ({op.kind} {op.name!r})"

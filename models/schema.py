@@ -83,6 +83,8 @@ class OpSpec:
     output: str = "int8"  # int8 | float32 (DEQUANTIZE)
     tflite_options: str | None = None  # TFLite options table, e.g. "Conv2DOptions"
     tflite_operand: str | None = None  # option written as TFLite's constant int32 second input
+    # whether the op combines elements across its leading axis (then that axis is no batch axis)
+    reads_across_batch: Callable[[Graph, Op], bool] = lambda graph, op: False
 
     def has(self, trait: str) -> bool:
         return trait in self.traits
@@ -359,9 +361,11 @@ def _specs() -> list[OpSpec]:
                tflite_options="Pool2DOptions"),
         OpSpec("MEAN", X, mean_shape, qz.mean_params, (Option("axes", int_tuple), Option("keep_dims", boolean,
                                                                                            "KeepDims", "bool")),
-               tflite_options="ReducerOptions", tflite_operand="axes"),
+               tflite_options="ReducerOptions", tflite_operand="axes",
+               reads_across_batch=lambda graph, op: 0 in op.options["axes"]),
         OpSpec("PAD", X, pad_shape, qz.pad_params, (Option("paddings", pairs),),
-               frozenset({PATCHABLE, SAME_QUANTIZATION}), tflite_options="PadOptions", tflite_operand="paddings"),
+               frozenset({PATCHABLE, SAME_QUANTIZATION}), tflite_options="PadOptions", tflite_operand="paddings",
+               reads_across_batch=lambda graph, op: tuple(op.options["paddings"][0]) != (0, 0)),
         OpSpec("RESHAPE", X, reshape_shape, qz.no_params, (Option("new_shape", int_tuple),),
                frozenset({ALIAS, SAME_QUANTIZATION}), tflite_options="ReshapeOptions", tflite_operand="new_shape"),
         OpSpec("SQUEEZE", X, squeeze_shape, qz.no_params,
@@ -371,16 +375,19 @@ def _specs() -> list[OpSpec]:
                                                                              else f"{v!r} is not an integer"),),
                frozenset({ALIAS, SAME_QUANTIZATION}), tflite_options="ExpandDimsOptions", tflite_operand="axis"),
         OpSpec("TRANSPOSE", X, transpose_shape, qz.no_params, (Option("perm", int_tuple),),
-               frozenset({SAME_QUANTIZATION}), tflite_options="TransposeOptions", tflite_operand="perm"),
+               frozenset({SAME_QUANTIZATION}), tflite_options="TransposeOptions", tflite_operand="perm",
+               reads_across_batch=lambda graph, op: op.options["perm"][0] != 0),
         OpSpec("CONCATENATION", X, concatenation_shape, qz.concatenation_params,
                (Option("axis", lambda v: None if _is_int(v) else f"{v!r} is not an integer", "Axis"), ACTIVATION),
-               variadic=True, tflite_options="ConcatenationOptions"),
+               variadic=True, tflite_options="ConcatenationOptions",
+               reads_across_batch=lambda graph, op: op.options["axis"] == 0),
         OpSpec("RESIZE_NEAREST_NEIGHBOR", X, resize_shape, qz.resize_params,
                (Option("size", int_tuple), Option("align_corners", boolean, "AlignCorners", "bool"),
                 Option("half_pixel_centers", boolean, "HalfPixelCenters", "bool")), frozenset({SAME_QUANTIZATION}),
                tflite_options="ResizeNearestNeighborOptions", tflite_operand="size"),
         OpSpec("SOFTMAX", X, softmax_shape, qz.softmax_params, (Option("beta", finite_float, "Beta", "float"),),
-               runtimes=frozenset(RUNTIMES), tflite_options="SoftmaxOptions"),
+               runtimes=frozenset(RUNTIMES), tflite_options="SoftmaxOptions",
+               reads_across_batch=lambda graph, op: len(graph.tensors[op.inputs[0]].shape) < 2),
         OpSpec("QUANTIZE", (Operand("input", "float_or_int8"),), same_shape, qz.quantize_params, (), STREAM,
                tflite_options="QuantizeOptions"),
         OpSpec("DEQUANTIZE", X, same_shape, qz.dequantize_params, (), frozenset({ELEMENTWISE}), output="float32",

@@ -44,16 +44,17 @@ def interpreter(model: Model, preserve_all_tensors: bool = False):
 
 
 def run(model: Model, *inputs: np.ndarray) -> list[np.ndarray]:
-    """TFLite Micro's outputs for batched inputs: one invoke per ``n`` rows, outputs concatenated."""
+    """TFLite Micro's outputs for batched inputs: one invoke per ``n`` rows of each input (``n`` its
+leading dimension in the model), outputs concatenated."""
     import tflite
 
     data = _bytes(model)
     subgraph = tflite.Model.GetRootAsModel(data, 0).Subgraphs(0)
-    n = max(1, int(subgraph.Tensors(int(subgraph.Inputs(0))).ShapeAsNumpy()[0])) if subgraph.InputsLength() else 1
+    rows = [max(1, int(subgraph.Tensors(int(subgraph.Inputs(i))).ShapeAsNumpy()[0])) for i in range(len(inputs))]
     interp = interpreter(data)
     outs = []
-    for b in range(inputs[0].shape[0] // n):
-        for i, x in enumerate(inputs):
+    for b in range(inputs[0].shape[0] // rows[0]):
+        for i, (x, n) in enumerate(zip(inputs, rows)):
             interp.set_input(np.ascontiguousarray(x[b * n:(b + 1) * n]), i)
         interp.invoke()
         outs.append([np.array(interp.get_output(i)) for i in range(subgraph.OutputsLength())])

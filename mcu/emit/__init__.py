@@ -62,7 +62,9 @@ class Emission:
 @dataclasses.dataclass
 class Layer:
     """One op as a call site: the whole tensors in the arena, or a patch of them (``shapes`` the
-    regions this call sees, ``pads`` the patch-local (top, left) padding)."""
+    regions this call sees, ``pads`` the patch-local (top, left) padding, ``ptr`` the pointers
+    into the patch arena, possibly offset by a row loop variable ``r``). A form that cannot run
+    on a region returns None where ``shapes`` differ from the tensors' shapes."""
 
     graph: Graph
     op: Op
@@ -77,6 +79,11 @@ class Layer:
     channel_in_place: bool = False  # the output shares the input's buffer (TinyEngine depthwise)
     conv1x1: str = "direct"  # kernel for 1x1 stride-1 unpadded convs (mcu.codegen.CONV_VARIANTS)
     options: dict = dataclasses.field(default_factory=dict)  # the specialized backend's per-layer knobs
+
+    @property
+    def whole(self) -> bool:
+        """Whether the call sees whole tensors (not a patch region)."""
+        return not self.shapes
 
     @property
     def prefix(self) -> str:

@@ -95,7 +95,9 @@ class ConvEmitter(Emitter):
                 f"&(cmsis_nn_dims){d['out']}")
         return f"{d['fn']}_get_buffer_size({args});{d['fn']}_get_buffer_size_dsp({args})"
 
-    def cmsis_nn(self, layer: Layer) -> str:
+    def cmsis_nn(self, layer: Layer) -> str | None:
+        if not layer.whole:
+            return None
         op, pre = layer.op, layer.prefix
         d = _cmsis_conv_args(layer.graph, op, layer.params, layer.options)
         filt, bias = layer.const("int8_t", "filter", layer.tensor(1).data), _bias(layer)
@@ -145,7 +147,9 @@ class FullyConnectedEmitter(Emitter):
         f = f"&(cmsis_nn_dims){dims(w.shape[1], 1, 1, w.shape[0])}"
         return f"arm_fully_connected_s8_get_buffer_size({f});arm_fully_connected_s8_get_buffer_size_dsp({f})"
 
-    def cmsis_nn(self, layer: Layer) -> str:
+    def cmsis_nn(self, layer: Layer) -> str | None:
+        if not layer.whole:
+            return None
         op, p, pre = layer.op, layer.params, layer.prefix
         w = layer.tensor(1)
         batches = layer.tensor(0).size // w.shape[1]

@@ -39,7 +39,7 @@ def _shapes(layer: Layer) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, 
 
 @register
 class BinaryEmitter(Emitter):
-    kinds = ("ADD", "SUB", "MUL", "PRELU")
+    kinds = ("SUB", "PRELU")
     FORMS: typing.ClassVar[dict] = {"ADD": ("tp_add_s8", "tp_add_params", ADD_KEYS), "SUB": ("tp_sub_s8", "tp_add_params", ADD_KEYS),
               "MUL": ("tp_mul_s8", "tp_mul_params", MUL_KEYS), "PRELU": ("tp_prelu_s8", "tp_prelu_params", PRELU_KEYS)}
 
@@ -50,9 +50,14 @@ class BinaryEmitter(Emitter):
         layer.out.call(f"{kernel}(&{name}, {layer.operand(0)}, {layer.operand(1)}, {layer.ptr(layer.op.outputs[0])});")
         return kernel
 
+
+@register
+class AddMulEmitter(BinaryEmitter):
+    kinds = ("ADD", "MUL")
+
     def cmsis_nn(self, layer: Layer) -> str | None:
         a, b, y = _shapes(layer)
-        if layer.op.kind not in ("ADD", "MUL") or not a == b == y:
+        if not a == b == y:
             return None  # CMSIS-NN's elementwise functions do not broadcast
         p, size = layer.params, int(np.prod(y))
         ins, out = f"{layer.operand(0)}, {layer.operand(1)}", layer.ptr(layer.op.outputs[0])
@@ -73,7 +78,8 @@ class BinaryEmitter(Emitter):
     def specialized(self, layer: Layer) -> str | None:
         """ADD of same-shape tensors: the rescaled inputs looked up in two 256-entry tables."""
         a, b, y = _shapes(layer)
-        if layer.op.kind != "ADD" or not a == b == y or any(layer.tensor(k).is_constant for k in (0, 1)):
+        if (layer.op.kind != "ADD" or not a == b == y or any(layer.tensor(k).is_constant for k in (0, 1))
+                or layer.shapes):  # patches run the portable form
             return None
         p = layer.params
         t1, t2 = specialized.add_tables(p)

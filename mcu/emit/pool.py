@@ -26,7 +26,9 @@ class PoolEmitter(Emitter):
         _, _, w, c = graph.tensors[op.outputs[0]].shape
         return f"arm_avgpool_s8_get_buffer_size({w}, {c});arm_avgpool_s8_get_buffer_size_dsp({w}, {c})"
 
-    def cmsis_nn(self, layer: Layer) -> str:
+    def cmsis_nn(self, layer: Layer) -> str | None:
+        if not layer.whole:
+            return None
         op, p, o, pre = layer.op, layer.params, layer.op.options, layer.prefix
         x, y = layer.tensor(0), layer.output
         (pt, _), (pl, _) = p["padding"]

@@ -42,7 +42,9 @@ class SoftmaxEmitter(Emitter):
         layer.out.call(f"tp_softmax_s8(&{name}, {layer.ptr(layer.op.inputs[0])}, {layer.ptr(layer.op.outputs[0])});")
         return "tp_softmax_s8"
 
-    def cmsis_nn(self, layer: Layer) -> str:
+    def cmsis_nn(self, layer: Layer) -> str | None:
+        if not layer.whole:
+            return None
         x, p = layer.tensor(0), layer.params
         depth = x.shape[-1]
         layer.out.call(f"arm_softmax_s8({layer.ptr(layer.op.inputs[0])}, {x.size // depth}, {depth}, "

@@ -39,6 +39,7 @@ def test_valid_graph_passes_and_reports_structure():
         (lambda g: setattr(g.tensors["x"], "dtype", "complex64"), "dtype 'complex64'"),
         (lambda g: setattr(g.tensors["w"].quantization, "quantized_dimension", 1), "per-channel scales"),
         (lambda g: g.outputs.append("ghost"), "'ghost' is not a tensor"),
+        (lambda g: g.outputs.append("w"), "graph output 'w' is a constant"),
     ],
 )
 def test_validate_names_the_problem(mutate, message):
@@ -104,3 +105,11 @@ def test_depth_multiplier_zero_and_rank_zero_are_refused():
     g.tensors["x"] = Tensor("x", (), "int8", q)
     with pytest.raises(ValueError, match="rank-0 activation"):
         g.validate()
+
+
+def test_every_schema_kind_has_a_jax_function_and_its_runtimes():
+    from models import execute, schema
+
+    assert set(execute.INT8_OPS) == set(schema.SCHEMA)
+    for spec in schema.SCHEMA.values():
+        assert {"jax", "portable"} <= spec.runtimes  # JAX and the C export accept the same graphs
