@@ -1,0 +1,158 @@
+"""Workers sharing one study: the --trials budget is the study's COMPLETE trials, on SQLite and on a
+real PostgreSQL server (``TINYPALLAS_TEST_POSTGRES``, started by .ci/run), also when a worker dies."""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import optuna
+import pytest
+
+from autotune import tuner
+from kernels import matmul as mm
+from tests.conftest import REPO
+
+POSTGRES = os.environ.get("TINYPALLAS_TEST_POSTGRES")
+needs_postgres = pytest.mark.skipif(
+    not POSTGRES, reason="no PostgreSQL server: set TINYPALLAS_TEST_POSTGRES=postgresql://USER@HOST:PORT/DB "
+                         "(`eval \"$(bash scripts/test-postgres.sh start)\"` starts one; .ci/run does)")
+SHAPE = "16x16x16"  # a tiny matmul: a trial takes a fraction of a second in the interpreter
+TRIALS = 10
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=needs_postgres)])
+def storage(request, tmp_path):
+    return f"sqlite:///{tmp_path}/shared.db" if request.param == "sqlite" else POSTGRES
+
+
+def _env(tmp_path) -> dict:
+    # Heartbeats every second: a killed worker's trial is retried after 4 s rather than 20 s.
+    return {**os.environ, "PYTHONPATH": str(REPO), "TINYPALLAS_CACHE": str(tmp_path / "cache.json"),
+            "TINYPALLAS_HEARTBEAT_SECONDS": "1"}
+
+
+def _sweep(storage: str, prefix: str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "autotune", "sweep", "--shape", SHAPE, "--trials", str(TRIALS),
+            "--storage", storage, "--study-name", prefix, "--no-progress", *extra]
+
+
+def _study(storage: str, prefix: str) -> optuna.Study:
+    name = f"{prefix}-" + tuner.study_name_for(mm.search_space(mm.parse_shape(SHAPE)))
+    return optuna.load_study(study_name=name, storage=tuner.make_storage(storage))
+
+
+def _states(study) -> dict:
+    trials = study.get_trials(deepcopy=False)
+    return {state: [t for t in trials if t.state == state] for state in optuna.trial.TrialState}
+
+
+def test_three_workers_end_with_exactly_the_budget_after_one_is_killed(storage, tmp_path):
+    prefix = f"kill{uuid.uuid4().hex[:8]}"
+    workers = [subprocess.Popen(_sweep(storage, prefix, "--seed", str(i), "--results", str(tmp_path / f"b{i}")),
+                                cwd=tmp_path, env=_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+               for i in range(3)]
+    try:
+        complete_before_kill = []
+        deadline = time.time() + 240
+        while time.time() < deadline and len(complete_before_kill) < 3:
+            time.sleep(0.3)
+            try:
+                complete_before_kill = _states(_study(storage, prefix))[optuna.trial.TrialState.COMPLETE]
+            except KeyError:  # the study is not created yet
+                pass
+        assert len(complete_before_kill) >= 3, "the workers made no progress"
+        workers[0].send_signal(signal.SIGKILL)
+        for w in workers[1:]:
+            assert w.wait(timeout=300) == 0, w.stderr.read().decode()[-2000:]
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                w.kill()
+            w.wait()
+    study = _study(storage, prefix)
+    states = _states(study)
+    complete = states[optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == TRIALS, {s.name: len(t) for s, t in states.items()}
+    assert not states[optuna.trial.TrialState.RUNNING]
+    numbers = [t.number for t in study.get_trials(deepcopy=False)]
+    assert len(numbers) == len(set(numbers)), "duplicate trial numbers"
+    kept = {(t.number, json.dumps(t.params, sort_keys=True), t.values[0]) for t in complete}
+    assert {(t.number, json.dumps(t.params, sort_keys=True), t.values[0]) for t in complete_before_kill} <= kept
+
+
+@pytest.mark.parametrize("backend", [pytest.param("postgresql", marks=needs_postgres),
+                                     pytest.param("sqlite", marks=pytest.mark.slow)])
+def test_sweep_workers_3_shares_the_budget(backend, tmp_path):
+    storage = POSTGRES if backend == "postgresql" else f"sqlite:///{tmp_path}/shared.db"
+    prefix = f"w3{uuid.uuid4().hex[:8]}"
+    out = subprocess.run(_sweep(storage, prefix, "--workers", "3", "--results", str(tmp_path / "bundle")),
+                         cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=400, check=False)
+    assert out.returncode == 0, out.stderr[-3000:] + out.stdout[-3000:]
+    assert all(f"[worker {i}]" in out.stdout for i in range(3)), out.stdout[-3000:]
+    states = _states(_study(storage, prefix))
+    assert len(states[optuna.trial.TrialState.COMPLETE]) == TRIALS
+    assert not states[optuna.trial.TrialState.RUNNING]
+    rows = json.loads((tmp_path / "bundle" / "trials.json").read_text())  # one bundle, every worker's trials
+    assert sum(r["state"] == "COMPLETE" for r in rows) == TRIALS
+    env = json.loads((tmp_path / "bundle" / "env.json").read_text())
+    assert env["workers"] == 3
+
+
+@needs_postgres
+def test_postgresql_url_errors_are_one_line(tmp_path):
+    bad = POSTGRES.rsplit("/", 1)[0] + "/no_such_database"
+    out = subprocess.run([sys.executable, "-m", "autotune", "sweep", "--shape", SHAPE, "--storage", bad, "--trials",
+                          "1"], cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=120,
+                         check=False)
+    assert out.returncode == 2 and out.stderr.startswith("error: storage") and "no_such_database" in out.stderr
+    assert "Traceback" not in out.stderr and out.stderr.count("\n") == 1
+
+
+def _recipe_storage(tmp_path) -> str:
+    return POSTGRES or f"sqlite:///{tmp_path}/recipe.db"
+
+
+def _wait_all(procs, what):
+    for p in procs:
+        _out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, f"{what}: {err[-2000:]}"
+
+
+def test_slurm_array_recipe_shares_the_budget(tmp_path):
+    """examples/slurm_sweep.sbatch, run as two array tasks on one storage (PostgreSQL when there is one)."""
+    storage, prefix = _recipe_storage(tmp_path), f"slurm{uuid.uuid4().hex[:8]}"
+    env = {**_env(tmp_path), "TINYPALLAS_STORAGE": storage, "STUDY": prefix, "PYTHON": sys.executable,
+           "SWEEP_ARGS": f"--shape {SHAPE} --trials 6", "SLURM_SUBMIT_DIR": str(tmp_path)}
+    tasks = [subprocess.Popen(["bash", str(REPO / "examples" / "slurm_sweep.sbatch")], cwd=tmp_path,
+                              env={**env, "SLURM_ARRAY_TASK_ID": str(i)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    _wait_all(tasks, "slurm task")
+    assert len(_states(_study(storage, prefix))[optuna.trial.TrialState.COMPLETE]) == 6
+
+
+def test_kubernetes_indexed_job_recipe_shares_the_budget(tmp_path):
+    """examples/k8s_sweep_job.yaml's container command, run as two indexed pods would run it."""
+    yaml = pytest.importorskip("yaml")
+    job = yaml.safe_load((REPO / "examples" / "k8s_sweep_job.yaml").read_text())
+    assert job["kind"] == "Job" and job["spec"]["completionMode"] == "Indexed"
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    storage, prefix = _recipe_storage(tmp_path), f"k8s{uuid.uuid4().hex[:8]}"
+    names = {e["name"] for e in container["env"]}
+    assert {"TINYPALLAS_STORAGE", "WORKER_INDEX"} <= names
+
+    def argv(index: int) -> list[str]:
+        values = {"TINYPALLAS_STORAGE": storage, "WORKER_INDEX": str(index)}
+        args = [re.sub(r"\$\((\w+)\)", lambda m: values[m.group(1)], a) for a in container["args"]]
+        args[args.index("--study-name") + 1] = prefix
+        # The manifest tunes bfloat16 matmuls for hours; here the same command on one tiny problem.
+        return [sys.executable if a == "python" else a for a in container["command"]] + args + [
+            "--shape", SHAPE, "--dtype", "float32", "--trials", "6"]
+
+    pods = [subprocess.Popen(argv(i), cwd=tmp_path, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True) for i in range(2)]
+    _wait_all(pods, "pod")
+    assert len(_states(_study(storage, prefix))[optuna.trial.TrialState.COMPLETE]) == 6
