@@ -328,6 +328,18 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def _stored_study(name: str, storage: str):
+    """The study ``name`` if the storage holds it already (a resumed sweep), else None."""
+    import optuna
+
+    from autotune import tuner
+
+    try:
+        return optuna.load_study(study_name=name, storage=tuner.make_storage(storage))
+    except KeyError:
+        return None
+
+
 def cmd_sweep(args) -> int:
     if args.workers > MAX_LOCAL_WORKERS:
         raise UsageError(f"--workers {args.workers}: at most {MAX_LOCAL_WORKERS} on one machine; for more, run "
@@ -418,7 +430,7 @@ def _run_sweep(args, spaces, n_trials, storage, bundle, seed, worker, interprete
             name = tuner.study_name_for(space, args.study_name)
             current.clear()
             current["space"] = space
-            progress.start_problem(i, name)
+            progress.start_problem(i, name, _stored_study(name, storage))
             result = tuner.tune(space, storage=storage, n_trials=n_trials, timeout=args.timeout, study_name=name,
                                 seed=seed, warm_start=not args.no_warm_start, write_cache=not worker,
                                 callbacks=[on_trial, progress.trial_done])
@@ -474,17 +486,33 @@ def _print_summary(out: list, interpreted: bool) -> None:
     print_rows("best configs" + (" (interpreted: not kernel speed)" if interpreted else ""), columns, rows)
 
 
-def _gpu_ids() -> list[str]:
-    """The GPUs local workers are spread over (``CUDA_VISIBLE_DEVICES`` ids); empty on a CPU or one GPU."""
+def _worker_devices(workers: int) -> tuple[list[dict], str]:
+    """Environment of each local worker, and a line saying where they run.
+
+    On several GPUs each worker gets one (``CUDA_VISIBLE_DEVICES``, round robin); workers that share
+    a GPU each get a share of its memory instead of JAX's default 75 % (which would leave the
+    second one none)."""
     from kernels import platform
 
     if platform.backend() != "gpu":
-        return []
+        return [{} for _ in range(workers)], (f"{workers} workers on the CPU; they share its cores, so their "
+                                               "timings disturb each other")
     import jax
 
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     ids = [v.strip() for v in visible.split(",") if v.strip()] if visible else [str(i) for i in range(jax.device_count())]
-    return ids if len(ids) > 1 else []
+    per_gpu = -(-workers // len(ids))
+    envs = []
+    for i in range(workers):
+        env = {"CUDA_VISIBLE_DEVICES": ids[i % len(ids)]}
+        if per_gpu > 1:
+            env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{0.9 / per_gpu:.3f}"
+        envs.append(env)
+    where = f"{workers} workers on GPUs {', '.join(e['CUDA_VISIBLE_DEVICES'] for e in envs)}"
+    if per_gpu > 1:
+        where += (f"; {per_gpu} share each GPU, so their timings disturb each other: use one worker per GPU "
+                  "for figures to cite")
+    return envs, where
 
 
 def _worker_argv(args, index: int) -> list[str]:
@@ -512,18 +540,15 @@ def _run_workers(args, spaces, n_trials, storage, bundle) -> int:
     from autotune.progress import SweepProgress, complete_trials
     from kernels import platform, tuned
 
-    gpus = _gpu_ids()
+    devices, where = _worker_devices(args.workers)
     names = [tuner.study_name_for(s, args.study_name) for s in spaces]
     progress = SweepProgress(len(spaces), n_trials, bar=None if not args.no_progress else False, lines=False)
     procs = []
     for i in range(args.workers):
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        if gpus:
-            env["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **devices[i]}
         procs.append(subprocess.Popen(_worker_argv(args, i), env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, bufsize=1))
-    print(f"{args.workers} workers (pids {', '.join(str(p.pid) for p in procs)})"
-          + (f" on GPUs {', '.join(gpus[i % len(gpus)] for i in range(args.workers))}" if gpus else ""), flush=True)
+    print(f"{where} (pids {', '.join(str(p.pid) for p in procs)})", flush=True)
     tails: list[list[str]] = [[] for _ in procs]
 
     def relay(i, proc):

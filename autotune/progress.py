@@ -108,8 +108,10 @@ class SweepProgress:
 
     def _set(self, done: int) -> None:
         self.done = done
-        if self.started is None:
+        if self.started is None:  # the rate (and so the ETA) counts trials run since now only
             self.started = (time.monotonic(), done)
+            if self.bar is not None:
+                self.bar.initial = done
         if self.bar is not None:
             self.bar.n = done
             self.bar.refresh()
