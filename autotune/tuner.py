@@ -350,19 +350,26 @@ def _run_budget(study: optuna.Study, objective, n_trials: int, timeout: float | 
     rng = random.Random()  # back-off jitter only; never the sampler's randomness
     ran: list[FrozenTrial] = []
     callbacks = [lambda study, trial: ran.append(trial), *callbacks]
+    silent_since: dict[int, float] = {}
     while True:
         if deadline is not None and time.monotonic() >= deadline:
             return f"timeout of {timeout:g} s reached"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(study)
+            _fail_silent_trials(study, silent_since)
         claimed, complete = _counts(study)
         if complete >= n_trials:
             return None
         if claimed >= n_trials:  # the rest of the budget is running in other workers
             time.sleep(0.2 + rng.random() * 0.3)
             continue
-        study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=callbacks, gc_after_trial=False)
+        try:
+            study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=callbacks, gc_after_trial=False)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            # This worker's heartbeat was late by more than the grace period (a locked database, a
+            # stalled host): another worker failed the trial and enqueued it again. Carry on.
+            continue
         if not ran:
             continue
         if ran[-1].state == TrialState.PRUNED and "budget" in ran[-1].user_attrs:
@@ -371,6 +378,50 @@ def _run_budget(study: optuna.Study, objective, n_trials: int, timeout: float | 
             failures += 1
             if failures >= max_failures:
                 return f"{failures} trials failed in this worker (see their errors); stopped"
+
+
+def _fail_silent_trials(study: optuna.Study, silent_since: dict[int, float]) -> None:
+    """Fail (and retry) RUNNING trials that never recorded a heartbeat for a grace period.
+
+    Optuna's stale-trial check skips trials without any heartbeat, yet a worker killed between
+    creating its trial and its heartbeat thread's first write (which waits whenever SQLite is
+    locked by another worker) leaves exactly such a trial, and a shared budget would wait for it
+    forever. How long each has been silent is measured on this worker's clock, never by comparing
+    timestamps written by different hosts.
+    """
+    storage = study._storage
+    rdb = getattr(storage, "_backend", storage)  # Optuna wraps an RDBStorage in a cache
+    if not isinstance(rdb, RDBStorage) or rdb.heartbeat_interval is None:
+        return
+    try:
+        from optuna.storages._rdb import models
+        from optuna.storages._rdb.storage import _create_scoped_session
+
+        with _create_scoped_session(rdb.scoped_session) as session:
+            silent = {trial_id for (trial_id,) in session.query(models.TrialModel.trial_id)
+                      .outerjoin(models.TrialHeartbeatModel,
+                                 models.TrialHeartbeatModel.trial_id == models.TrialModel.trial_id)
+                      .filter(models.TrialModel.study_id == study._study_id,
+                              models.TrialModel.state == TrialState.RUNNING,
+                              models.TrialHeartbeatModel.trial_id.is_(None))}
+    except (ImportError, AttributeError, sqlalchemy.exc.SQLAlchemyError):  # another Optuna layout
+        return
+    now = time.monotonic()
+    for trial_id in list(silent_since):
+        if trial_id not in silent:
+            del silent_since[trial_id]
+    for trial_id in silent:
+        if now - silent_since.setdefault(trial_id, now) <= rdb.grace_period:
+            continue
+        try:
+            failed = storage.set_trial_state_values(trial_id, state=TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:  # it finished, or another worker failed it
+            failed = False
+        if failed:
+            retry = storage.get_heartbeat_stale_trial_callback()
+            if retry is not None:
+                retry(study, storage.get_trial(trial_id))
+        del silent_since[trial_id]
 
 
 def feasible_trials(study: optuna.Study) -> list:

@@ -8,12 +8,14 @@ import subprocess
 import sys
 import time
 import uuid
+import warnings
 
 import optuna
 import pytest
 
 from autotune import tuner
 from kernels import matmul as mm
+from kernels.space import Knob, SearchSpace
 from tests.conftest import REPO
 
 POSTGRES = os.environ.get("TINYPALLAS_TEST_POSTGRES")
@@ -156,3 +158,20 @@ def test_kubernetes_indexed_job_recipe_shares_the_budget(tmp_path):
                              text=True) for i in range(2)]
     _wait_all(pods, "pod")
     assert len(_states(_study(storage, prefix))[optuna.trial.TrialState.COMPLETE]) == 6
+
+
+def test_a_trial_whose_worker_died_before_its_first_heartbeat_is_retried(tmp_path, monkeypatch):
+    monkeypatch.setattr(tuner, "HEARTBEAT_SECONDS", 1)
+    monkeypatch.setattr(tuner, "GRACE_SECONDS", 2)
+    storage = f"sqlite:///{tmp_path}/orphan.db"
+    space = SearchSpace(kernel="toy_orphan", problem={"n": 1}, knobs=(Knob("a", (1, 2, 3, 4)),), violations=lambda p: [],
+                        to_config=lambda p: p, measure=lambda p: {"seconds": float(p["a"])}, default={"a": 1})
+    study = optuna.create_study(storage=tuner.make_storage(storage), study_name="orphan")
+    with warnings.catch_warnings():  # (Optuna: heartbeats are meant for optimize(), as tune uses them)
+        warnings.simplefilter("ignore")
+        orphan = study.ask()  # RUNNING with no heartbeat, ever: its worker died right after creating it
+    result = tuner.tune(space, storage=storage, n_trials=3, study_name="orphan", timeout=60, warm_start=False)
+    assert result.stopped is None, result.stopped  # not a wait for the orphan until the timeout
+    states = _states(result.study)
+    assert len(states[optuna.trial.TrialState.COMPLETE]) == 3
+    assert result.study.trials[orphan.number].state == optuna.trial.TrialState.FAIL
