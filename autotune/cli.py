@@ -7,6 +7,8 @@
     python -m autotune show [--format table|csv|json]   # best configs in the cache
     python -m autotune plot --study-name NAME      # PNGs of one study (all studies without a name)
     python -m autotune export FILE / import FILE   # move tuned configs between machines
+    python -m autotune report BUNDLE_OR_JSON... --format md|latex|csv   # tables from results alone
+    python -m autotune replay BUNDLE               # re-measure a bundle's best configs here
 
 Every mistake in the arguments is one line, ``error: ...``, and exit status 2 (``--debug``
 shows the traceback).
@@ -195,6 +197,17 @@ def _parser() -> argparse.ArgumentParser:
                         "key, the faster config wins)", parents=[common], formatter_class=_Formatter,
                         allow_abbrev=False)
     im.add_argument("file")
+
+    rp = sub.add_parser("report", help="tables (md, latex, csv) from sweep bundles and benchmark JSONs",
+                        parents=[common], formatter_class=_Formatter, allow_abbrev=False)
+    rp.add_argument("paths", nargs="+", metavar="BUNDLE_OR_JSON")
+    rp.add_argument("--format", default="md", choices=("md", "latex", "csv"))
+    rp.add_argument("-o", "--output", default=None, help="write to FILE (default: print)")
+    rl = sub.add_parser("replay", help="re-measure a bundle's best configs here: old against new with intervals",
+                        parents=[common], formatter_class=_Formatter, allow_abbrev=False)
+    rl.add_argument("bundle")
+    rl.add_argument("--repeats", type=int, default=None, help="samples per config (default and minimum: 10)")
+    rl.add_argument("--format", default="md", choices=("md", "latex", "csv"))
     return p
 
 
@@ -407,7 +420,7 @@ def _run_sweep(args, spaces, n_trials, storage, bundle, seed, worker, interprete
         if worker:
             return
         out = bundle_results()
-        env["warm_start"] = {r.study.study_name: r.study.user_attrs.get("warm_start") for r in out}
+        env["warm_start_sources"] = {r.study.study_name: r.study.user_attrs.get("warm_start") for r in out}
         try:
             results.write_bundle(bundle, out, env)
             if final and args.layer and len(out) > 1:
@@ -605,7 +618,7 @@ def _run_workers(args, spaces, n_trials, storage, bundle) -> int:
         out.append(tuner.TuneResult(study, space, best_params, best_values))
     env = results.environment(seed=args.seed)
     env["workers"] = args.workers
-    env["warm_start"] = {r.study.study_name: r.study.user_attrs.get("warm_start") for r in out}
+    env["warm_start_sources"] = {r.study.study_name: r.study.user_attrs.get("warm_start") for r in out}
     if out:
         results.write_bundle(bundle, out, env)
     if interrupted:
@@ -828,8 +841,28 @@ def cmd_import(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from autotune import report
+
+    text = report.report(args.paths, args.format)  # a ValueError/OSError is one error line (main)
+    if args.output:
+        pathlib.Path(args.output).write_text(text)
+    print(text if not args.output else f"wrote {args.output}")
+    return 0
+
+
+def cmd_replay(args) -> int:
+    from autotune import replay, report
+
+    if args.repeats is not None and args.repeats < 10:
+        raise UsageError(f"--repeats {args.repeats}: intervals need at least 10 samples")
+    table, _ = replay.replay(args.bundle, repeats=args.repeats)  # a ValueError is one error line (main)
+    print(report.render([table], args.format))
+    return 0
+
+
 COMMANDS = {"sweep": cmd_sweep, "list": cmd_list, "show": cmd_show, "plot": cmd_plot, "export": cmd_export,
-            "import": cmd_import}
+            "import": cmd_import, "report": cmd_report, "replay": cmd_replay}
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

@@ -27,13 +27,14 @@ from collections.abc import Callable, Sequence
 
 import jax
 import optuna
+import sqlalchemy.event
 import sqlalchemy.exc
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import make_url
 
-from autotune import registry
-from autotune.measure import Timing, default_repeats, time_callable
+from autotune import measure, registry
+from autotune.measure import Timing, default_repeats
 from kernels import platform, tuned
 from kernels.space import SearchSpace
 
@@ -119,13 +120,15 @@ def make_storage(url: str) -> optuna.storages.BaseStorage:
         try:
             with warnings.catch_warnings():  # the heartbeat API is marked experimental in Optuna 5
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return RDBStorage(
+                storage = RDBStorage(
                     engine_url,
                     engine_kwargs=engine_kwargs,
                     heartbeat_interval=HEARTBEAT_SECONDS,
                     grace_period=GRACE_SECONDS,
                     heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
                 )
+            _serialize_sqlite(storage)
+            return storage
         except (ImportError, sqlalchemy.exc.NoSuchModuleError) as e:
             raise ValueError(f"storage {url!r} needs a database driver that is not installed ({e}); "
                              "`pip install tinypallas[postgres]` installs the PostgreSQL one") from None
@@ -139,6 +142,29 @@ def make_storage(url: str) -> optuna.storages.BaseStorage:
         except RuntimeError as e:  # e.g. a database written by another Optuna version
             raise ValueError(f"storage {url!r}: {e}") from None
     raise AssertionError("unreachable")
+
+
+def _serialize_sqlite(storage: RDBStorage) -> None:
+    """Make every transaction on a SQLite file take the write lock when it begins.
+
+    Optuna claims a queued trial by reading that it is WAITING and then marking it RUNNING;
+    ``SELECT ... FOR UPDATE`` means nothing to SQLite, and Python's sqlite3 begins a transaction
+    only at the first write, so two workers could both read WAITING and both run the trial (the
+    second then fails to tell it). ``BEGIN IMMEDIATE`` makes the read and the write one step.
+    """
+    engine = storage.engine
+    if engine.dialect.name != "sqlite" or engine.url.database in (None, "", ":memory:"):
+        return
+
+    def autocommit_driver(dbapi_connection, connection_record):
+        dbapi_connection.isolation_level = None  # SQLAlchemy's "begin" below opens transactions
+
+    def begin_immediate(connection):
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    sqlalchemy.event.listen(engine, "connect", autocommit_driver)
+    sqlalchemy.event.listen(engine, "begin", begin_immediate)
+    engine.dispose()  # pooled connections made while the schema was created get the listeners too
 
 
 def device_memory_bytes() -> int | None:
@@ -208,11 +234,12 @@ def _knob_params(space: SearchSpace, params: dict) -> dict | None:
 
 
 def evaluate(space: SearchSpace, params: dict, *, warmup: int, repeats: int) -> tuple[dict, Timing | None]:
-    """Run one config: objectives and (when timed) its ``Timing``. Raises on compile/run errors."""
+    """Run one config: objectives and (when timed, by ``autotune.measure``'s protocol) its ``Timing``.
+    Raises on compile/run errors."""
     cfg = space.to_config(params)
     if space.measure is not None:
         return dict(space.measure(cfg)), None
-    timing = time_callable(space.runner(cfg), warmup=warmup, repeats=repeats)
+    timing = measure.time_space(space, cfg, warmup=warmup, repeats=repeats)
     return {"seconds": timing.median_seconds}, timing
 
 

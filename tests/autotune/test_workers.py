@@ -6,6 +6,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 import warnings
@@ -175,3 +176,27 @@ def test_a_trial_whose_worker_died_before_its_first_heartbeat_is_retried(tmp_pat
     states = _states(result.study)
     assert len(states[optuna.trial.TrialState.COMPLETE]) == 3
     assert result.study.trials[orphan.number].state == optuna.trial.TrialState.FAIL
+
+
+def test_one_queued_trial_is_claimed_by_one_worker_on_sqlite(tmp_path):
+    """Four workers racing for one enqueued trial (a default config, a retried trial): one gets it.
+    (Without BEGIN IMMEDIATE, SQLite let several read WAITING and all mark it RUNNING.)"""
+    storage = f"sqlite:///{tmp_path}/queue.db"
+    for round_ in range(10):
+        name = f"queue{round_}"
+        study = optuna.create_study(storage=tuner.make_storage(storage), study_name=name)
+        study.enqueue_trial({"x": 1})
+        workers = [optuna.load_study(study_name=name, storage=tuner.make_storage(storage)) for _ in range(4)]
+        barrier = threading.Barrier(len(workers))
+        claimed = []
+
+        def claim(worker, barrier=barrier, claimed=claimed):
+            barrier.wait()
+            claimed.append(worker._pop_waiting_trial_id())
+
+        threads = [threading.Thread(target=claim, args=(w,)) for w in workers]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sum(c is not None for c in claimed) == 1, (round_, claimed)
