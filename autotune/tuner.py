@@ -155,6 +155,8 @@ def _serialize_sqlite(storage: RDBStorage) -> None:
     engine = storage.engine
     if engine.dialect.name != "sqlite" or engine.url.database in (None, "", ":memory:"):
         return
+    if not os.access(engine.url.database, os.W_OK):  # a read-only file: readers only, nothing to claim
+        return
 
     def autocommit_driver(dbapi_connection, connection_record):
         dbapi_connection.isolation_level = None  # SQLAlchemy's "begin" below opens transactions

@@ -115,49 +115,32 @@ def test_postgresql_url_errors_are_one_line(tmp_path):
     assert "Traceback" not in out.stderr and out.stderr.count("\n") == 1
 
 
-def _recipe_storage(tmp_path) -> str:
-    return POSTGRES or f"sqlite:///{tmp_path}/recipe.db"
-
-
-def _wait_all(procs, what):
-    for p in procs:
-        _out, err = p.communicate(timeout=300)
-        assert p.returncode == 0, f"{what}: {err[-2000:]}"
-
-
-def test_slurm_array_recipe_shares_the_budget(tmp_path):
-    """examples/slurm_sweep.sbatch, run as two array tasks on one storage (PostgreSQL when there is one)."""
-    storage, prefix = _recipe_storage(tmp_path), f"slurm{uuid.uuid4().hex[:8]}"
-    env = {**_env(tmp_path), "TINYPALLAS_STORAGE": storage, "STUDY": prefix, "PYTHON": sys.executable,
-           "SWEEP_ARGS": f"--shape {SHAPE} --trials 6", "SLURM_SUBMIT_DIR": str(tmp_path)}
-    tasks = [subprocess.Popen(["bash", str(REPO / "examples" / "slurm_sweep.sbatch")], cwd=tmp_path,
-                              env={**env, "SLURM_ARRAY_TASK_ID": str(i)}, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for i in range(2)]
-    _wait_all(tasks, "slurm task")
-    assert len(_states(_study(storage, prefix))[optuna.trial.TrialState.COMPLETE]) == 6
-
-
-def test_kubernetes_indexed_job_recipe_shares_the_budget(tmp_path):
-    """examples/k8s_sweep_job.yaml's container command, run as two indexed pods would run it."""
+def test_slurm_and_kubernetes_recipes_share_one_budget(tmp_path):
+    """examples/slurm_sweep.sbatch as an array task and examples/k8s_sweep_job.yaml's container as an
+    indexed pod, running together on one study (on PostgreSQL when there is a server)."""
     yaml = pytest.importorskip("yaml")
+    storage, prefix = POSTGRES or f"sqlite:///{tmp_path}/recipe.db", f"recipe{uuid.uuid4().hex[:8]}"
+    slurm_env = {**_env(tmp_path), "TINYPALLAS_STORAGE": storage, "STUDY": prefix, "PYTHON": sys.executable,
+                 "SWEEP_ARGS": f"--shape {SHAPE} --trials 6", "SLURM_SUBMIT_DIR": str(tmp_path),
+                 "SLURM_ARRAY_TASK_ID": "0"}
+    slurm_task = ["bash", str(REPO / "examples" / "slurm_sweep.sbatch")]
+
     job = yaml.safe_load((REPO / "examples" / "k8s_sweep_job.yaml").read_text())
     assert job["kind"] == "Job" and job["spec"]["completionMode"] == "Indexed"
     (container,) = job["spec"]["template"]["spec"]["containers"]
-    storage, prefix = _recipe_storage(tmp_path), f"k8s{uuid.uuid4().hex[:8]}"
-    names = {e["name"] for e in container["env"]}
-    assert {"TINYPALLAS_STORAGE", "WORKER_INDEX"} <= names
+    assert {"TINYPALLAS_STORAGE", "WORKER_INDEX"} <= {e["name"] for e in container["env"]}
+    values = {"TINYPALLAS_STORAGE": storage, "WORKER_INDEX": "1"}
+    args = [re.sub(r"\$\((\w+)\)", lambda m: values[m.group(1)], a) for a in container["args"]]
+    args[args.index("--study-name") + 1] = prefix
+    # The manifest tunes bfloat16 matmuls for hours; here the same command on one tiny problem.
+    pod = [sys.executable if a == "python" else a for a in container["command"]] + args + [
+        "--shape", SHAPE, "--dtype", "float32", "--trials", "6"]
 
-    def argv(index: int) -> list[str]:
-        values = {"TINYPALLAS_STORAGE": storage, "WORKER_INDEX": str(index)}
-        args = [re.sub(r"\$\((\w+)\)", lambda m: values[m.group(1)], a) for a in container["args"]]
-        args[args.index("--study-name") + 1] = prefix
-        # The manifest tunes bfloat16 matmuls for hours; here the same command on one tiny problem.
-        return [sys.executable if a == "python" else a for a in container["command"]] + args + [
-            "--shape", SHAPE, "--dtype", "float32", "--trials", "6"]
-
-    pods = [subprocess.Popen(argv(i), cwd=tmp_path, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True) for i in range(2)]
-    _wait_all(pods, "pod")
+    procs = [subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for cmd, env in ((slurm_task, slurm_env), (pod, _env(tmp_path)))]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-2000:]
     assert len(_states(_study(storage, prefix))[optuna.trial.TrialState.COMPLETE]) == 6
 
 
