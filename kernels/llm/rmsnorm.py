@@ -106,6 +106,8 @@ def parse_shape(text: str) -> dict:
         rows, dim = (int(v) for v in text.lower().split("x"))
     except ValueError:
         raise ValueError(f"shape {text!r} is not ROWSxDIM, e.g. 1x4096") from None
+    if min(rows, dim) < 1:
+        raise ValueError(f"shape {text!r}: sizes must be positive, e.g. 1x4096")
     return problem_key(rows, dim, "bfloat16")
 
 

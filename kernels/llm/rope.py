@@ -143,6 +143,8 @@ def parse_shape(text: str) -> dict:
         rows, d = (int(v) for v in text.lower().split("x"))
     except ValueError:
         raise ValueError(f"shape {text!r} is not ROWSxHEAD_DIM, e.g. 32x128") from None
+    if rows < 1 or d < 2 or d % 2:
+        raise ValueError(f"shape {text!r}: rows must be positive and HEAD_DIM even, e.g. 32x128")
     return problem_key(rows, d, "bfloat16")
 
 

@@ -397,10 +397,13 @@ def parse_shape(text: str) -> dict:
         raise ValueError(f"shape {text!r} is not MxNxK[:gGROUP][:bBITS], e.g. 1x4096x4096:g128") from None
     group, bits = 32, 4
     for opt in opts:
-        if opt.startswith("g"):
-            group = int(opt[1:])
-        elif opt.startswith("b"):
-            bits = int(opt[1:])
+        if opt[:1] in ("g", "b") and opt[1:].isdigit():
+            group, bits = (int(opt[1:]), bits) if opt[0] == "g" else (group, int(opt[1:]))
+        else:
+            raise ValueError(f"shape {text!r}: option {opt!r} is not gGROUP or bBITS, e.g. 1x4096x4096:g128:b4")
+    if min(m, n, k) < 1 or bits not in (4, 8) or group < 1 or k % group:
+        raise ValueError(f"shape {text!r}: sizes must be positive, BITS 4 or 8 and GROUP divide K, "
+                         "e.g. 1x4096x4096:g128")
     return problem_key(m, n, k, bits, group, "bfloat16")
 
 
