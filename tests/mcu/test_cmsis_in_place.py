@@ -36,7 +36,7 @@ def test_cmsis_plan_overlaps_except_its_1x1_convs():
 
 
 @needs_cmsis
-@pytest.mark.parametrize("general", [False, True], ids=["wrapper", "general-1x1"])
+@pytest.mark.parametrize("general", [pytest.param(False, marks=pytest.mark.slow), True], ids=["wrapper", "general-1x1"])
 def test_cmsis_in_place_plan_matches_tflm(general, tmp_path):
     graph, model = _ptq(builders.ds_cnn(input_shape=(25, 10, 1), filters=16))
     config = codegen.Config(backend="cmsis-nn")

@@ -78,7 +78,8 @@ def _variants(graph, **knobs):
 
 @pytest.mark.parametrize("knobs", [{"weights": "s16", "unroll": "2", "rows": "4"},
                                    {"kernel": "direct", "weights": "s8", "unroll": "1", "rows": "2", "strip": "2"},
-                                   {"weights": "s8", "kernel": "portable"}], ids=lambda k: "-".join(k.values()))
+                                   pytest.param({"weights": "s8", "kernel": "portable"}, marks=pytest.mark.slow)],
+                         ids=lambda k: "-".join(k.values()))
 def test_specialized_variants_match_tflm(knobs, tmp_path):
     """ResNet-8 (residual ADDs, 3-channel input: a padded int8 column) and an MCUNet-style net
     (5x5/7x7 depthwise, stride 2, 1x1 with odd channel counts) under every kernel variant."""
@@ -91,6 +92,7 @@ def test_specialized_variants_match_tflm(knobs, tmp_path):
         assert expected in kernels or (expected == "tp_conv_s8" and "tp_conv1x1_unroll4_s8" in kernels)
 
 
+@pytest.mark.slow
 def test_specialized_depthwise_in_place_and_folded_pads_under_sanitizers(tmp_path):
     graph, model = _ptq(builders.ds_cnn(input_shape=(25, 10, 1), filters=16))
     lowered = _host_matches_tflm(graph, model, tmp_path, codegen.Config(backend="specialized"), sanitize=True)
