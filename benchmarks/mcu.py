@@ -70,6 +70,16 @@ def describe(config: codegen.Config) -> str:
     return ", ".join(parts)
 
 
+def marker_macs(graph, markers: list[str]) -> list[int]:
+    """MACs of what each per-layer marker measures: ``op I ...`` one op, ``ops 0..I ...`` a patched segment."""
+    out = []
+    for m in markers:
+        first, _, last = m.split()[1].partition("..")
+        ops = range(int(first), int(last or first) + 1)
+        out.append(sum(specialized.op_macs(graph, graph.ops[i]) for i in ops))
+    return out
+
+
 def bench(path: pathlib.Path, board: mcu.Board, qemu: bool, layers: bool = False) -> dict:
     graph = tflite_import.load(str(path))
     arena = tflm.arena_bytes(str(path))
@@ -106,7 +116,9 @@ def bench(path: pathlib.Path, board: mcu.Board, qemu: bool, layers: bool = False
                 if layers:
                     elf = build.build_target(pathlib.Path(tmp) / name, run_board, profile_layers=True)
                     counts = build.run_qemu(elf, run_board, x, timeout=1800).layer_instructions
-                    entry["layers"] = [{"layer": m, "instructions": n} for m, n in zip(low.markers, counts, strict=True)]
+                    entry["layers"] = [{"layer": m, "instructions": n, "macs": k,
+                                        "macs_per_instruction": round(k / n, 3) if n else None}
+                                       for m, n, k in zip(low.markers, counts, marker_macs(graph, low.markers), strict=True)]
             entry["fits"] = not problems
             entry["does_not_fit"] = problems
             row["schedules"][name] = entry
@@ -123,7 +135,9 @@ def main() -> None:
     ap.add_argument("--models", default="*.tflite", help="glob in ../shared/tflite")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "mcu.json"))
     ap.add_argument("--no-qemu", action="store_true", help="skip the Cortex-M build and instruction counts")
-    ap.add_argument("--layers", action="store_true", help="also record per-layer instruction counts in the JSON")
+    ap.add_argument("--layers", action="store_true",
+                    help="also record per-layer instruction counts and MACs per instruction in the JSON (a profiled "
+                         "build per schedule: each layer in every backend's form, side by side)")
     args = ap.parse_args()
     board = mcu.board(args.board)
     qemu = not args.no_qemu and bool(shutil.which("qemu-system-arm") and shutil.which("arm-none-eabi-gcc"))

@@ -162,13 +162,15 @@ def const_bytes(graph, op) -> dict[str, int]:
     return {"s16": 0, "s8": 0}
 
 
+def op_macs(graph, op) -> int:
+    """Multiply-accumulates of one op (convs, depthwise convs, fully connected; 0 for the rest)."""
+    if op.kind not in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"):
+        return 0
+    w, y = graph.tensors[op.inputs[1]], graph.tensors[op.outputs[0]]
+    per_output = w.size // w.shape[0] if op.kind != "DEPTHWISE_CONV_2D" else w.shape[1] * w.shape[2]
+    return int(y.size * per_output)
+
+
 def macs(graph) -> int:
-    """Multiply-accumulates of one inference: convs, depthwise convs and fully connected layers."""
-    total = 0
-    for op in graph.ops:
-        t = graph.tensors
-        if op.kind in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"):
-            w, y = t[op.inputs[1]], t[op.outputs[0]]
-            per_output = w.size // w.shape[0] if op.kind != "DEPTHWISE_CONV_2D" else w.shape[1] * w.shape[2]
-            total += y.size * per_output
-    return int(total)
+    """Multiply-accumulates of one inference."""
+    return sum(op_macs(graph, op) for op in graph.ops)
