@@ -213,5 +213,5 @@ def resolve(model_or_name: str | os.PathLike) -> pathlib.Path:
         return path
     if path.parent == pathlib.Path(".") and (_stem(path.name) in REFERENCES or find(path.name)):
         return reference(path.name)
-    raise MissingModelError(f"model {str(model_or_name)!r} not found; pass a .tflite file or the name of a reference "
-                            f"model ({', '.join(REFERENCES)})")
+    raise MissingModelError(f"model {str(model_or_name)!r} not found; pass a .tflite file or a reference model's name "
+                            "(e.g. mlperf_tiny_kws01_dscnn_int8; README.md, 'Reference models', lists them)")
