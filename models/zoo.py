@@ -133,7 +133,7 @@ def _build_key() -> str:
     import numpy as np
 
     h = hashlib.sha256(f"{jax.__version__} {np.__version__}".encode())
-    for path in sorted((REPO / "models").glob("*.py")):
+    for path in [*sorted((REPO / "models").glob("*.py")), REPO / "kernels" / "quant.py"]:
         h.update(path.read_bytes())
     return h.hexdigest()[:16]
 
@@ -174,16 +174,15 @@ def stand_in_for(name: str) -> str | None:
     return next((s for s, spec in STAND_INS.items() if _stem(name) in spec.stands_for), None)
 
 
-def model(name: str, cache_dir: str | os.PathLike | None = None, *, stand_in_name: str | None = None) -> pathlib.Path:
-    """Reference model ``name`` if present, else its stand-in (or ``stand_in_name``), built on
-    first use. A stand-in's name says that it is one (``standin_...``); its numbers are not the
-    reference model's."""
+def model(name: str, cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
+    """Reference model ``name`` if present, else its stand-in, built on first use. A stand-in's
+    name says that it is one (``standin_...``); its figures are not the reference model's."""
     if _stem(name) in STAND_INS:
         return stand_in(_stem(name), cache_dir)
     path = find(name)
     if path is not None:
         return path
-    substitute = stand_in_name or stand_in_for(name)
+    substitute = stand_in_for(name)
     if substitute is None:
         reference(name)  # raises, saying how to get it
     return stand_in(substitute, cache_dir)
