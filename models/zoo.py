@@ -19,8 +19,8 @@ from collections.abc import Callable
 ENV = "TINYPALLAS_MODELS"
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_DIR = REPO.parent / "shared" / "tflite"
-HOW_TO_GET = (f"download it (README.md, section 'Reference models', lists the sources) and set ${ENV} "
-              "to the folder that holds it")
+HOW_TO_GET = (f"download the reference models (README.md, section 'Reference models', lists the sources) and set ${ENV} "
+              "to their folder")
 
 _TINY = "mlcommons/tiny @ 1afd2c98, benchmark/training/"
 _TINYENGINE = "mit-han-lab/tinyengine @ 47bb283c, "
