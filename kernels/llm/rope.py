@@ -118,7 +118,11 @@ def rope(x: jax.Array, positions: jax.Array, *, theta: float, scaling: float = 1
         raise ValueError(f"positions has shape {positions.shape}, expected (batch, seq) = {(b, t)}")
     if d % 2 or not common.is_pow2(d // 2):
         raise ValueError(f"head_dim={d} must be twice a power of 2 for the Pallas RoPE kernel")
+    if not jnp.issubdtype(positions.dtype, jnp.integer):
+        raise ValueError(f"positions are {positions.dtype}; pass integer token positions (e.g. int32)")
     rows = b * t * h
+    if rows == 0:  # an empty batch, sequence or head axis: nothing to rotate
+        return x
     if interpret is None:
         interpret = platform.interpret_default()
     cfg = tuned.resolve("rope", problem_key(rows, d, x.dtype), config, config_type=Config,

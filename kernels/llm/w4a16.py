@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -361,8 +362,12 @@ def quantized_matmul(x: jax.Array, w: QuantizedWeight | jax.Array, *, config: Co
     if x.shape[-1] != k:
         raise ValueError(f"x has K={x.shape[-1]} but the weight has K={k}")
     lead = x.shape[:-1]
+    m, n = math.prod(lead), arrays[0].shape[-1]
+    if k == 0:
+        raise ValueError("the weights have K=0 input features; quantized_matmul needs K >= 1")
+    if 0 in (m, n):  # no row or no output feature: the empty result
+        return jnp.zeros((*lead, n), x.dtype)
     x2 = x.reshape(-1, k)
-    m, n = x2.shape[0], arrays[0].shape[-1]
     if interpret is None:
         interpret = platform.interpret_default()
     cfg = tuned.resolve("w4a16", problem_key(m, n, k, bits, group, x.dtype), config, config_type=Config,
