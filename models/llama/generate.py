@@ -94,6 +94,7 @@ def generate(params: dict, cfg: LlamaConfig, prompts: list[list[int]], *, max_to
     if temperature < 0 or top_k < 0 or not 0.0 < top_p <= 1.0:
         raise ValueError(f"sampling needs temperature >= 0 (0 = greedy), top_k >= 0 (0 = off) and 0 < top_p <= 1 "
                          f"(1 = off); got temperature={temperature}, top_k={top_k}, top_p={top_p}")
+    params = forward.prepare(params, cfg, path)  # a no-op for params loaded for this path
     b = len(prompts)
     lengths = np.array([len(p) for p in prompts], np.int32)
     t = int(lengths.max())

@@ -176,7 +176,7 @@ def test_sentencepiece_vocabulary_tokenizes_like_llama_cpp(tmp_path):
 
     path = tmp_path / "spm.gguf"
     _write_spm_vocab_gguf(path)
-    tok = tokenizer.from_gguf_metadata(gguf_loader.read_metadata(gguf.GGUFReader(str(path))))
+    tok = tokenizer.from_gguf_metadata(gguf_loader.read_metadata(path))
     with peers.llama_cpp(path, vocab_only=True) as llm:
         for text in ["the quick brown fox", "The Quick  fox!", "dog  sleeps\n\nin the sun", "naïve 東京 🚀", " leading",
                      "x", "thethethe", "a  b   c"]:
