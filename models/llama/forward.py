@@ -151,9 +151,10 @@ def _logits(params, cfg: LlamaConfig, ops: Ops, h, delta):
     return ops.linear(x, out_w).astype(jnp.float32)
 
 
-def _run_layers(params, cfg: LlamaConfig, ops: Ops, tokens, cache, attend):
+def _run_layers(params, cfg: LlamaConfig, ops: Ops, tokens, cache, attend, last=None):
     """Shared layer loop. ``attend(q, k, v, cache, layer)`` -> (attention output, cache) with q, k
-    not yet rotated. Returns (logits, cache)."""
+    not yet rotated. Returns (logits, cache); with ``last`` (B,) only the logits at those positions
+    (the output projection is the largest matmul of a prefill)."""
     b, t = tokens.shape
     hd = cfg.head_dim
     x = ops.embedding(params["embed"], tokens, cache["k"].dtype)  # (B, T, dim)
@@ -178,12 +179,17 @@ def _run_layers(params, cfg: LlamaConfig, ops: Ops, tokens, cache, attend):
     else:  # the stacked weights are closed over and indexed, never sliced into the loop's inputs
         carry, _ = jax.lax.scan(layer, carry, np.arange(cfg.n_layers, dtype=np.int32))
     h, delta, cache = carry
+    if last is not None:
+        pick = lambda a: jnp.take_along_axis(a, last[:, None, None], axis=1)  # noqa: E731
+        h, delta = pick(h), pick(delta)
     return _logits(params, cfg, ops, h, delta), cache
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "path"), donate_argnames=("cache",))
-def prefill(params: dict, tokens: jax.Array, cache: dict, *, cfg: LlamaConfig, path: str = "xla"):
-    """Run a prompt (B, T) from position 0 into an empty cache -> (logits (B, T, vocab), cache).
+def prefill(params: dict, tokens: jax.Array, cache: dict, *, cfg: LlamaConfig, path: str = "xla",
+            lengths: jax.Array | None = None):
+    """Run a prompt (B, T) from position 0 into an empty cache -> (logits (B, T, vocab), cache); with
+    ``lengths`` (B,), only each row's last logits (B, 1, vocab).
 
     Rows shorter than T may be right-padded: causal attention keeps padding from reaching real tokens,
     and decode overwrites the padded cache slots.
@@ -193,7 +199,8 @@ def prefill(params: dict, tokens: jax.Array, cache: dict, *, cfg: LlamaConfig, p
     def attend(q, k, v, cache, i):
         return ops.prefill_attention(q, k, v, cache, i, rotary_of(cfg))
 
-    return _run_layers(params, cfg, ops, tokens, cache, attend)
+    last = None if lengths is None else (lengths - 1).astype(jnp.int32)
+    return _run_layers(params, cfg, ops, tokens, cache, attend, last)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "path"), donate_argnames=("cache",))
