@@ -142,7 +142,7 @@ def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32) ->
 
 
 def rotary_of(cfg: LlamaConfig) -> Rotary:
-    return Rotary(theta=float(cfg.rope_theta), scaling=float(cfg.rope_scaling))
+    return Rotary(theta=float(cfg.rope_theta), scaling=float(cfg.rope_scaling), llama3=cfg.rope_llama3)
 
 
 def _logits(params, cfg: LlamaConfig, ops: Ops, h, delta):

@@ -204,9 +204,15 @@ def from_hf_folder(folder) -> Tokenizer:
     path = folder / "tokenizer.json"
     if not path.is_file():
         raise ValueError(f"{folder} has no tokenizer.json; copy it from the model's repository")
-    tok = HFTokenizer.from_file(str(path))
     conf_path = folder / "tokenizer_config.json"
-    conf = json.loads(conf_path.read_text()) if conf_path.is_file() else {}
+    try:
+        tok = HFTokenizer.from_file(str(path))
+        conf = json.loads(conf_path.read_text()) if conf_path.is_file() else {}
+    except Exception as e:  # noqa: BLE001  (tokenizers raises its own exception type)
+        raise ValueError(f"the tokenizer files in {folder} are unreadable ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+    if not isinstance(conf, dict):
+        raise ValueError(f"{conf_path} is not a JSON object")
 
     def token_id(name):
         v = conf.get(name)
@@ -216,6 +222,10 @@ def from_hf_folder(folder) -> Tokenizer:
 
     control = frozenset(tok.token_to_id(t.content) for t in tok.get_added_tokens_decoder().values() if t.special)
     eos = token_id("eos_token")
+    # transformers >= 4.43 may write the template beside the config instead of inside it (5.x always does)
+    template = conf.get("chat_template")
+    if not template and (folder / "chat_template.jinja").is_file():
+        template = (folder / "chat_template.jinja").read_text()
     return Tokenizer(_plain=tok, _special=tok, bos_id=token_id("bos_token"), eos_id=eos,
                      add_bos=bool(conf.get("add_bos_token", False)), stop_ids=frozenset({eos} - {None}),
-                     chat_template=conf.get("chat_template"), control_ids=control)
+                     chat_template=template if isinstance(template, str) else None, control_ids=control)
