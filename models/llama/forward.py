@@ -180,7 +180,7 @@ def _run_layers(params, cfg: LlamaConfig, ops: Ops, tokens, cache, attend, last=
         carry, _ = jax.lax.scan(layer, carry, np.arange(cfg.n_layers, dtype=np.int32))
     h, delta, cache = carry
     if last is not None:
-        pick = lambda a: jnp.take_along_axis(a, last[:, None, None], axis=1)  # noqa: E731
+        pick = lambda a: jnp.take_along_axis(a, last[:, None, None], axis=1)
         h, delta = pick(h), pick(delta)
     return _logits(params, cfg, ops, h, delta), cache
 

@@ -148,12 +148,12 @@ def from_gguf_metadata(meta: dict) -> Tokenizer:
     if model == "gpt2":
         merges = _list_of(meta, "tokenizer.ggml.merges", str, default=[])
         pre = meta.get("tokenizer.ggml.pre", "default")
-        build = lambda: _bpe_gpt2(tokens, merges, pre)  # noqa: E731
+        build = lambda: _bpe_gpt2(tokens, merges, pre)
         add_bos_default = False
     elif model == "llama":
         scores = _list_of(meta, "tokenizer.ggml.scores", (int, float), len(tokens), [0.0] * len(tokens))
         space = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
-        build = lambda: _bpe_spm(tokens, scores, types, space)  # noqa: E731
+        build = lambda: _bpe_spm(tokens, scores, types, space)
         add_bos_default = True
     else:
         raise ValueError(f"tokenizer model {model!r:.80} is not supported (supported: 'gpt2' BPE, 'llama' SentencePiece)")
@@ -177,7 +177,7 @@ def from_gguf_metadata(meta: dict) -> Tokenizer:
         if v is None:
             return None
         if not isinstance(v, int) or isinstance(v, bool):
-            raise ValueError(f"GGUF metadata {key} = {v!r:.40} is not a token id; the file is corrupt")
+            raise ValueError(f"GGUF metadata {key} = {v!r:.40} is not a token id; the file is corrupt")  # noqa: TRY004
         if v >= len(tokens):
             raise ValueError(f"GGUF metadata {key} = {v} is past the vocabulary of {len(tokens)} tokens")
         return None if v < 0 else v
@@ -212,7 +212,7 @@ def from_hf_folder(folder) -> Tokenizer:
         raise ValueError(f"the tokenizer files in {folder} are unreadable ({type(e).__name__}: "
                          f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
     if not isinstance(conf, dict):
-        raise ValueError(f"{conf_path} is not a JSON object")
+        raise ValueError(f"{conf_path} is not a JSON object")  # noqa: TRY004  (bad input: ValueError)
 
     def token_id(name):
         v = conf.get(name)
