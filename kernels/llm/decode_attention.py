@@ -42,9 +42,9 @@ def reference(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax
     b, hq, d = q.shape
     hkv, s = k_cache.shape[1], k_cache.shape[2]
     if rotary is not None:
-        q = rope.reference(q[:, None], (lengths - 1)[:, None], theta=rotary.theta, scaling=rotary.scaling)[:, 0]
-        k_cache = rope.reference(k_cache.transpose(0, 2, 1, 3), jnp.broadcast_to(jnp.arange(s), (b, s)),
-                                 theta=rotary.theta, scaling=rotary.scaling).transpose(0, 2, 1, 3)
+        q = rope.apply(q[:, None], (lengths - 1)[:, None], rotary)[:, 0]
+        k_cache = rope.apply(k_cache.transpose(0, 2, 1, 3), jnp.broadcast_to(jnp.arange(s), (b, s)),
+                             rotary).transpose(0, 2, 1, 3)
     qg = q.astype(jnp.float32).reshape(b, hkv, hq // hkv, d)
     scores = jnp.einsum("bhgd,bhsd->bhgs", qg, k_cache.astype(jnp.float32)) / math.sqrt(d)
     valid = jnp.arange(s)[None, :] < lengths[:, None]  # (B, S)

@@ -39,10 +39,9 @@ def reference(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
     ``rotary``: q and k are first rotated by RoPE at their sequence index."""
     b, t, hq, d = q.shape
     if rotary is not None:
-        q = rope.reference(q, jnp.broadcast_to(jnp.arange(t), (b, t)), theta=rotary.theta, scaling=rotary.scaling)
+        q = rope.apply(q, jnp.broadcast_to(jnp.arange(t), (b, t)), rotary)
         s_len = k.shape[1]
-        k = rope.reference(k, jnp.broadcast_to(jnp.arange(s_len), (b, s_len)), theta=rotary.theta,
-                           scaling=rotary.scaling)
+        k = rope.apply(k, jnp.broadcast_to(jnp.arange(s_len), (b, s_len)), rotary)
     group = hq // k.shape[2]
     kf = jnp.repeat(k.astype(jnp.float32), group, axis=2)
     vf = jnp.repeat(v.astype(jnp.float32), group, axis=2)
