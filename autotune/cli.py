@@ -5,6 +5,8 @@
     python -m autotune show                        # best configs in the cache
     python -m autotune plot --study-name NAME      # PNGs of one study (all studies without a name)
     python -m autotune export FILE / import FILE   # move tuned configs between machines
+    python -m autotune report BUNDLE_OR_JSON... --format md|latex|csv   # tables from results alone
+    python -m autotune replay BUNDLE               # re-measure a bundle's best configs here
 """
 from __future__ import annotations
 
@@ -58,6 +60,15 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--kernel", default=None)
     im = sub.add_parser("import", help="merge a file written by `export` into the best-config cache")
     im.add_argument("file")
+
+    rp = sub.add_parser("report", help="tables (md, latex, csv) from sweep bundles and benchmark JSONs")
+    rp.add_argument("paths", nargs="+", metavar="BUNDLE_OR_JSON")
+    rp.add_argument("--format", default="md", choices=("md", "latex", "csv"))
+    rp.add_argument("-o", "--output", default=None, help="write to FILE (default: print)")
+    rl = sub.add_parser("replay", help="re-measure a bundle's best configs here: old against new with intervals")
+    rl.add_argument("bundle")
+    rl.add_argument("--repeats", type=int, default=None, help="samples per config (default and minimum: 10)")
+    rl.add_argument("--format", default="md", choices=("md", "latex", "csv"))
     return p
 
 
@@ -258,10 +269,39 @@ def cmd_import(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from autotune import report
+
+    try:
+        text = report.report(args.paths, args.format)
+        if args.output:
+            pathlib.Path(args.output).write_text(text)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(text if not args.output else f"wrote {args.output}")
+    return 0
+
+
+def cmd_replay(args) -> int:
+    from autotune import replay, report
+
+    if args.repeats is not None and args.repeats < 10:
+        print(f"error: --repeats {args.repeats}: intervals need at least 10 samples", file=sys.stderr)
+        return 2
+    try:
+        table, _ = replay.replay(args.bundle, repeats=args.repeats)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(report.render([table], args.format))
+    return 0
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["sweep"] + argv
     args = _parser().parse_args(argv)
     return {"sweep": cmd_sweep, "show": cmd_show, "plot": cmd_plot, "export": cmd_export,
-            "import": cmd_import}[args.command](args)
+            "import": cmd_import, "report": cmd_report, "replay": cmd_replay}[args.command](args)

@@ -25,7 +25,8 @@ import optuna
 import sqlalchemy.exc
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
-from autotune.measure import Timing, default_repeats, time_callable
+from autotune import measure
+from autotune.measure import Timing, default_repeats
 from kernels import platform, tuned
 from kernels.space import SearchSpace
 
@@ -117,11 +118,12 @@ def _knob_params(space: SearchSpace, params: dict) -> dict | None:
 
 
 def evaluate(space: SearchSpace, params: dict, *, warmup: int, repeats: int) -> tuple[dict, Timing | None]:
-    """Run one config: objectives and (when timed) its ``Timing``. Raises on compile/run errors."""
+    """Run one config: objectives and (when timed, by ``autotune.measure``'s protocol) its ``Timing``.
+    Raises on compile/run errors."""
     cfg = space.to_config(params)
     if space.measure is not None:
         return dict(space.measure(cfg)), None
-    timing = time_callable(space.runner(cfg), warmup=warmup, repeats=repeats)
+    timing = measure.time_space(space, cfg, warmup=warmup, repeats=repeats)
     return {"seconds": timing.median_seconds}, timing
 
 

@@ -1,18 +1,20 @@
-"""Int8 graph throughput (Pallas int8 kernels) vs the same graph in float32 through XLA.
+"""Int8 graphs through the Pallas int8 kernels against the same graph in float32 through XLA.
 
 For each .tflite model: the int8 graph runs through ``models.execute.compile_graph`` (conv / FC
 as the Pallas int8 GEMM with the requantizing epilogue, depthwise as the Pallas tap kernel); the
-float baseline is ``dequantized_graph`` (same ops, dequantized weights) through XLA; a third
-column runs the int8 graph with XLA's integer dot instead of Pallas. Prints a table, writes JSON
-with the device, versions, shapes and ratios.
+baseline is the float graph a user would run, ``dequantized_graph`` (same ops, dequantized
+weights) through XLA; a third contender runs the int8 graph with XLA's integer dot instead of
+Pallas. All three are timed by ``autotune.measure`` (compiled once, input batches rotated past
+the last-level cache, interleaved rounds, device-side kernel time on a GPU) and reported with
+95% bootstrap intervals and verdicts. ``python -m autotune report OUT.json`` prints it again.
 
-    python benchmarks/int8.py                       # CPU: tiny batch, three small models
-    python benchmarks/int8.py --batch 256 --all     # GPU: all nine models
+    python benchmarks/int8.py --quick               # CPU: batch 4, three small models
+    python benchmarks/int8.py --batch 256 --all     # GPU: all nine models (the default there)
 """
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import pathlib
 import sys
 
@@ -20,8 +22,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from autotune import results
-from autotune.measure import time_callable
+from autotune import measure, report, results
 from kernels import platform
 from models import diff, execute, tflite_import
 
@@ -29,69 +30,83 @@ MODELS = pathlib.Path(__file__).resolve().parents[2] / "shared" / "tflite"
 SMALL = ["mlperf_tiny_ad01_fc_autoencoder_int8", "mlperf_tiny_kws01_dscnn_int8", "mlperf_tiny_ic01_resnet8_cifar10_int8"]
 
 
-def time_fn(fn, args, repeats: int) -> float:
-    """Median seconds per call (compile and warm-up kept apart), the autotuner's method."""
-    return time_callable(lambda: fn(*args), warmup=1, repeats=repeats).median_seconds
-
-
-def bench_model(path: pathlib.Path, batch: int, repeats: int) -> dict:
+def bench_model(path: pathlib.Path, batch: int, rounds: int | None) -> dict:
     graph = tflite_import.load(path)
-    inputs = diff.random_inputs(graph, batch, seed=0)
-    int8_args = [jnp.asarray(x) for x in inputs]
     float_graph = execute.dequantized_graph(graph)
-    float_args = []
-    for name, x in zip(graph.inputs, inputs):
-        q = graph.tensors[name].quantization
-        float_args.append(jnp.asarray(x if q is None else execute.quant.dequantize(x, q.scale[0], q.zero_point[0])))
-    pallas_s = time_fn(execute.compile_graph(graph, pallas=True), int8_args, repeats)
-    xla_int8_s = time_fn(execute.compile_graph(graph, pallas=False), int8_args, repeats)
-    float_s = time_fn(execute.compile_float_graph(float_graph), float_args, repeats)
-    return {
-        "model": path.stem,
-        "input_shapes": [list((batch,) + graph.tensors[n].shape[1:]) for n in graph.inputs],
-        "ops": len(graph.ops),
-        "int8_pallas_s": pallas_s,
-        "int8_xla_s": xla_int8_s,
-        "float32_xla_s": float_s,
-        "int8_pallas_inferences_per_s": batch / pallas_s,
-        "float32_xla_inferences_per_s": batch / float_s,
-        "ratio_float_over_int8_pallas": float_s / pallas_s,
+
+    def int8_inputs(seed):
+        return tuple(jnp.asarray(x) for x in diff.random_inputs(graph, batch, seed=seed))
+
+    def float_inputs(seed):
+        out = []
+        for name, x in zip(graph.inputs, diff.random_inputs(graph, batch, seed=seed)):
+            q = graph.tensors[name].quantization
+            out.append(jnp.asarray(x if q is None else execute.quant.dequantize(x, q.scale[0], q.zero_point[0])))
+        return tuple(out)
+
+    float_xla = measure.workload(execute.compile_float_graph(float_graph), float_inputs, name="float32_xla")
+    contenders = {
+        "float32_xla": float_xla,
+        "int8_pallas": measure.workload(execute.compile_graph(graph, pallas=True), int8_inputs, name="int8_pallas"),
+        "int8_xla": measure.workload(execute.compile_graph(graph, pallas=False), int8_inputs, name="int8_xla"),
     }
+    described = {
+        "float32_xla": {"what": "the dequantized float32 graph through XLA", "xla_kernels": float_xla.xla_kernels()},
+        "int8_pallas": {"what": "the int8 graph through the Pallas int8 kernels"},
+        "int8_xla": {"what": "the int8 graph with XLA's integer dot", "xla_kernels":
+                     contenders["int8_xla"].xla_kernels()},
+    }
+    comparison = measure.compare(contenders, baseline="float32_xla", rounds=rounds)
+    return results.comparison_row(
+        f"batch {batch}", path.stem, {"model": path.stem, "batch": batch}, comparison, described,
+        input_shapes=[list((batch,) + graph.tensors[n].shape[1:]) for n in graph.inputs], ops=len(graph.ops),
+        inferences_per_second={name: batch / t.median_seconds for name, t in comparison.timings.items()})
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="three small models, batch 4 (the default on a CPU)")
     parser.add_argument("--batch", type=int, default=None, help="inputs per call (default: 4 on CPU, 256 on GPU)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed calls per model (default 3 CPU, 20 GPU)")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (>= 10; default 10 CPU, 30 GPU)")
     parser.add_argument("--all", action="store_true", help="all nine models (default on GPU)")
-    parser.add_argument("--models", default=str(MODELS), help="folder of .tflite files")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N models")
+    parser.add_argument("--models", default=os.environ.get("TINYPALLAS_MODELS", str(MODELS)),
+                        help="folder of .tflite files (default: $TINYPALLAS_MODELS, else ../shared/tflite)")
     parser.add_argument("--out", default="results/benchmark_int8.json", help="JSON output path")
     args = parser.parse_args(argv)
     on_gpu = platform.backend() == "gpu"
-    batch = args.batch or (256 if on_gpu else 4)
-    repeats = args.repeats or (20 if on_gpu else 3)
+    if args.rounds is not None and args.rounds < measure.MIN_ROUNDS:
+        print(f"error: --rounds {args.rounds}: interleaved comparisons need at least {measure.MIN_ROUNDS}",
+              file=sys.stderr)
+        return 2
+    if args.batch is not None and args.batch < 1:
+        print(f"error: --batch {args.batch} must be >= 1", file=sys.stderr)
+        return 2
+    quick = args.quick or not on_gpu
+    batch = args.batch or (4 if quick else 256)
+    rounds = args.rounds or (30 if on_gpu else measure.MIN_ROUNDS)
     paths = sorted(pathlib.Path(args.models).glob("*.tflite"))
-    if not (args.all or on_gpu):
+    if quick and not args.all:
         paths = [p for p in paths if p.stem in SMALL]
+    paths = paths[:args.limit]
     if not paths:
-        raise SystemExit(f"no .tflite models found in {args.models}")
-    rows = []
-    print(f"{'model':58s} {'int8 Pallas':>12s} {'int8 XLA':>10s} {'f32 XLA':>10s} {'f32/int8':>9s}")
-    for path in paths:
-        r = bench_model(path, batch, repeats)
-        rows.append(r)
-        print(f"{r['model']:58s} {r['int8_pallas_s'] * 1e3:10.2f}ms {r['int8_xla_s'] * 1e3:8.2f}ms "
-              f"{r['float32_xla_s'] * 1e3:8.2f}ms {r['ratio_float_over_int8_pallas']:9.3f}")
-    result = {
-        "benchmark": "int8_graph_vs_float_xla",
-        "env": results.environment(),
-        "batch": batch,
-        "repeats": repeats,
-        "results": rows,
-    }
+        print(f"error: no .tflite models found in {args.models}; pass --models DIR or set $TINYPALLAS_MODELS",
+              file=sys.stderr)
+        return 2
     out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    doc = results.benchmark_document("int8", {"batch": batch, "rounds": rounds, "models": [p.stem for p in paths]})
+    print(f"device: {doc['env']['device_kind']} | jax {doc['env']['jax']} | {doc['env']['timing_note']}", flush=True)
+    for path in paths:
+        try:
+            row = bench_model(path, batch, rounds)
+        except Exception as e:  # noqa: BLE001 -- one model failing is reported, not fatal
+            row = {"section": f"batch {batch}", "label": path.stem, "problem": {"model": path.stem, "batch": batch},
+                   "errors": [f"{type(e).__name__}: {str(e)[:500]}"]}
+        doc["rows"].append(row)
+        results.save_json(out, doc)
+        ratios = {n: f"{r['ratio']:.2f}x {r['verdict']}" for n, r in row.get("comparison", {}).get("ratios", {}).items()}
+        print(f"{path.stem}: {ratios or row.get('errors')}", flush=True)
+    print(report.render(report.benchmark_tables(doc, out.name)))
     print(f"wrote {out}")
     return 0
 

@@ -1,19 +1,20 @@
-"""Tuned Pallas matmul vs XLA's ``jnp.dot`` (cuBLAS on GPU) and vs the default config, as ratios.
+"""Pallas matmul (tuned and heuristic configs) against ``jnp.dot(a, b)`` as a user writes it.
 
     python benchmarks/matmul.py                  # GPU: square 1024-8192 + LLaMA-2-7B projections, bf16
     python benchmarks/matmul.py --quick          # CPU-sized shapes (the interpreter: not kernel speed)
     python benchmarks/matmul.py --shapes 4096x4096x4096 --trials 30 --out results/matmul.json
 
-Each shape is first tuned with the autotuner (resumable: the study lives in --storage), then XLA,
-the default config and the tuned config are timed in this same run with the same method (warm-up,
-repeated runs with block_until_ready, median). Ratios > 1 mean Pallas is faster. JSON output
-carries the environment (device, driver, versions) next to the numbers.
+Each shape is first tuned (a study in --storage, by default a SQLite file beside --out that a
+re-run resumes; seed 0, no warm start, the best-config cache untouched), then XLA, the heuristic config and the tuned config are
+timed by ``autotune.measure``: compiled once, input sets rotated past the last-level cache,
+interleaved for --rounds rounds, device-side kernel time on a GPU. Each row records medians with
+95% bootstrap intervals, the ratio and its verdict (win/loss only when the intervals do not
+overlap, else parity), the raw samples, the kernels XLA compiled for ``jnp.dot`` and the error
+of both against an f32 reference. ``python -m autotune report OUT.json`` prints the tables again.
 """
 from __future__ import annotations
 
 import argparse
-import functools
-import json
 import pathlib
 import sys
 
@@ -21,18 +22,60 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import jax
 import jax.numpy as jnp
-from rich.console import Console
-from rich.table import Table
 
-from autotune import results, tuner
-from autotune.measure import time_callable
+from autotune import measure, report, results
 from kernels import matmul as mm
 from kernels import platform
-from kernels.space import rotating_runner
 
 SQUARE = [1024, 2048, 4096, 8192]
 LLAMA_MNK = [(m, n, k) for m in (1, 16, 128, 2048) for (k, n) in ((4096, 4096), (4096, 11008), (11008, 4096))]
 QUICK = [(128, 128, 128), (16, 256, 256), (96, 80, 200)]
+# Float kernels state their tolerance: relative Frobenius error against an f32 (HIGHEST) product.
+TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2, "float16": 5e-3}
+
+
+def relative_error(out, ref) -> float:
+    out = out.astype(jnp.float32)
+    return float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+
+
+def bench_shape(m: int, n: int, k: int, dtype: str, *, trials: int, rounds: int | None, storage: str,
+                bandwidth: dict | None) -> dict:
+    problem = mm.problem_key(m, n, k, dtype)
+    space = mm.search_space(problem)
+    default_cfg = space.to_config(space.default)
+    tuned_cfg = default_cfg
+    if trials > 0:
+        from autotune import tuner  # needs optuna; --trials 0 runs without it
+
+        result = tuner.tune(space, storage=storage, n_trials=trials, seed=0, warm_start=False, write_cache=False)
+        if result.best_params:
+            tuned_cfg = space.to_config(result.best_params)
+    xla = measure.workload(lambda a, b: jnp.dot(a, b), space.make_inputs, name="xla")
+    contenders = {"xla": xla, "default": measure.workload(space.fn(default_cfg), space.make_inputs, name="default")}
+    described = {"xla": {"what": "jnp.dot(a, b)", "xla_kernels": xla.xla_kernels()},
+                 "default": {"what": "matmul(a, b) with the heuristic config", "config": default_cfg.params()}}
+    if tuned_cfg != default_cfg:
+        contenders["tuned"] = measure.workload(space.fn(tuned_cfg), space.make_inputs, name="tuned")
+        described["tuned"] = {"what": f"matmul(a, b) with the best of {trials} trials", "config": tuned_cfg.params()}
+    comparison = measure.compare(contenders, baseline="xla", rounds=rounds)
+
+    a, b = space.make_inputs(0)
+    ref = jnp.dot(a.astype(jnp.float32), b.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+    errors = {"xla": relative_error(jnp.dot(a, b), ref)}
+    for name, cfg in (("default", default_cfg), ("tuned", tuned_cfg)):
+        if name in contenders:
+            errors[name] = relative_error(space.fn(cfg)(a, b), ref)
+    nbytes = (m * k + k * n + m * n) * jnp.dtype(dtype).itemsize
+    peak = platform.nominal_peak_flops(dtype)
+    roofline = {"flop_bound_seconds_nominal": mm.flops(problem) / peak if peak else None,
+                "memory_bound_seconds_measured": nbytes / bandwidth["measured_bytes_per_second"] if bandwidth else None,
+                "memory_bound_seconds_nominal": nbytes / platform.nominal_bandwidth()
+                if platform.nominal_bandwidth() else None}
+    return results.comparison_row(
+        f"{dtype}", f"{m}x{n}x{k}", problem, comparison, described, flops=mm.flops(problem), bytes=nbytes,
+        roofline=roofline, relative_error_vs_f32=errors, tolerance=TOLERANCE.get(dtype),
+        tuned_is_default=tuned_cfg == default_cfg, trials=trials)
 
 
 def main(argv=None) -> int:
@@ -40,88 +83,56 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="small shapes (CPU); the default on a CPU")
     p.add_argument("--shapes", nargs="*", help="MxNxK shapes instead of the default list")
     p.add_argument("--dtype", default=None, help="default: bfloat16 on GPU, float32 on CPU")
-    p.add_argument("--trials", type=int, default=None, help="autotuner trials per shape (default 24 GPU, 6 CPU)")
-    p.add_argument("--storage", default="sqlite:///results/benchmark_matmul.sqlite3")
-    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--trials", type=int, default=None, help="autotuner trials per shape (default 24 GPU, 3 CPU; 0: none)")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (>= 10; default 10 CPU, 30 GPU)")
+    p.add_argument("--storage", default=None, help="Optuna storage (default: a fresh SQLite file beside --out)")
     p.add_argument("--out", default="results/benchmark_matmul.json")
     args = p.parse_args(argv)
 
     on_gpu = platform.backend() == "gpu"
     dtype = args.dtype or ("bfloat16" if on_gpu else "float32")
-    if args.shapes:
-        shapes = [tuple(mm.parse_shape(s)[d] for d in ("m", "n", "k")) for s in args.shapes]
-    elif args.quick or not on_gpu:
-        shapes = QUICK
-    else:
-        shapes = [(s, s, s) for s in SQUARE] + LLAMA_MNK
-    trials = args.trials or (24 if on_gpu else 6)
-    warmup, repeats = (3, args.repeats or 30) if on_gpu else (1, args.repeats or 3)
-    pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    if args.storage.startswith("sqlite:///"):
-        pathlib.Path(args.storage[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        if args.shapes:
+            shapes = [tuple(mm.parse_shape(s)[d] for d in ("m", "n", "k")) for s in args.shapes]
+        elif args.quick or not on_gpu:
+            shapes = QUICK
+        else:
+            shapes = [(s, s, s) for s in SQUARE] + LLAMA_MNK
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if dtype not in TOLERANCE:
+        print(f"error: --dtype {dtype!r} is not one of {', '.join(TOLERANCE)}", file=sys.stderr)
+        return 2
+    if args.rounds is not None and args.rounds < measure.MIN_ROUNDS:
+        print(f"error: --rounds {args.rounds}: interleaved comparisons need at least {measure.MIN_ROUNDS}",
+              file=sys.stderr)
+        return 2
+    trials = args.trials if args.trials is not None else (24 if on_gpu else 3)
+    rounds = args.rounds or (30 if on_gpu else measure.MIN_ROUNDS)
+    out = pathlib.Path(args.out)
+    storage = args.storage or f"sqlite:///{out.with_suffix('.sqlite3').resolve()}"
+    if storage.startswith("sqlite:///"):
+        pathlib.Path(storage[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
 
-    console = Console(width=160)
-    env = results.environment()
-    console.print(f"device: {env['device_kind']} | jax {env['jax']} | {env['timing_note']}")
-    rows = []
+    bandwidth = measure.read_bandwidth(None if on_gpu else 8 * 2**20)
+    doc = results.benchmark_document("matmul", {"dtype": dtype, "shapes": [list(s) for s in shapes], "trials": trials,
+                                                "rounds": rounds, "storage": storage, "seed": 0,
+                                                "warm_start": False}, read_bandwidth=bandwidth)
+    print(f"device: {doc['env']['device_kind']} | jax {doc['env']['jax']} | {doc['env']['timing_note']}")
     for (m, n, k) in shapes:
-        problem = mm.problem_key(m, n, k, dtype)
-        space = mm.search_space(problem)
-        result = tuner.tune(space, storage=args.storage, n_trials=trials, seed=0,
-                            warmup=warmup, repeats=max(5, repeats // 3))
-        xla = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32).astype(a.dtype))
-        default_cfg = mm.heuristic_config(m, n, k, dtype)
-        tuned_cfg = mm.Config(**result.best_params) if result.best_params else default_cfg
-
-        def make_inputs(seed, m=m, n=n, k=k):
-            ka, kb = jax.random.split(jax.random.key(seed))
-            return jax.random.normal(ka, (m, k), dtype), jax.random.normal(kb, (k, n), dtype)
-
-        # Every contender is a jitted call cycling over the same input sets (more than L2 holds).
-        contenders = {
-            "xla": xla,
-            "default": jax.jit(functools.partial(mm.matmul, config=default_cfg)),
-            "tuned": jax.jit(functools.partial(mm.matmul, config=tuned_cfg)),
-        }
-        timings = {name: time_callable(rotating_runner(f, make_inputs, on_accelerator=on_gpu),
-                                       warmup=warmup, repeats=repeats)
-                   for name, f in contenders.items()}
-        a, b = make_inputs(0)
-        ref = xla(a, b).astype(jnp.float32)
-        out = mm.matmul(a, b, config=tuned_cfg).astype(jnp.float32)
-        rel_err = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
-        row = {
-            "m": m, "n": n, "k": k, "dtype": dtype,
-            "tuned_config": tuned_cfg.params(), "default_config": default_cfg.params(),
-            "relative_error_vs_xla": rel_err,
-            **{f"{name}_seconds": t.median_seconds for name, t in timings.items()},
-            **{f"{name}_spread": t.spread for name, t in timings.items()},
-            "tuned_tflops": mm.flops(problem) / timings["tuned"].median_seconds / 1e12,
-            "xla_tflops": mm.flops(problem) / timings["xla"].median_seconds / 1e12,
-            "tuned_vs_xla": timings["xla"].median_seconds / timings["tuned"].median_seconds,
-            "tuned_vs_default": timings["default"].median_seconds / timings["tuned"].median_seconds,
-            "noisy": any(t.noisy for t in timings.values()),
-        }
-        rows.append(row)
-        pathlib.Path(args.out).write_text(json.dumps({"env": env, "trials_per_shape": trials, "rows": rows}, indent=1))
-        console.print(f"{m}x{n}x{k}: tuned/xla {row['tuned_vs_xla']:.2f}x, tuned/default "
-                      f"{row['tuned_vs_default']:.2f}x ({tuned_cfg.backend}, {tuned_cfg.block_m}x"
-                      f"{tuned_cfg.block_n}x{tuned_cfg.block_k})")
-
-    table = Table(title=f"matmul {dtype} on {env['device_kind']} (ratios > 1: Pallas faster)")
-    for col in ("M", "N", "K", "XLA ms", "tuned ms", "TFLOP/s", "vs XLA", "vs default", "config", "noisy"):
-        table.add_column(col)
-    for r in rows:
-        c = r["tuned_config"]
-        table.add_row(str(r["m"]), str(r["n"]), str(r["k"]), f"{r['xla_seconds'] * 1e3:.3f}",
-                      f"{r['tuned_seconds'] * 1e3:.3f}", f"{r['tuned_tflops']:.1f}", f"{r['tuned_vs_xla']:.2f}x",
-                      f"{r['tuned_vs_default']:.2f}x",
-                      (f"mosaic wg{c['warpgroups']}" if c['backend'] == "mosaic" else f"triton w{c['num_warps']}")
-                      + f" {c['block_m']}x{c['block_n']}x{c['block_k']} {c['order']} s{c['num_stages']}",
-                      "yes" if r["noisy"] else "")
-    console.print(table)
-    pathlib.Path(args.out).write_text(json.dumps({"env": env, "trials_per_shape": trials, "rows": rows}, indent=1))
-    console.print(f"wrote {args.out}")
+        try:
+            row = bench_shape(m, n, k, dtype, trials=trials, rounds=rounds, storage=storage, bandwidth=bandwidth)
+        except Exception as e:  # noqa: BLE001 -- one shape failing to compile is reported, not fatal
+            row = {"section": dtype, "label": f"{m}x{n}x{k}", "problem": mm.problem_key(m, n, k, dtype),
+                   "errors": [f"{type(e).__name__}: {str(e)[:500]}"]}
+        doc["rows"].append(row)
+        results.save_json(out, doc)
+        verdicts = {name: f"{r['ratio']:.2f}x {r['verdict']}" for name, r in
+                    row.get("comparison", {}).get("ratios", {}).items()}
+        print(f"{m}x{n}x{k}: {verdicts or row.get('errors')}", flush=True)
+    print(report.render(report.benchmark_tables(doc, out.name)))
+    print(f"wrote {out}")
     return 0
 
 

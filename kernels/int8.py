@@ -71,10 +71,9 @@ def heuristic_config(problem: dict) -> Config:
                   num_warps=c.num_warps, num_stages=c.num_stages)
 
 
-def resolve_config(problem: dict) -> Config:
-    """Tuned cache (kernel ``"int8"``) for this problem on this device, else the heuristic."""
-    params = tuned.lookup(KERNEL, problem)
-    return Config(**params) if params is not None else heuristic_config(problem)
+def resolve_config(problem: dict, config: Config | None = None) -> Config:
+    """``config`` if given, else the tuned cache (kernel ``"int8"``) for this problem here, else the heuristic."""
+    return tuned.resolve(KERNEL, problem, config, config_type=Config, heuristic=lambda: heuristic_config(problem))
 
 
 # ----------------------------------------------------------------------------------------
@@ -121,7 +120,7 @@ def gemm_requant(a, b, bias, multiplier, shift, *, output_offset: int, act_min: 
                                       act_max=act_max)
     m, k = a.shape
     n = b.shape[1]
-    cfg = config or resolve_config(problem_key(m, n, k))
+    cfg = resolve_config(problem_key(m, n, k), config)
     epilogue = functools.partial(_requant_epilogue, output_offset=int(output_offset), act_min=int(act_min),
                                  act_max=int(act_max))
     return mm.matmul(a, b, out_dtype=jnp.int8, epilogue=epilogue,
@@ -203,7 +202,7 @@ def depthwise_conv2d(x, w: np.ndarray, bias: np.ndarray | None, *, stride, dilat
     folded = fold_input_offset(w_tn, bias, input_offset)
     if interpret is None:
         interpret = platform.interpret_default()
-    cfg = config or resolve_config(depthwise_problem_key(m, n, t))
+    cfg = resolve_config(depthwise_problem_key(m, n, t), config)
     tp = _pow2_at_least(t)  # taps padded to a power of 2 (zero weights) for the Triton block shape
     mp = -(-m // cfg.block_m) * cfg.block_m
     np_ = -(-n // cfg.block_n) * cfg.block_n
@@ -357,14 +356,19 @@ def search_space(problem: dict) -> SearchSpace:
                 problems.append(f"a {cfg.block_m}x{cfg.block_n} tile over {taps} taps needs {tile_bytes} B; lower block_m")
             return problems
 
-        def runner(cfg: Config):
-            side = max(1, int(np.sqrt(m)))
-            x = jnp.asarray(rng.integers(-128, 128, (1, side, m // side, c), dtype=np.int8))
-            k = int(np.sqrt(taps)) if int(np.sqrt(taps)) ** 2 == taps else 1
-            w = rng.integers(-127, 128, (1, k, taps // k, c)).astype(np.int8)
-            mult, shift = quant.quantize_multipliers(rng.uniform(1e-3, 1e-2, c))
-            pad = ((k // 2, k // 2), ((taps // k) // 2, (taps // k) // 2))
-            return functools.partial(depthwise_conv2d, x, w, None, stride=(1, 1), dilation=(1, 1), padding=pad,
+        side = max(1, int(np.sqrt(m)))
+        kh = int(np.sqrt(taps)) if int(np.sqrt(taps)) ** 2 == taps else 1
+        # The filter and multipliers are constants of the layer (numpy, folded at trace time).
+        w = rng.integers(-127, 128, (1, kh, taps // kh, c)).astype(np.int8)
+        mult, shift = quant.quantize_multipliers(rng.uniform(1e-3, 1e-2, c))
+        pad = ((kh // 2, kh // 2), ((taps // kh) // 2, (taps // kh) // 2))
+
+        def make_inputs(seed):
+            x = np.random.default_rng(seed).integers(-128, 128, (1, side, m // side, c), dtype=np.int8)
+            return (jnp.asarray(x),)
+
+        def fn(cfg: Config):
+            return functools.partial(depthwise_conv2d, w=w, bias=None, stride=(1, 1), dilation=(1, 1), padding=pad,
                                      out_hw=(side, m // side), depth_multiplier=1, input_offset=3, output_offset=-2,
                                      multiplier=mult, shift=shift, act_min=-128, act_max=127, config=cfg)
     else:
@@ -375,15 +379,17 @@ def search_space(problem: dict) -> SearchSpace:
         def violations(params: dict) -> list[str]:
             return mm.config_violations(Config(**params).gemm(), m, n, k, jnp.int8)
 
-        def runner(cfg: Config):
-            a = jnp.asarray(rng.integers(-128, 128, (m, k), dtype=np.int8))
-            b = jnp.asarray(rng.integers(-128, 128, (k, n), dtype=np.int8))
-            bias = jnp.asarray(rng.integers(-5000, 5000, n, dtype=np.int32))
-            mult, shift = quant.quantize_multipliers(rng.uniform(1e-4, 1e-2, n))
-            return functools.partial(gemm_requant, a, b, bias, jnp.asarray(mult), jnp.asarray(shift),
-                                     output_offset=-3, act_min=-128, act_max=127, config=cfg)
+        def make_inputs(seed):
+            r = np.random.default_rng(seed)
+            mult, shift = quant.quantize_multipliers(r.uniform(1e-4, 1e-2, n))
+            return (jnp.asarray(r.integers(-128, 128, (m, k), dtype=np.int8)),
+                    jnp.asarray(r.integers(-128, 128, (k, n), dtype=np.int8)),
+                    jnp.asarray(r.integers(-5000, 5000, n, dtype=np.int32)), jnp.asarray(mult), jnp.asarray(shift))
+
+        def fn(cfg: Config):
+            return functools.partial(gemm_requant, output_offset=-3, act_min=-128, act_max=127, config=cfg)
     if on_gpu:
         knobs += [Knob("num_warps", (2, 4, 8)), Knob("num_stages", (2, 3, 4))]
     return SearchSpace(kernel=KERNEL, problem=problem, knobs=tuple(knobs), violations=violations,
-                       to_config=lambda params: Config(**params), runner=runner,
+                       to_config=lambda params: Config(**params), fn=fn, make_inputs=make_inputs,
                        default=heuristic_config(problem).params())

@@ -27,7 +27,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from kernels import platform, tuned
-from kernels.space import Knob, SearchSpace, rotating_runner
+from kernels.space import Knob, SearchSpace
 
 ORDERS = ("m_major", "n_major", "grouped")
 ACTIVATIONS = (None, "relu", "relu6", "gelu", "silu")
@@ -301,12 +301,6 @@ def heuristic_config(m: int, n: int, k: int, dtype, backend: str | None = None) 
                   group_m=8, num_warps=8 if jnp.dtype(dtype).itemsize <= 2 else 4, num_stages=3)
 
 
-def resolve_config(m: int, n: int, k: int, dtype) -> Config:
-    """Tuned cache for (shape, dtype, device kind, jax version), else the heuristic."""
-    params = tuned.lookup("matmul", problem_key(m, n, k, dtype))
-    return Config(**params) if params is not None else heuristic_config(m, n, k, dtype)
-
-
 def matmul(a, b, *, bias=None, activation: str | None = None, out_dtype=None,
            epilogue: Callable | None = None, epilogue_operands: Sequence = (),
            config: Config | None = None, pad: bool = True, interpret: bool | None = None):
@@ -346,8 +340,8 @@ def matmul(a, b, *, bias=None, activation: str | None = None, out_dtype=None,
         raise ValueError("epilogue_operands were given without an epilogue function")
     if interpret is None:
         interpret = platform.interpret_default()
-    forced = config is not None
-    cfg = config if forced else resolve_config(m, n, k, a.dtype)
+    cfg = tuned.resolve("matmul", problem_key(m, n, k, a.dtype), config, config_type=Config,
+                        heuristic=lambda: heuristic_config(m, n, k, a.dtype))
     problems = config_violations(cfg, m, n, k, a.dtype, exact_tiles=not pad,
                                  backend="cpu" if interpret else "gpu")
     if problems:
@@ -427,16 +421,14 @@ def search_space(problem: dict) -> SearchSpace:
                     jax.random.randint(kb, (k, n), -128, 128, jnp.int8))
         return jax.random.normal(ka, (m, k), dtype), jax.random.normal(kb, (k, n), dtype)
 
-    def runner(cfg: Config):
-        return rotating_runner(jax.jit(functools.partial(matmul, config=cfg)), make_inputs, on_accelerator=on_gpu)
-
     return SearchSpace(
         kernel="matmul",
         problem=problem,
         knobs=tuple(knobs),
         violations=violations,
         to_config=lambda params: Config(**params),
-        runner=runner,
+        fn=lambda cfg: functools.partial(matmul, config=cfg),
+        make_inputs=make_inputs,
         default=heuristic_config(m, n, k, dtype).params(),
     )
 

@@ -2,21 +2,16 @@
 
 A kernel module offers ``search_space(...) -> SearchSpace`` for one problem (shapes, dtypes).
 The autotuner sees only this object: the knobs and their choices, a constraint check that
-needs no compiling, a way to turn chosen knobs into the kernel's ``Config``, and a runner to
-time (or a ``measure`` function that returns the objectives itself, e.g. MCU instruction
-counts). It never reaches into a kernel body.
+needs no compiling, a way to turn chosen knobs into the kernel's ``Config``, and what to time:
+the function of a config and a maker of its inputs (``autotune.measure`` alone compiles, warms
+up, rotates inputs and times them), or a ``measure`` function that returns the objectives
+itself (e.g. MCU instruction counts). It never reaches into a kernel body.
 """
 from __future__ import annotations
 
 import dataclasses
-import itertools
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
-
-# Bytes of distinct inputs a runner cycles through on an accelerator so that repeated calls read
-# device memory, not the last call's operands left in L2 (50-60 MB on H100/H200).
-ROTATE_BYTES = 256 * 2**20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,10 +52,14 @@ class SearchSpace:
                 memory over budget, non power-of-2 block on Triton); empty when legal. Called
                 before anything is compiled; its messages are what Optuna records.
     to_config:  ``params -> Config`` of the kernel.
-    runner:     ``Config -> (() -> jax.Array)``: a function that runs the kernel once on fixed
-                example inputs (already placed on the device); the autotuner compiles it once
-                and times repeated calls. ``None`` when ``measure`` is given.
-    measure:    ``Config -> dict[objective name, float]`` for objectives that are not wall time.
+    fn:         ``Config -> ((*inputs) -> jax.Array)``: the kernel with this config as a function of
+                its array inputs (the public op, so the timed program is what users run). It is
+                traced once per config; Python-side checks run then, never inside the timed loop.
+    make_inputs: ``seed -> tuple`` of the inputs of ``fn`` for this problem (arrays, or pytrees of
+                arrays); different seeds give different values of the same shapes, which is how
+                ``autotune.measure`` rotates input sets past the last-level cache.
+    measure:    ``Config -> dict[objective name, float]`` for objectives that are not time;
+                given instead of ``fn``/``make_inputs``.
     objectives: what is minimised/maximised; seconds by default.
     default:    the heuristic config's params, enqueued as the first trial.
     """
@@ -70,29 +69,23 @@ class SearchSpace:
     knobs: tuple[Knob, ...]
     violations: Callable[[dict], list[str]]
     to_config: Callable[[dict], Any]
-    runner: Callable[[Any], Callable[[], Any]] | None = None
+    fn: Callable[[Any], Callable[..., Any]] | None = None
+    make_inputs: Callable[[int], Sequence] | None = None
     measure: Callable[[Any], dict] | None = None
     objectives: tuple[Objective, ...] = SECONDS
     default: dict | None = None
 
     def __post_init__(self):
-        if (self.runner is None) == (self.measure is None):
-            raise ValueError(f"SearchSpace({self.kernel!r}) needs exactly one of runner= or measure=")
+        timed = self.fn is not None and self.make_inputs is not None
+        if timed == (self.measure is not None) or (self.fn is None) != (self.make_inputs is None):
+            raise ValueError(f"SearchSpace({self.kernel!r}) needs either fn= and make_inputs= (timed) "
+                             "or measure=, not both")
         names = [k.name for k in self.knobs]
         if len(set(names)) != len(names):
             raise ValueError(f"SearchSpace({self.kernel!r}) has duplicate knob names: {names}")
 
-
-def rotating_runner(fn: Callable, make_inputs: Callable[[int], Sequence], *, on_accelerator: bool) -> Callable[[], Any]:
-    """``() -> fn(*inputs)`` cycling over enough input sets (``make_inputs(seed)``) to overflow L2.
-
-    ``fn`` should be jitted, so that a timed call costs one dispatch, not Python-side validation.
-    On the CPU one input set is used.
-    """
-    first = list(make_inputs(0))
-    copies = 1
-    if on_accelerator:
-        nbytes = sum(x.size * x.dtype.itemsize for x in first)
-        copies = max(1, min(16, math.ceil(ROTATE_BYTES / max(nbytes, 1))))
-    sets = itertools.cycle([first] + [list(make_inputs(seed)) for seed in range(1, copies)])
-    return lambda: fn(*next(sets))
+    def run(self, config: Any, seed: int = 0) -> Any:
+        """The kernel's output for ``config`` on input set ``seed`` (untimed: tests, replay checks)."""
+        if self.fn is None:
+            raise ValueError(f"SearchSpace({self.kernel!r}) has no fn to run; it is measured by measure=")
+        return self.fn(config)(*self.make_inputs(seed))

@@ -11,12 +11,15 @@ import json
 import os
 import pathlib
 import tempfile
+from collections.abc import Callable
+from typing import TypeVar
 
 import jax
 
 from kernels import platform
 
 _loaded: tuple[float, dict] | None = None  # (mtime, entries)
+C = TypeVar("C")
 
 
 def cache_path() -> pathlib.Path:
@@ -62,6 +65,25 @@ def lookup(kernel: str, problem: dict) -> dict | None:
     """The tuned params for this problem on this device and jax version, or ``None``."""
     entry = load().get(cache_key(kernel, problem))
     return None if entry is None else entry["params"]
+
+
+def resolve(kernel: str, problem: dict, config: C | None, *, config_type: Callable[..., C],
+            heuristic: Callable[[], C], accept: Callable[[C], bool] | None = None) -> C:
+    """The config a kernel runs with: explicit ``config`` > tuned cache > ``heuristic()``.
+
+    Every kernel's public op resolves its config here, so the rule is the same everywhere.
+    config_type: the kernel's ``Config`` class; a cached entry becomes ``config_type(**params)``.
+    accept: a cached config is used only if ``accept(cfg)`` (e.g. conv2d given ``algorithm=``
+        takes a cached config only of that algorithm); otherwise the heuristic.
+    """
+    if config is not None:
+        return config
+    params = lookup(kernel, problem)
+    if params is not None:
+        cached = config_type(**params)
+        if accept is None or accept(cached):
+            return cached
+    return heuristic()
 
 
 def save_all(entries: dict) -> None:

@@ -40,7 +40,7 @@ from kernels.conv.inverted_residual import (
     inverted_residual,
     inverted_residual_reference,
 )
-from kernels.space import Knob, SearchSpace, rotating_runner
+from kernels.space import Knob, SearchSpace
 
 __all__ = [
     "ALGORITHMS",
@@ -234,12 +234,6 @@ def heuristic_config(g: ConvGeometry, dtype, backend: str | None = None, algorit
                   block_c=fit(g.c, 8, 128 if cpu else 32), num_warps=4, num_stages=2)
 
 
-def resolve_config(g: ConvGeometry, dtype, layout: str, padding: Padding) -> Config:
-    """Tuned cache for this problem on this device, else the heuristic."""
-    params = tuned.lookup("conv2d", problem_key(g, dtype, layout, padding))
-    return Config(**params) if params is not None else heuristic_config(g, dtype)
-
-
 def _run(algorithm: str, x, w, bias, g: ConvGeometry, cfg: Config, activation, interpret: bool):
     """Dispatch one conv, x already in ``cfg.layout``."""
     launch = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "interpret": interpret}
@@ -286,15 +280,12 @@ def conv2d(x, w, *, stride: int | Sequence[int] = 1, padding: Padding = "SAME", 
         raise ValueError(f"bias must have shape ({g.k},) (one per output channel), got {jnp.shape(bias)}")
     if interpret is None:
         interpret = platform.interpret_default()
-    if config is not None:
-        if algorithm is not None and algorithm != config.algorithm:
-            raise ValueError(f"algorithm={algorithm!r} disagrees with config.algorithm={config.algorithm!r}; "
-                             "pass one of them")
-        cfg = config
-    else:
-        cfg = resolve_config(g, x.dtype, layout, padding)
-        if algorithm is not None and cfg.algorithm != algorithm:
-            cfg = heuristic_config(g, x.dtype, algorithm=algorithm)
+    if config is not None and algorithm is not None and algorithm != config.algorithm:
+        raise ValueError(f"algorithm={algorithm!r} disagrees with config.algorithm={config.algorithm!r}; "
+                         "pass one of them")
+    cfg = tuned.resolve("conv2d", problem_key(g, x.dtype, layout, padding), config, config_type=Config,
+                        heuristic=lambda: heuristic_config(g, x.dtype, algorithm=algorithm),
+                        accept=lambda c: algorithm is None or c.algorithm == algorithm)
     problems = config_violations(cfg, g, backend="cpu" if interpret else "gpu")
     if problems:
         raise ValueError(f"conv2d cannot run {cfg} on x{tuple(x.shape)} ({layout}) * w{tuple(w.shape)}: "
@@ -476,11 +467,10 @@ def search_space(problem: dict) -> SearchSpace:
         w = jax.random.normal(kw_, (g.kh, g.kw, g.c // g.groups, g.k), jnp.float32) / (g.kh * g.kw * g.c) ** 0.5
         return x, w.astype(dtype)
 
-    def runner(cfg: Config):
-        # One jitted dispatch per timed call (layout changes included), not conv2d's Python checks.
-        conv = functools.partial(conv2d, stride=g.stride, padding=padding, dilation=g.dilation, groups=g.groups,
+    def fn(cfg: Config):
+        # The whole op, layout changes included.
+        return functools.partial(conv2d, stride=g.stride, padding=padding, dilation=g.dilation, groups=g.groups,
                                  layout=layout, config=cfg)
-        return rotating_runner(jax.jit(conv), make_inputs, on_accelerator=on_gpu)
 
     return SearchSpace(
         kernel="conv2d",
@@ -488,7 +478,8 @@ def search_space(problem: dict) -> SearchSpace:
         knobs=tuple(knobs),
         violations=violations,
         to_config=lambda params: Config(**params),
-        runner=runner,
+        fn=fn,
+        make_inputs=make_inputs,
         default=heuristic_config(g, dtype).params(),
     )
 

@@ -27,7 +27,7 @@ from kernels.conv.geometry import (
     pow2_at_least,
     round_up,
 )
-from kernels.space import Knob, SearchSpace, rotating_runner
+from kernels.space import Knob, SearchSpace
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,9 +233,8 @@ def inverted_residual(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, *
         interpret = platform.interpret_default()
     expansion = 1 if w_expand is None else w_dw.shape[3] // x.shape[3]
     problem = problem_key(x.shape, w_project.shape[1], expansion, stride, x.dtype)
-    if config is None:
-        params = tuned.lookup("inverted_residual", problem)
-        config = Config(**params) if params is not None else heuristic_config(problem)
+    config = tuned.resolve("inverted_residual", problem, config, config_type=Config,
+                           heuristic=lambda: heuristic_config(problem))
     problems = config_violations(config, problem, backend="cpu" if interpret else "gpu")
     if problems:
         raise ValueError(f"inverted_residual cannot run {config}: " + "; ".join(problems))
@@ -291,16 +290,13 @@ def search_space(problem: dict) -> SearchSpace:
         wp = (jax.random.normal(ks[5], (ce, cout)) / ce ** 0.5).astype(dtype)
         return x, we, be, wd, jax.random.normal(ks[4], (ce,)) * 0.1, wp, jax.random.normal(ks[6], (cout,)) * 0.1
 
-    def runner(cfg: Config):
-        block = functools.partial(_inverted_residual, stride=s, config=cfg, interpret=platform.interpret_default())
-        return rotating_runner(block, make_inputs, on_accelerator=on_gpu)
-
     return SearchSpace(
         kernel="inverted_residual",
         problem=problem,
         knobs=tuple(knobs),
         violations=lambda params: config_violations(Config(**params), problem),
         to_config=lambda params: Config(**params),
-        runner=runner,
+        fn=lambda cfg: functools.partial(inverted_residual, stride=s, config=cfg),
+        make_inputs=make_inputs,
         default=heuristic_config(problem).params(),
     )

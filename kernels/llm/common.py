@@ -1,22 +1,10 @@
-"""What every LLM kernel module does the same way: config resolution, attention problem keys."""
+"""What every LLM kernel module does the same way: config params, attention problem keys."""
 from __future__ import annotations
 
 import dataclasses
 
 import jax
 import jax.numpy as jnp
-
-from kernels import tuned
-
-
-def resolve_config(kernel: str, problem: dict, config, config_cls, heuristic):
-    """Explicit config > tuned cache > heuristic (the project-wide rule)."""
-    if config is not None:
-        return config
-    params = tuned.lookup(kernel, problem)
-    if params is not None:
-        return config_cls(**params)
-    return heuristic()
 
 
 def params_of(config) -> dict:

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from kernels import platform
+from kernels import platform, tuned
 from kernels.llm import common, rope
 from kernels.space import Knob, SearchSpace
 
@@ -144,8 +144,8 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengt
         raise ValueError(f"head_dim={d} must be a power of 2 for the Pallas attention kernels")
     if interpret is None:
         interpret = platform.interpret_default()
-    cfg = common.resolve_config("decode_attention", problem_key(b, s, hq, hkv, d, q.dtype), config, Config,
-                                lambda: heuristic_config(s, b * hkv))
+    cfg = tuned.resolve("decode_attention", problem_key(b, s, hq, hkv, d, q.dtype), config, config_type=Config,
+                        heuristic=lambda: heuristic_config(s, b * hkv))
     if s % (cfg.num_splits * cfg.block_k):
         raise ValueError(f"cache length {s} must be a multiple of num_splits*block_k = "
                          f"{cfg.num_splits}*{cfg.block_k}; allocate the cache in multiples of 256")
@@ -173,13 +173,12 @@ def search_space(problem: dict) -> SearchSpace:
     def violations(p):
         return [] if s % (p["block_k"] * p["num_splits"]) == 0 else [f"block_k*num_splits must divide S={s}"]
 
-    def runner(cfg: Config):
-        kq, kk, kv = jax.random.split(jax.random.key(0), 3)
-        q = jax.random.normal(kq, (b, hq, d), dtype)
-        kc = jax.random.normal(kk, (b, hkv, s, d), dtype)
-        vc = jax.random.normal(kv, (b, hkv, s, d), dtype)
-        return functools.partial(decode_attention, q, kc, vc, jnp.full((b,), s, jnp.int32), config=cfg)
+    def make_inputs(seed):
+        kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
+        return (jax.random.normal(kq, (b, hq, d), dtype), jax.random.normal(kk, (b, hkv, s, d), dtype),
+                jax.random.normal(kv, (b, hkv, s, d), dtype), jnp.full((b,), s, jnp.int32))
 
     return SearchSpace(kernel="decode_attention", problem=problem, knobs=tuple(knobs), violations=violations,
-                       to_config=lambda p: Config(**{**Config().params(), **p}), runner=runner,
+                       to_config=lambda p: Config(**{**Config().params(), **p}),
+                       fn=lambda cfg: functools.partial(decode_attention, config=cfg), make_inputs=make_inputs,
                        default=heuristic_config(s, b * hkv).params())

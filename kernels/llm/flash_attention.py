@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from kernels import platform
+from kernels import platform, tuned
 from kernels.llm import common, rope
 from kernels.space import Knob, SearchSpace
 
@@ -131,8 +131,9 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = 
         raise ValueError(f"head_dim={d} must be a power of 2 for the Pallas attention kernels")
     if interpret is None:
         interpret = platform.interpret_default()
-    cfg = common.resolve_config("flash_attention", problem_key(b, t, hq, k.shape[2], d, q.dtype), config, Config,
-                                lambda: heuristic_config(t, d))
+    cfg = tuned.resolve("flash_attention", problem_key(b, t, hq, k.shape[2], d, q.dtype), config,
+                        config_type=Config,
+                        heuristic=lambda: heuristic_config(t, d))
     for name in ("block_q", "block_k"):
         if not common.is_pow2(getattr(cfg, name)) or getattr(cfg, name) < 16:
             raise ValueError(f"{name}={getattr(cfg, name)} must be a power of 2 >= 16")
@@ -166,13 +167,12 @@ def search_space(problem: dict) -> SearchSpace:
             out.append(f"blocks larger than the sequence ({t})")
         return out
 
-    def runner(cfg: Config):
-        kq, kk, kv = jax.random.split(jax.random.key(0), 3)
-        q = jax.random.normal(kq, (b, t, hq, d), dtype)
-        k = jax.random.normal(kk, (b, t, hkv, d), dtype)
-        v = jax.random.normal(kv, (b, t, hkv, d), dtype)
-        return functools.partial(flash_attention, q, k, v, config=cfg)
+    def make_inputs(seed):
+        kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
+        return (jax.random.normal(kq, (b, t, hq, d), dtype), jax.random.normal(kk, (b, t, hkv, d), dtype),
+                jax.random.normal(kv, (b, t, hkv, d), dtype))
 
     return SearchSpace(kernel="flash_attention", problem=problem, knobs=tuple(knobs), violations=violations,
-                       to_config=lambda p: Config(**{**Config().params(), **p}), runner=runner,
+                       to_config=lambda p: Config(**{**Config().params(), **p}),
+                       fn=lambda cfg: functools.partial(flash_attention, config=cfg), make_inputs=make_inputs,
                        default=heuristic_config(t, d).params())

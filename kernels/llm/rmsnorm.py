@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from kernels import platform
+from kernels import platform, tuned
 from kernels.llm import common
 from kernels.space import Knob, SearchSpace
 
@@ -84,8 +84,8 @@ def rmsnorm(x: jax.Array, weight: jax.Array, *, eps: float, residual: jax.Array 
     rows = x2.shape[0]
     if interpret is None:
         interpret = platform.interpret_default()
-    cfg = common.resolve_config("rmsnorm", problem_key(rows, dim, x.dtype), config, Config,
-                                lambda: heuristic_config(rows, dim))
+    cfg = tuned.resolve("rmsnorm", problem_key(rows, dim, x.dtype), config, config_type=Config,
+                        heuristic=lambda: heuristic_config(rows, dim))
     if rows % cfg.block_rows or not common.is_pow2(cfg.block_rows):
         raise ValueError(f"block_rows={cfg.block_rows} must be a power of 2 dividing rows={rows}")
     y, h = _rmsnorm(x2, weight, None if residual is None else residual.reshape(-1, dim), eps=float(eps),
@@ -115,15 +115,17 @@ def search_space(problem: dict) -> SearchSpace:
     if platform.backend() == "gpu":
         knobs += [Knob("num_warps", (1, 2, 4, 8, 16))]
 
-    def runner(cfg: Config):
-        kx, kr = jax.random.split(jax.random.key(0))
-        x = jax.random.normal(kx, (rows, dim), dtype)
-        r = jax.random.normal(kr, (rows, dim), dtype)
-        return functools.partial(rmsnorm, x, jnp.ones((dim,), dtype), eps=1e-5, residual=r, config=cfg)
+    def make_inputs(seed):
+        kx, kr = jax.random.split(jax.random.key(seed))
+        return (jax.random.normal(kx, (rows, dim), dtype), jnp.ones((dim,), dtype),
+                jax.random.normal(kr, (rows, dim), dtype))
+
+    def fn(cfg: Config):
+        return lambda x, weight, residual: rmsnorm(x, weight, eps=1e-5, residual=residual, config=cfg)
 
     def to_config(p):
         return Config(**{**Config().params(), **p})
 
     return SearchSpace(kernel="rmsnorm", problem=problem, knobs=tuple(knobs),
                        violations=lambda p: [] if rows % p["block_rows"] == 0 else ["block_rows must divide rows"],
-                       to_config=to_config, runner=runner, default=heuristic_config(rows, dim).params())
+                       to_config=to_config, fn=fn, make_inputs=make_inputs, default=heuristic_config(rows, dim).params())

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from kernels import platform
+from kernels import platform, tuned
 from kernels.llm import common
 from kernels.space import Knob, SearchSpace
 
@@ -147,7 +147,8 @@ def rope(x: jax.Array, positions: jax.Array, *, theta: float, scaling: float = 1
     rows = b * t * h
     if interpret is None:
         interpret = platform.interpret_default()
-    cfg = common.resolve_config("rope", problem_key(rows, d, x.dtype), config, Config, lambda: heuristic_config(rows))
+    cfg = tuned.resolve("rope", problem_key(rows, d, x.dtype), config, config_type=Config,
+                        heuristic=lambda: heuristic_config(rows))
     if rows % cfg.block_rows:
         raise ValueError(f"block_rows={cfg.block_rows} must divide batch*seq*heads={rows}")
     pos2 = jnp.broadcast_to(positions[:, :, None], (b, t, h)).reshape(rows).astype(jnp.int32)
@@ -177,12 +178,13 @@ def search_space(problem: dict) -> SearchSpace:
     if platform.backend() == "gpu":
         knobs += [Knob("num_warps", (1, 2, 4, 8))]
 
-    def runner(cfg: Config):
-        x = jax.random.normal(jax.random.key(0), (1, rows, 1, d), dtype)
-        pos = jnp.arange(rows, dtype=jnp.int32)[None]
-        return functools.partial(rope, x, pos, theta=10000.0, config=cfg)
+    def make_inputs(seed):
+        x = jax.random.normal(jax.random.key(seed), (1, rows, 1, d), dtype)
+        return x, jnp.arange(rows, dtype=jnp.int32)[None] + seed
+
 
     return SearchSpace(kernel="rope", problem=problem, knobs=tuple(knobs),
                        violations=lambda p: [] if rows % p["block_rows"] == 0 else ["block_rows must divide rows"],
-                       to_config=lambda p: Config(**{**Config().params(), **p}), runner=runner,
+                       to_config=lambda p: Config(**{**Config().params(), **p}),
+                       fn=lambda cfg: functools.partial(rope, theta=10000.0, config=cfg), make_inputs=make_inputs,
                        default=heuristic_config(rows).params())

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from kernels import platform
+from kernels import platform, tuned
 from kernels.llm import common, w4a16
 from kernels.llm.w4a16 import QuantizedWeight
 from kernels.space import SearchSpace
@@ -108,8 +108,8 @@ def swiglu(x: jax.Array, w_gate: QuantizedWeight | jax.Array, w_up: QuantizedWei
     m, n = x2.shape[0], gate_arrays[0].shape[-1]
     if interpret is None:
         interpret = platform.interpret_default()
-    cfg = common.resolve_config("swiglu", w4a16.problem_key(m, n, k, bits, group, x.dtype), config, Config,
-                                lambda: heuristic_config(m, n, k, bits, group, on_gpu=not interpret))
+    cfg = tuned.resolve("swiglu", w4a16.problem_key(m, n, k, bits, group, x.dtype), config, config_type=Config,
+                        heuristic=lambda: heuristic_config(m, n, k, bits, group, on_gpu=not interpret))
     bad = w4a16.config_violations(cfg, m, n, k, group, on_gpu=not interpret)
     if cfg.split_k != 1:
         bad.append("split_k must be 1 for swiglu")
@@ -128,15 +128,16 @@ def search_space(problem: dict) -> SearchSpace:
     m, n, k, bits, group = problem["m"], problem["n"], problem["k"], problem["bits"], problem["group"]
     dtype = jnp.dtype(problem["dtype"])
 
-    def runner(cfg: Config):
-        kx, kg, ku = jax.random.split(jax.random.key(0), 3)
+    def make_inputs(seed):
+        kx, kg, ku = jax.random.split(jax.random.key(seed), 3)
         x = jax.random.normal(kx, (m, k), dtype)
         wg = w4a16.quantize(jax.random.normal(kg, (k, n)) * 0.02, bits=bits, group=group)
         wu = w4a16.quantize(jax.random.normal(ku, (k, n)) * 0.02, bits=bits, group=group)
-        return functools.partial(swiglu, x, wg, wu, config=cfg)
+        return x, wg, wu
 
     knobs = tuple(k for k in base.knobs if k.name != "split_k")
     return SearchSpace(kernel="swiglu", problem=problem, knobs=knobs, violations=base.violations,
-                       to_config=base.to_config, runner=runner,
+                       to_config=base.to_config, fn=lambda cfg: functools.partial(swiglu, config=cfg),
+                       make_inputs=make_inputs,
                        default=heuristic_config(m, n, k, bits, group).params())
 

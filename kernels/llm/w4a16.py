@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from kernels import platform
+from kernels import platform, tuned
 from kernels.llm import common
 from kernels.space import Knob, SearchSpace
 
@@ -402,8 +402,8 @@ def quantized_matmul(x: jax.Array, w: QuantizedWeight | jax.Array, *, config: Co
     m, n = x2.shape[0], arrays[0].shape[-1]
     if interpret is None:
         interpret = platform.interpret_default()
-    cfg = common.resolve_config("w4a16", problem_key(m, n, k, bits, group, x.dtype), config, Config,
-                                lambda: heuristic_config(m, n, k, bits, group, on_gpu=not interpret))
+    cfg = tuned.resolve("w4a16", problem_key(m, n, k, bits, group, x.dtype), config, config_type=Config,
+                        heuristic=lambda: heuristic_config(m, n, k, bits, group, on_gpu=not interpret))
     bad = config_violations(cfg, m, n, k, group, on_gpu=not interpret)
     if bad:
         raise ValueError(f"w4a16 config {cfg} is illegal for M={m}, N={n}, K={k}: {'; '.join(bad)}")
@@ -456,11 +456,10 @@ def search_space(problem: dict) -> SearchSpace:
     if on_gpu:
         knobs += [Knob("num_warps", (1, 2, 4, 8)), Knob("num_stages", (1, 2, 3, 4))]
 
-    def runner(cfg: Config):
-        kx, kw = jax.random.split(jax.random.key(0))
+    def make_inputs(seed):
+        kx, kw = jax.random.split(jax.random.key(seed))
         x = jax.random.normal(kx, (m, k), dtype)
-        w = quantize(jax.random.normal(kw, (k, n), jnp.float32) * 0.02, bits=bits, group=group)
-        return functools.partial(quantized_matmul, x, w, config=cfg)
+        return x, quantize(jax.random.normal(kw, (k, n), jnp.float32) * 0.02, bits=bits, group=group)
 
     return SearchSpace(
         kernel="w4a16",
@@ -468,6 +467,7 @@ def search_space(problem: dict) -> SearchSpace:
         knobs=tuple(knobs),
         violations=lambda p: config_violations(Config(**{**Config().params(), **p}), m, n, k, group, on_gpu),
         to_config=lambda p: Config(**{**Config().params(), **p}),
-        runner=runner,
+        fn=lambda cfg: functools.partial(quantized_matmul, config=cfg),
+        make_inputs=make_inputs,
         default=heuristic_config(m, n, k, bits, group).params(),
     )

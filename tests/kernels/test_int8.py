@@ -63,7 +63,7 @@ def test_int8_search_space_contract(shape, out_shape):
     bad = dict(space.default, block_m=24)
     assert any("power of 2" in v for v in space.violations(bad))
     for block_m in (16, space.default["block_m"]):
-        out = space.runner(space.to_config(dict(space.default, block_m=block_m)))()
+        out = space.run(space.to_config(dict(space.default, block_m=block_m)))
         assert out.shape == out_shape and out.dtype == jnp.int8
     assert all(p["dtype"] == "int8" for ps in int8.PRESETS.values() for p in ps)
     assert {p["op"] for p in int8.DEFAULT_PROBLEMS} == {"gemm", "depthwise"}

@@ -150,19 +150,28 @@ def test_shared_memory_overflow_is_a_constraint_on_gpu():
     assert mm.config_violations(f32, 512, 512, 512, "float32", backend="gpu")
 
 
-def test_config_resolution_prefers_tuned_cache():
+def test_config_resolution_prefers_explicit_then_tuned_cache_then_heuristic():
     problem = mm.problem_key(48, 40, 24, "float32")
-    assert mm.resolve_config(48, 40, 24, "float32") == mm.heuristic_config(48, 40, 24, "float32")
+    heuristic = mm.heuristic_config(48, 40, 24, "float32")
+
+    def resolve(config=None):
+        return tuned.resolve("matmul", problem, config, config_type=mm.Config, heuristic=lambda: heuristic)
+
+    assert resolve() == heuristic
     chosen = mm.Config(block_m=16, block_n=32, block_k=16, order="n_major", unroll_k=2)
     tuned.store("matmul", problem, chosen.params(), seconds=1.0)
-    assert mm.resolve_config(48, 40, 24, "float32") == chosen
+    assert resolve() == chosen and resolve(heuristic) == heuristic
+    # the public op takes the cached config: an illegal cached tile is what it complains about
+    tuned.store("matmul", problem, dict(chosen.params(), block_m=24), seconds=1.0)
+    with pytest.raises(ValueError, match="block_m=24"):
+        mm.matmul(jnp.ones((48, 24)), jnp.ones((24, 40)))
     # the cache is keyed by device and jax version: another device's entry is not used
     entries = tuned.load()
     key = next(iter(entries))
     other = json.loads(key)
     other["device"] = "some other accelerator"
     tuned.save_all({json.dumps(other, sort_keys=True): entries[key]})
-    assert mm.resolve_config(48, 40, 24, "float32") == mm.heuristic_config(48, 40, 24, "float32")
+    assert resolve() == heuristic
 
 
 def test_corrupt_cache_is_named(tmp_path, monkeypatch):
@@ -178,7 +187,7 @@ def test_search_space_default_is_legal_and_runs():
     assert space.violations(space.default) == []
     knob_names = {k.name for k in space.knobs}
     assert {"block_m", "block_n", "block_k", "order", "unroll_k"} <= knob_names
-    out = space.runner(space.to_config(space.default))()
+    out = space.run(space.to_config(space.default))
     assert out.shape == (40, 24)
 
 

@@ -230,7 +230,8 @@ def test_tuned_config_is_used_when_no_config_is_given(tmp_path, monkeypatch):
     assert problem == kc.parse_shape("1x6x6x4:8:3x3")
     tuned_cfg = kc.Config(algorithm="winograd", winograd_m=4, block_m=16, block_n=16, block_k=16)
     tuned.store("conv2d", problem, tuned_cfg.params(), seconds=1.0)
-    assert kc.resolve_config(g, x.dtype, "NHWC", "SAME") == tuned_cfg
+    assert tuned.resolve("conv2d", problem, None, config_type=kc.Config,
+                         heuristic=lambda: kc.heuristic_config(g, x.dtype)) == tuned_cfg
     np.testing.assert_allclose(kc.conv2d(x, w), kc.reference(x, w), atol=1e-3, rtol=1e-3)
 
 
@@ -247,10 +248,10 @@ def test_search_space_default_is_legal_and_knobs_cover_the_algorithms():
     assert set(algorithms) == {"im2col", "implicit_gemm", "winograd"}
     assert space.violations(dict(space.default, algorithm="winograd", layout="NCHW"))
     assert space.violations(dict(space.default, block_m=24))
-    # The runner times the whole op, layout changes included, and returns the conv's output.
+    # The timed function is the whole op, layout changes included, and returns the conv's output.
     cfg = space.to_config(dict(space.default, algorithm="implicit_gemm", layout="NCHW", block_m=16, block_n=16,
                                block_k=16))
-    assert space.runner(cfg)().shape == (1, 16, 16, 16)
+    assert space.run(cfg).shape == (1, 16, 16, 16)
 
 
 def test_presets_hold_every_distinct_layer_once():
@@ -286,7 +287,7 @@ def test_inverted_residual_search_space_and_errors():
     space = ir.search_space(problem)
     assert space.violations(space.default) == []
     assert space.violations(dict(space.default, block_e=24))
-    out = space.runner(space.to_config(dict(space.default, block_h=2, block_m=16, block_e=16)))()
+    out = space.run(space.to_config(dict(space.default, block_h=2, block_m=16, block_e=16)))
     assert out.shape == (1, 4, 4, 24)
     assert len(ir.PRESETS["mobilenetv2"]) == len(ir.MOBILENETV2_BLOCKS)
     with pytest.raises(ValueError, match="e.g."):
