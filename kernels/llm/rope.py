@@ -136,6 +136,7 @@ def _rope(x2, pos2, *, theta: float, scaling: float, config: Config, interpret: 
         out_shape=jax.ShapeDtypeStruct(x2.shape, x2.dtype),
         compiler_params=platform.compiler_params(config.num_warps, config.num_stages, interpret),
         interpret=interpret,
+        name="rope",
     )(x2, pos2)
 
 
