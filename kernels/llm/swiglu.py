@@ -132,8 +132,6 @@ def swiglu(x: jax.Array, w_gate: QuantizedWeight | jax.Array, w_up: QuantizedWei
     cfg = tuned.resolve("swiglu", w4a16.problem_key(m, n, k, bits, group, dtype), config, config_type=Config,
                         heuristic=lambda: heuristic_config(m, n, k, bits, group, on_gpu=not interpret))
     bad = w4a16.config_violations(cfg, m, n, k, group, on_gpu=not interpret, residual=False)
-    if cfg.backend != "portable":
-        bad.append("swiglu has only the portable body; use backend='portable'")
     if bad:
         raise ValueError(f"swiglu config {cfg} is illegal for M={m}, N={n}, K={k}: {'; '.join(bad)}")
     out = _swiglu(x2, norm_weight, gate_arrays, up_arrays, bits=bits, group=group, config=cfg, interpret=interpret,
@@ -157,7 +155,7 @@ def search_space(problem: dict) -> SearchSpace:
         wu = w4a16.quantize(jax.random.normal(ku, (k, n)) * 0.02, bits=bits, group=group)
         return x, wg, wu
 
-    knobs = tuple(k for k in base.knobs if k.name not in ("split_k", "backend"))
+    knobs = tuple(k for k in base.knobs if k.name != "split_k")
     return SearchSpace(kernel="swiglu", problem=problem, knobs=knobs, violations=base.violations,
                        to_config=base.to_config, fn=lambda cfg: functools.partial(swiglu, config=cfg),
                        make_inputs=make_inputs,

@@ -235,8 +235,8 @@ class Config:
     split_k: K is cut into this many slices run by separate programs, whose partial sums are added
     into the output atomically in the epilogue (only with a residual: the output starts as the
     residual), so a batch-1 GEMV with few output tiles still fills every SM.
-    backend: "portable" (this module's body: Triton on a GPU, the interpreter elsewhere) or
-    "mosaic" (``kernels.llm.gemv_mgpu``, Hopper; decode GEMVs only)."""
+    (The Hopper GEMV of ``kernels.llm.gemv_mgpu`` has its own weight layout and ``Config``; it has not
+    run yet and is not dispatched from here.)"""
 
     block_m: int = 1
     block_n: int = 128
@@ -244,7 +244,6 @@ class Config:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 2
-    backend: str = "portable"
 
     def params(self) -> dict:
         return common.params_of(self)
@@ -461,8 +460,6 @@ def config_violations(cfg: Config, m: int, n: int, k: int, group: int, on_gpu: b
         out.append("the dot body needs group >= 32 (16-wide halves)")
     if cfg.split_k > 1 and not residual:
         out.append(f"split_k={cfg.split_k} needs a residual to add the partial sums into; use split_k=1")
-    if cfg.backend not in ("portable", "mosaic"):
-        out.append(f"backend={cfg.backend!r} is not 'portable' or 'mosaic'")
     return out
 
 
@@ -520,11 +517,6 @@ def pallas_linear(x2, arrays, *, bits: int, group: int, config: Config, interpre
 @functools.partial(jax.jit, static_argnames=("bits", "group", "config", "interpret", "eps", "dtype"))
 def _linear(x2, arrays, norm_weight, residual, *, bits: int, group: int, config: Config, interpret: bool,
             eps: float, dtype):
-    if config.backend == "mosaic":
-        from kernels.llm import gemv_mgpu
-
-        return gemv_mgpu.linear(x2, arrays, bits=bits, group=group, config=config, norm_weight=norm_weight,
-                                eps=eps, residual=residual, dtype=dtype)
     return pallas_linear(x2, arrays, bits=bits, group=group, config=config, interpret=interpret,
                          norm_weight=norm_weight, eps=eps, residual=residual, dtype=dtype,
                          name="w4a16_" + ("norm_" if norm_weight is not None else "") + "linear"
@@ -542,8 +534,6 @@ def resolve_config(m: int, n: int, k: int, bits: int, group: int, dtype, config:
     if cfg.split_k > 1 and not splittable and config is None:  # a tuned split-K config used without residual
         cfg = dataclasses.replace(cfg, split_k=1, block_groups=common.largest_pow2_divisor(
             k // group, cfg.block_groups * cfg.split_k))
-    if cfg.backend == "mosaic" and interpret:
-        cfg = dataclasses.replace(cfg, backend="portable")  # the interpreter runs the portable body
     bad = config_violations(cfg, m, n, k, group, on_gpu=not interpret, residual=residual)
     if norm and cfg.split_k > 1:
         bad.append(f"split_k={cfg.split_k} with norm_weight: the norm needs the whole row in one program")
@@ -628,17 +618,9 @@ def search_space(problem: dict) -> SearchSpace:
     ]
     if on_gpu:
         knobs += [Knob("num_warps", (1, 2, 4, 8)), Knob("num_stages", (1, 2, 3, 4))]
-    if platform.is_hopper() and m <= 16:
-        knobs.append(Knob("backend", ("portable", "mosaic")))
 
     def violations(p):
-        cfg = Config(**{**Config().params(), **p})
-        bad = config_violations(cfg, m, n, k, group, on_gpu)
-        if cfg.backend == "mosaic":
-            from kernels.llm import gemv_mgpu
-
-            bad += gemv_mgpu.violations(cfg, m, n, k, bits, group)
-        return bad
+        return config_violations(Config(**{**Config().params(), **p}), m, n, k, group, on_gpu)
 
     def make_inputs(seed):
         kx, kw, kr = jax.random.split(jax.random.key(seed), 3)
