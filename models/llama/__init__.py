@@ -34,6 +34,6 @@ def load(path: str | pathlib.Path | None = None, *, dtype=jnp.float32, execution
         cfg, params = load_safetensors(path, dtype=dtype)
         tok = tokenizer.from_hf_folder(path)
     else:
-        m = gguf_loader.load_gguf(path, dtype=dtype)
+        m = gguf_loader.load_gguf(path, dtype=dtype, blocks=execution == "cpu")
         cfg, params, tok = m.config, m.params, tokenizer.from_gguf_metadata(m.metadata)
     return Model(cfg, forward.prepare(params, cfg, execution), tok, str(path), execution)

@@ -207,13 +207,14 @@ def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32) ->
 
 
 def rotary_of(cfg: LlamaConfig) -> Rotary:
-    return Rotary(theta=float(cfg.rope_theta), scaling=float(cfg.rope_scaling))
+    return Rotary(theta=float(cfg.rope_theta), scaling=float(cfg.rope_scaling), llama3=cfg.rope_llama3)
 
 
-def _run_layers(params, cfg: LlamaConfig, ops: Ops, tokens, cache, project, attend):
+def _run_layers(params, cfg: LlamaConfig, ops: Ops, tokens, cache, project, attend, last=None):
     """Shared layer loop. ``project(h, layer weights, cache, i)`` -> (q, k, v, cache) and
     ``attend(q, k, v, cache, i)`` -> (attention output, cache), q and k not yet rotated.
-    Returns (logits, cache)."""
+    Returns (logits, cache); with ``last`` (B,) only the logits at those positions (the output
+    projection is the largest matmul of a prefill)."""
     b, t = tokens.shape
     hd = cfg.head_dim
     dtype = cache["k"].dtype  # the activations' dtype
@@ -239,14 +240,18 @@ def _run_layers(params, cfg: LlamaConfig, ops: Ops, tokens, cache, project, atte
     else:  # the stacked weights are closed over and indexed, never sliced into the loop's inputs
         carry, _ = jax.lax.scan(layer, carry, np.arange(cfg.n_layers, dtype=np.int32))
     h, cache = carry
+    if last is not None:
+        h = jnp.take_along_axis(h, last[:, None, None], axis=1)
     out_w = params["embed"] if params["output"] is None else params["output"]
     logits = ops.norm_linear(h, params["norm"], out_w, eps=cfg.norm_eps, dtype=dtype)
     return logits.astype(jnp.float32), cache
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "path"), donate_argnames=("cache",))
-def prefill(params: dict, tokens: jax.Array, cache: dict, *, cfg: LlamaConfig, path: str = "xla"):
-    """Run a prompt (B, T) from position 0 into an empty cache -> (logits (B, T, vocab), cache).
+def prefill(params: dict, tokens: jax.Array, cache: dict, *, cfg: LlamaConfig, path: str = "xla",
+            lengths: jax.Array | None = None):
+    """Run a prompt (B, T) from position 0 into an empty cache -> (logits (B, T, vocab), cache); with
+    ``lengths`` (B,), only each row's last logits (B, 1, vocab).
 
     Rows shorter than T may be right-padded: causal attention keeps padding from reaching real tokens,
     and decode overwrites the padded cache slots.
@@ -261,7 +266,8 @@ def prefill(params: dict, tokens: jax.Array, cache: dict, *, cfg: LlamaConfig, p
     def attend(q, k, v, cache, i):
         return ops.prefill_attention(q, k, v, cache, i, rotary_of(cfg))
 
-    return _run_layers(params, cfg, ops, tokens, cache, project, attend)
+    last = None if lengths is None else (lengths - 1).astype(jnp.int32)
+    return _run_layers(params, cfg, ops, tokens, cache, project, attend, last)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "path"), donate_argnames=("cache",))

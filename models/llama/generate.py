@@ -44,8 +44,8 @@ def sample(logits: jax.Array, key: jax.Array, *, temperature: float, top_k: int,
 @functools.partial(jax.jit, static_argnames=("cfg", "path", "temperature", "top_k", "top_p"),
                    donate_argnames=("cache",))
 def _prefill_and_sample(params, tokens, lengths, cache, key, *, cfg, path, temperature, top_k, top_p):
-    logits, cache = forward.prefill(params, tokens, cache, cfg=cfg, path=path)
-    last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
+    logits, cache = forward.prefill(params, tokens, cache, cfg=cfg, path=path, lengths=lengths)
+    last = logits[:, 0]
     return sample(last, key, temperature=temperature, top_k=top_k, top_p=top_p), last, cache
 
 
