@@ -112,6 +112,7 @@ def _flash(q, k, v, *, causal: bool, rotary: rope.Rotary | None, config: Config,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         compiler_params=platform.compiler_params(cfg.num_warps, cfg.num_stages, interpret),
         interpret=interpret,
+        name="flash_attention",
     )(q, k, v)
     return out[:, :t]
 

@@ -68,6 +68,7 @@ def _rmsnorm(x2, w, r2, *, eps: float, config: Config, interpret: bool):
         out_shape=[jax.ShapeDtypeStruct((rows, padded), x2.dtype)] * 2,
         compiler_params=platform.compiler_params(config.num_warps, config.num_stages, interpret),
         interpret=interpret,
+        name="rmsnorm",
     )(*operands)
     return y[:, :dim], h[:, :dim]
 

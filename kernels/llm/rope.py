@@ -88,18 +88,21 @@ def rotate(x1: jax.Array, x2: jax.Array, positions: jax.Array, *, theta: float, 
     return x1 * cos - x2 * sin, x2 * cos + x1 * sin
 
 
-def load_rotated(ref, rows, positions: jax.Array | None, rotary: Rotary | None) -> list[jax.Array]:
-    """Inside a kernel: ``ref[rows, :]`` as the operand list of a split dot product.
+def load_rotated(ref, rows, positions: jax.Array | None, rotary: Rotary | None, *,
+                 prefix: tuple = ()) -> list[jax.Array]:
+    """Inside a kernel: ``ref[*prefix, rows, :]`` as the operand list of a split dot product
+    (``prefix``: leading indices, e.g. (layer, batch, head) into a stacked KV cache).
 
     Without ``rotary``: ``[tile]``. With it: the two RoPE-rotated halves ``[x1', x2']`` in the ref's
     dtype (rounded as the reference rounds its rotated tensor), so q.k = q1'.k1' + q2'.k2' needs no
     concatenation in registers.
     """
+    d = ref.shape[-1]
     if rotary is None:
-        return [ref[rows, :]]
-    half = ref.shape[-1] // 2
-    x1 = ref[rows, pl.ds(0, half)].astype(jnp.float32)
-    x2 = ref[rows, pl.ds(half, half)].astype(jnp.float32)
+        return [ref[(*prefix, rows, pl.ds(0, d))]]
+    half = d // 2
+    x1 = ref[(*prefix, rows, pl.ds(0, half))].astype(jnp.float32)
+    x2 = ref[(*prefix, rows, pl.ds(half, half))].astype(jnp.float32)
     r1, r2 = rotate(x1, x2, positions, theta=rotary.theta, scaling=rotary.scaling, llama3=rotary.llama3)
     return [r1.astype(ref.dtype), r2.astype(ref.dtype)]
 
@@ -133,6 +136,7 @@ def _rope(x2, pos2, *, theta: float, scaling: float, config: Config, interpret: 
         out_shape=jax.ShapeDtypeStruct(x2.shape, x2.dtype),
         compiler_params=platform.compiler_params(config.num_warps, config.num_stages, interpret),
         interpret=interpret,
+        name="rope",
     )(x2, pos2)
 
 

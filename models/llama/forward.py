@@ -5,14 +5,22 @@
 ``cpu``: the compiled C++ kernels of ``kernels.cpu`` (8-bit-activation integer dot products), called
 through XLA's FFI from inside the same jitted step.
 
+The ops are the fused units of a layer: RMSNorm runs as the prologue of the product it feeds
+(``norm_linear``, ``norm_swiglu``), the residual add as the epilogue of ``wo`` and ``w_down``
+(``linear_residual``). The residual stream is float32 on every path. The ``xla`` and ``cpu`` paths
+compose these units from their separate ops; the ``pallas`` path runs each as one kernel, and in
+decode its q/k/v projection writes the new keys and values straight into the cache, so a decode
+layer is five Pallas calls (q/k/v, attention, wo, gate/up, down).
+
 ``prepare`` lays the weights out once for a path: on the GPU the layers stay a list and the layer
 loop is unrolled, so every matmul reads its weight buffer directly (a rolled loop over stacked
 weights copies each layer's slice first); on the CPU they are stacked once, at load, and run as
 ``lax.scan`` (XLA:CPU compiles one rolled body several times faster than 30 unrolled ones). The
 ``cpu`` path also re-lays quantized weights out as llama.cpp-style row blocks.
 The KV cache is preallocated (L, B, Hkv, S, D), donated and carried through the layer loop; each
-layer writes its new keys and values at its index in place. It holds keys before RoPE, which every
-attention op applies to the q and k it reads (inside the kernel on the pallas and cpu paths).
+layer writes its new keys and values at its index in place, and attention reads the stacked cache
+at the layer's index. It holds keys before RoPE, which every attention op applies to the q and k
+it reads (inside the kernel on the pallas and cpu paths).
 """
 from __future__ import annotations
 
@@ -29,6 +37,7 @@ from kernels.llm import (
     common,
     decode_attention,
     flash_attention,
+    qkv_projection,
     rmsnorm,
     swiglu,
     w4a16,
@@ -51,11 +60,12 @@ def _jnp_prefill_attention(attention: Callable):
 
 
 def _jnp_decode_attention(attention: Callable):
-    """A cache-reading decode attention op -> the ops-table form that writes the new row first."""
+    """A decode attention op reading the stacked cache at a layer -> the ops-table form that writes
+    the new row first."""
     def attend(q, k, v, cache, layer, positions, rotary):
         cache = {"k": common.write_cache_rows(cache["k"], layer, k, positions),
                  "v": common.write_cache_rows(cache["v"], layer, v, positions)}
-        out = attention(q[:, 0], cache["k"][layer], cache["v"][layer], positions + 1, rotary=rotary)
+        out = attention(q[:, 0], cache["k"], cache["v"], positions + 1, layer=layer, rotary=rotary)
         return out[:, None], cache
     return attend
 
@@ -70,15 +80,24 @@ def _slice_layer(layers: dict, i) -> dict:
 
 @dataclasses.dataclass(frozen=True)
 class Ops:
-    """One execution path. ``layout`` maps a linear weight to the form ``linear``/``swiglu`` read;
-    the attention ops write the layer's new k, v into the stacked cache and attend:
-    ``prefill_attention(q, k, v, cache, layer, rotary) -> (out, cache)`` (positions 0..T-1) and
-    ``decode_attention(q, k, v, cache, layer, positions, rotary) -> (out, cache)``.
-    ``select_layer(stacked layers, i)`` -> layer i's weights inside the layer loop."""
+    """One execution path, as the fused units of a layer (h: the float32 residual stream (B, T, dim);
+    ``dtype``: the activations' dtype):
 
-    rmsnorm: Callable
-    linear: Callable
-    swiglu: Callable
+    ``norm_linear(h, norm_w, w, *, eps, dtype)`` -> rmsnorm(h) @ W;
+    ``linear_residual(x, w, h)`` -> h + x @ W (float32);
+    ``norm_swiglu(h, norm_w, w_gate, w_up, *, eps, dtype)`` -> silu(y @ W_gate) * (y @ W_up), y = rmsnorm(h);
+    ``decode_qkv(h, norm_w, wqkv, cache, layer, positions, *, cfg, dtype)`` -> (q, k, v, cache), each
+    (B, 1, heads * head_dim); k, v are None when the projection wrote them into the cache itself;
+    ``prefill_attention(q, k, v, cache, layer, rotary) -> (out, cache)`` (positions 0..T-1, writes k, v);
+    ``decode_attention(q, k, v, cache, layer, positions, rotary) -> (out, cache)`` (writes k, v unless
+    None, then attends over the stacked cache at ``layer``).
+    ``layout`` maps a linear weight to the form the products read; ``select_layer(stacked layers,
+    i)`` -> layer i's weights inside the layer loop."""
+
+    norm_linear: Callable
+    linear_residual: Callable
+    norm_swiglu: Callable
+    decode_qkv: Callable
     prefill_attention: Callable
     decode_attention: Callable
     embedding: Callable = w4a16.embedding_lookup
@@ -86,21 +105,67 @@ class Ops:
     select_layer: Callable = _slice_layer
 
 
+def composed(rmsnorm_op: Callable, linear: Callable, swiglu_op: Callable, **rest) -> Ops:
+    """The fused units composed from separate ops: ``rmsnorm_op(x, w, eps=) -> (y, _)``,
+    ``linear(x, w)``, ``swiglu_op(x, w_gate, w_up)`` (the ``xla`` and ``cpu`` paths)."""
+    def norm_linear(h, norm_w, w, *, eps, dtype):
+        return linear(rmsnorm_op(h, norm_w, eps=eps)[0].astype(dtype), w)
+
+    def linear_residual(x, w, h):
+        return h + linear(x, w).astype(jnp.float32)
+
+    def norm_swiglu(h, norm_w, w_gate, w_up, *, eps, dtype):
+        return swiglu_op(rmsnorm_op(h, norm_w, eps=eps)[0].astype(dtype), w_gate, w_up)
+
+    def decode_qkv(h, norm_w, wqkv, cache, layer, positions, *, cfg, dtype):
+        q, k, v = split_qkv(norm_linear(h, norm_w, wqkv, eps=cfg.norm_eps, dtype=dtype), cfg)
+        return q, k, v, cache
+
+    return Ops(norm_linear, linear_residual, norm_swiglu, decode_qkv, **rest)
+
+
+def _pallas_decode_qkv(h, norm_w, wqkv, cache, layer, positions, *, cfg, dtype):
+    q, kc, vc = qkv_projection.qkv_projection(h[:, 0], norm_w, wqkv, cache["k"], cache["v"], layer, positions,
+                                              n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, eps=cfg.norm_eps,
+                                              dtype=dtype)
+    return q[:, None], None, None, {"k": kc, "v": vc}
+
+
+def _pallas_decode_attention(q, k, v, cache, layer, positions, rotary):
+    """The new k, v are in the cache already (``_pallas_decode_qkv`` wrote them)."""
+    out = decode_attention.decode_attention(q[:, 0], cache["k"], cache["v"], positions + 1, layer=layer,
+                                            rotary=rotary)
+    return out[:, None], cache
+
+
+def _pallas_ops() -> Ops:
+    def norm_linear(h, norm_w, w, *, eps, dtype):
+        return w4a16.quantized_matmul(h, w, norm_weight=norm_w, eps=eps, dtype=dtype)
+
+    def linear_residual(x, w, h):
+        return w4a16.quantized_matmul(x, w, residual=h)
+
+    def norm_swiglu(h, norm_w, w_gate, w_up, *, eps, dtype):
+        return swiglu.swiglu(h, w_gate, w_up, norm_weight=norm_w, eps=eps, dtype=dtype)
+
+    return Ops(norm_linear, linear_residual, norm_swiglu, _pallas_decode_qkv,
+               _jnp_prefill_attention(flash_attention.flash_attention), _pallas_decode_attention)
+
+
 def _cpu_ops() -> Ops:
     from kernels.cpu import attention, qmatmul
     from kernels.cpu import rmsnorm as cpu_rmsnorm
 
-    return Ops(cpu_rmsnorm.rmsnorm, qmatmul.linear, qmatmul.swiglu_op, attention.prefill_attention,
-               attention.decode_attention, qmatmul.embedding_lookup, qmatmul.cpu_layout, qmatmul.select_layer)
+    return composed(cpu_rmsnorm.rmsnorm, qmatmul.linear, qmatmul.swiglu_op,
+                    prefill_attention=attention.prefill_attention, decode_attention=attention.decode_attention,
+                    embedding=qmatmul.embedding_lookup, layout=qmatmul.cpu_layout, select_layer=qmatmul.select_layer)
 
 
 OPS = {
-    "xla": lambda: Ops(rmsnorm.reference, w4a16.xla_matmul, swiglu.xla_swiglu,
-                       _jnp_prefill_attention(flash_attention.reference),
-                       _jnp_decode_attention(decode_attention.reference)),
-    "pallas": lambda: Ops(rmsnorm.rmsnorm, w4a16.quantized_matmul, swiglu.swiglu,
-                          _jnp_prefill_attention(flash_attention.flash_attention),
-                          _jnp_decode_attention(decode_attention.decode_attention)),
+    "xla": lambda: composed(rmsnorm.reference, w4a16.xla_matmul, swiglu.xla_swiglu,
+                            prefill_attention=_jnp_prefill_attention(flash_attention.reference),
+                            decode_attention=_jnp_decode_attention(decode_attention.reference)),
+    "pallas": _pallas_ops,
     "cpu": _cpu_ops,
 }
 
@@ -145,44 +210,41 @@ def rotary_of(cfg: LlamaConfig) -> Rotary:
     return Rotary(theta=float(cfg.rope_theta), scaling=float(cfg.rope_scaling), llama3=cfg.rope_llama3)
 
 
-def _logits(params, cfg: LlamaConfig, ops: Ops, h, delta):
-    x, _ = ops.rmsnorm(delta, params["norm"], eps=cfg.norm_eps, residual=h)
-    out_w = params["embed"] if params["output"] is None else params["output"]
-    return ops.linear(x, out_w).astype(jnp.float32)
-
-
-def _run_layers(params, cfg: LlamaConfig, ops: Ops, tokens, cache, attend, last=None):
-    """Shared layer loop. ``attend(q, k, v, cache, layer)`` -> (attention output, cache) with q, k
-    not yet rotated. Returns (logits, cache); with ``last`` (B,) only the logits at those positions
-    (the output projection is the largest matmul of a prefill)."""
+def _run_layers(params, cfg: LlamaConfig, ops: Ops, tokens, cache, project, attend, last=None):
+    """Shared layer loop. ``project(h, layer weights, cache, i)`` -> (q, k, v, cache) and
+    ``attend(q, k, v, cache, i)`` -> (attention output, cache), q and k not yet rotated.
+    Returns (logits, cache); with ``last`` (B,) only the logits at those positions (the output
+    projection is the largest matmul of a prefill)."""
     b, t = tokens.shape
     hd = cfg.head_dim
-    x = ops.embedding(params["embed"], tokens, cache["k"].dtype)  # (B, T, dim)
+    dtype = cache["k"].dtype  # the activations' dtype
+    h = ops.embedding(params["embed"], tokens, dtype).astype(jnp.float32)  # (B, T, dim): the residual stream
 
     def layer(carry, i):
-        h, delta, cache = carry
+        h, cache = carry
         lp = params["layers"][i] if isinstance(params["layers"], list) else ops.select_layer(params["layers"], i)
-        xn, h = ops.rmsnorm(delta, lp["attn_norm"], eps=cfg.norm_eps, residual=h)
-        q, k, v = split_qkv(ops.linear(xn, lp["wqkv"]), cfg)
+        q, k, v, cache = project(h, lp, cache, i)
         q = q.reshape(b, t, cfg.n_heads, hd)
-        k, v = k.reshape(b, t, cfg.n_kv_heads, hd), v.reshape(b, t, cfg.n_kv_heads, hd)
+        if k is not None:
+            k, v = k.reshape(b, t, cfg.n_kv_heads, hd), v.reshape(b, t, cfg.n_kv_heads, hd)
         attn, cache = attend(q, k, v, cache, i)
-        attn = ops.linear(attn.reshape(b, t, cfg.n_heads * hd), lp["wo"])
-        xn, h = ops.rmsnorm(attn, lp["ffn_norm"], eps=cfg.norm_eps, residual=h)
-        mlp = ops.linear(ops.swiglu(xn, lp["w_gate"], lp["w_up"]), lp["w_down"])
-        return (h, mlp, cache), None
+        h = ops.linear_residual(attn.reshape(b, t, cfg.n_heads * hd), lp["wo"], h)
+        act = ops.norm_swiglu(h, lp["ffn_norm"], lp["w_gate"], lp["w_up"], eps=cfg.norm_eps, dtype=dtype)
+        h = ops.linear_residual(act, lp["w_down"], h)
+        return (h, cache), None
 
-    carry = (jnp.zeros_like(x), x, cache)
+    carry = (h, cache)
     if isinstance(params["layers"], list):  # unrolled (GPU): each layer reads its own buffers
         for i in range(len(params["layers"])):
             carry, _ = layer(carry, i)
     else:  # the stacked weights are closed over and indexed, never sliced into the loop's inputs
         carry, _ = jax.lax.scan(layer, carry, np.arange(cfg.n_layers, dtype=np.int32))
-    h, delta, cache = carry
+    h, cache = carry
     if last is not None:
-        pick = lambda a: jnp.take_along_axis(a, last[:, None, None], axis=1)
-        h, delta = pick(h), pick(delta)
-    return _logits(params, cfg, ops, h, delta), cache
+        h = jnp.take_along_axis(h, last[:, None, None], axis=1)
+    out_w = params["embed"] if params["output"] is None else params["output"]
+    logits = ops.norm_linear(h, params["norm"], out_w, eps=cfg.norm_eps, dtype=dtype)
+    return logits.astype(jnp.float32), cache
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "path"), donate_argnames=("cache",))
@@ -195,12 +257,17 @@ def prefill(params: dict, tokens: jax.Array, cache: dict, *, cfg: LlamaConfig, p
     and decode overwrites the padded cache slots.
     """
     ops = ops_for(path)
+    dtype = cache["k"].dtype
+
+    def project(h, lp, cache, i):
+        q, k, v = split_qkv(ops.norm_linear(h, lp["attn_norm"], lp["wqkv"], eps=cfg.norm_eps, dtype=dtype), cfg)
+        return q, k, v, cache
 
     def attend(q, k, v, cache, i):
         return ops.prefill_attention(q, k, v, cache, i, rotary_of(cfg))
 
     last = None if lengths is None else (lengths - 1).astype(jnp.int32)
-    return _run_layers(params, cfg, ops, tokens, cache, attend, last)
+    return _run_layers(params, cfg, ops, tokens, cache, project, attend, last)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "path"), donate_argnames=("cache",))
@@ -208,9 +275,13 @@ def decode(params: dict, tokens: jax.Array, positions: jax.Array, cache: dict, *
            path: str = "xla"):
     """One token per sequence: tokens (B,), positions (B,) -> (logits (B, vocab), cache)."""
     ops = ops_for(path)
+    dtype = cache["k"].dtype
+
+    def project(h, lp, cache, i):
+        return ops.decode_qkv(h, lp["attn_norm"], lp["wqkv"], cache, i, positions, cfg=cfg, dtype=dtype)
 
     def attend(q, k, v, cache, i):
         return ops.decode_attention(q, k, v, cache, i, positions, rotary_of(cfg))
 
-    logits, cache = _run_layers(params, cfg, ops, tokens[:, None], cache, attend)
+    logits, cache = _run_layers(params, cfg, ops, tokens[:, None], cache, project, attend)
     return logits[:, 0], cache

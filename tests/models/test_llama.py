@@ -110,6 +110,43 @@ def test_batched_generation_with_ragged_prompts_equals_one_at_a_time():
         assert got == alone.tokens[0]
 
 
+def _host_loop_greedy(params, cfg, prompt, max_tokens, stop):
+    """Greedy decoding one jitted step at a time, the host checking every token: the oracle for the
+    device-side loop."""
+    cache = forward.init_cache(cfg, 1, generate.cache_length(len(prompt) + max_tokens, cfg))
+    logits, cache = forward.prefill(params, jnp.array([prompt]), cache, cfg=cfg)
+    tok, out = int(jnp.argmax(logits[0, -1])), []
+    for step in range(max_tokens):
+        if tok in stop:
+            break
+        out.append(tok)
+        if step == max_tokens - 1:
+            break
+        logits, cache = forward.decode(params, jnp.array([tok]), jnp.array([len(prompt) + step]), cache, cfg=cfg)
+        tok = int(jnp.argmax(logits[0]))
+    return out
+
+
+def test_device_loop_generates_what_a_per_token_host_loop_does():
+    """Decode runs on the device in chunks of ``sync_every`` steps with the stop test inside; any chunk
+    size gives the tokens of the token-by-token host loop, streams them in order, and a row that
+    samples a stop token ends there while the others go on."""
+    cfg, params = _tiny(4)
+    prompts = [[5, 6, 7, 8, 9, 10], [100, 3]]
+    free = _host_loop_greedy(params, cfg, prompts[0], 9, set())
+    stop = {free[4]}  # row 0 stops at its 5th token
+    want = [_host_loop_greedy(params, cfg, p, 9, stop) for p in prompts]
+    assert len(want[0]) == 4 and want[0] == free[:4]
+    for sync_every in (1, 3, 16):
+        streamed = []
+        got = generate.generate(params, cfg, prompts, max_tokens=9, stop_ids=stop, sync_every=sync_every,
+                                on_token=streamed.append)
+        assert got.tokens == want, sync_every
+        assert streamed == want[0]
+        longest = max(len(w) for w in want)  # decode steps: until every row stopped, at most 8 after prefill
+        assert got.decode_tokens == (8 if longest == 9 else longest)
+
+
 def test_sampling_respects_top_k_and_top_p():
     logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
     keys = jax.random.split(jax.random.key(0), 200)
