@@ -26,8 +26,8 @@ sys.path.insert(0, str(REPO))
 
 import mcu
 from autotune import results
-from mcu import build, codegen, tflm
-from models import tflite_import, zoo
+from mcu import build, codegen
+from models import tflite_import, tflm, zoo
 
 
 def _version(cmd: list[str]) -> str:

@@ -5,11 +5,14 @@ semihosting, with executed instructions counted by a TCG plugin the project buil
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
+import json
 import os
 import pathlib
 import shutil
 import subprocess
+import tempfile
 
 import numpy as np
 
@@ -37,7 +40,11 @@ def _run(cmd: list[str], what: str, cwd=None, timeout: float = 600) -> subproces
 
 
 def _uses_cmsis_nn(src: pathlib.Path) -> bool:
-    return '#include "arm_nnfunctions.h"' in (src / "model.c").read_text()
+    """Whether the exported folder links CMSIS-NN, from the manifest ``mcu.codegen.export`` wrote."""
+    manifest = src / "build.json"
+    if not manifest.is_file():
+        raise ValueError(f"{src} has no build.json; export the model there first (python -m mcu export)")
+    return "cmsis-nn" in json.loads(manifest.read_text()).get("libraries", [])
 
 
 def build_host(src_dir: str | pathlib.Path, sanitize: bool = False, opt: str = "-O2") -> pathlib.Path:
@@ -50,12 +57,28 @@ def build_host(src_dir: str | pathlib.Path, sanitize: bool = False, opt: str = "
     flags = ["-std=c99", "-Wall", "-Wextra", "-Werror", opt, "-g" if sanitize else "-g0"]
     if sanitize:
         flags += ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
+    kernels = _kernel_object(src / "tp_kernels.c", flags)
     _run(
-        [require("gcc"), *flags, f"-I{src}", str(src / "model.c"), str(src / "tp_kernels.c"), str(C_DIR / "harness.c"),
+        [require("gcc"), *flags, f"-I{src}", str(src / "model.c"), str(kernels), str(C_DIR / "harness.c"),
          *extra, "-o", str(exe), "-lm"],
         "host build",
     )
     return exe
+
+
+def _kernel_object(source: pathlib.Path, flags: list[str]) -> pathlib.Path:
+    """The host object of the kernel library, compiled once per content and flags (it is the same
+    file in every export; only model.c differs)."""
+    text = source.read_bytes() + (source.parent / "tp_kernels.h").read_bytes()
+    key = hashlib.sha256(text + " ".join(flags).encode()).hexdigest()[:16]
+    cache = pathlib.Path(os.environ.get("TINYPALLAS_BUILD", tempfile.gettempdir())) / "tinypallas-objects"
+    obj = cache / f"tp_kernels-{key}.o"
+    if not obj.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = cache / f"tp_kernels-{key}.{os.getpid()}.o"  # build aside, then rename: concurrent runs see a whole file
+        _run([require("gcc"), *flags, "-c", str(source), "-o", str(tmp)], "host build of the kernels")
+        tmp.replace(obj)
+    return obj
 
 
 def build_target(src_dir: str | pathlib.Path, board: Board, opt: str = "-O2", profile_layers: bool = False) -> pathlib.Path:
