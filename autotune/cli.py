@@ -142,7 +142,8 @@ def _parser() -> argparse.ArgumentParser:
                        allow_abbrev=False, description="Tune one kernel on one or more problems; one Optuna study "
                        "per problem, resumed when run again.")
     s.lazy_epilog = _sweep_epilog
-    s.add_argument("--kernel", default=None, help="kernel to tune (default: matmul; `list kernels`)")
+    s.add_argument("--kernel", default=None, help="kernel to tune (default: matmul on a GPU; cpu, the compiled CPU kernels, "
+                   "on a CPU where they build; `list kernels`)")
     s.add_argument("--shape", action="append", default=[],
                    help="problem shape, repeatable, in the kernel's syntax below (default: its default problems)")
     s.add_argument("--layer", help="a named list of problems the kernel offers (below), e.g. mobilenetv2")
@@ -284,7 +285,7 @@ def _plan(args) -> tuple[list, int, str]:
         if args.shape or args.layer:
             raise UsageError("--model/--target name the problem; drop --shape/--layer")
         args.kernel = "mcu"
-    args.kernel = args.kernel or "matmul"
+    args.kernel = args.kernel or ("matmul" if args.shape or args.layer else _default_kernel())
     entry = registry.entry(args.kernel)
     if args.dtype is not None and args.dtype not in entry.dtypes:
         valid = f"choose one of: {', '.join(entry.dtypes)}" if entry.dtypes else "it takes none"
@@ -366,7 +367,7 @@ def cmd_sweep(args) -> int:
     bundle = _bundle_dir(args)
     worker = args.worker_index is not None
     seed = args.seed + (args.worker_index or 0)
-    interpreted = platform.interpret_default() and args.kernel != "mcu"
+    interpreted = platform.interpret_default() and args.kernel != "mcu" and not args.kernel.startswith("cpu")
     if not worker:
         print(f"tinypallas autotune: kernel={args.kernel} device={platform.device_kind()} problems={len(spaces)} "
               f"trials/problem={n_trials} seed={args.seed} workers={args.workers}", flush=True)
@@ -631,9 +632,21 @@ def _run_workers(args, spaces, n_trials, storage, bundle) -> int:
         i, code = failed[0]
         last = next((line for line in reversed(tails[i]) if line.startswith("error:")), tails[i][-1] if tails[i] else "")
         raise UsageError(f"worker {i} exited with status {code}: {last.removeprefix('error: ')}")
-    _print_summary(out, platform.interpret_default() and args.kernel != "mcu")
+    _print_summary(out, platform.interpret_default() and args.kernel != "mcu" and not args.kernel.startswith("cpu"))
     print(f"results bundle: {bundle.resolve()}")
     return 0
+
+
+def _default_kernel() -> str:
+    """The main job (no --kernel, --shape or --layer): matmul on a GPU; on a CPU the compiled CPU
+    kernels (real timings), where they build."""
+    from kernels import platform
+
+    if platform.backend() == "gpu":
+        return "matmul"
+    from kernels.cpu import build
+
+    return "cpu" if build.availability() is None else "matmul"
 
 
 # ----------------------------------------------------------------------------------------------

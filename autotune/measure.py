@@ -267,6 +267,36 @@ def xla_kernels(hlo_text: str) -> dict:
     return {"custom_calls": custom_calls, "fusions": fusions, "entry_ops": ops}
 
 
+def pallas_calls(closed_jaxpr) -> list[dict]:
+    """The Pallas kernels a traced function launches, from its jaxpr (``jax.make_jaxpr(f)(...)`` or
+    ``jax.jit(f).trace(...).jaxpr``): before lowering, so the same whether the kernels will be
+    interpreted or compiled. One entry per call site: ``name`` (the pallas_call's ``name=``),
+    ``grid``, ``calls`` (times it runs per call of the function: a ``scan`` body's kernels run once
+    per iteration; a while loop's body is counted once), and the kernel's own cost estimate
+    (``flops``, ``bytes_accessed``; None where it gives none)."""
+    found: list[dict] = []
+
+    def walk(jaxpr, times: int) -> None:
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "pallas_call":
+                cost = eqn.params.get("cost_estimate")
+                found.append({"name": eqn.params.get("name") or "pallas_call",
+                              "grid": tuple(int(g) for g in eqn.params["grid_mapping"].grid),
+                              "calls": times,
+                              "flops": None if cost is None else int(cost.flops),
+                              "bytes_accessed": None if cost is None else int(cost.bytes_accessed)})
+                continue
+            inner = times * int(eqn.params.get("length", 1)) if eqn.primitive.name == "scan" else times
+            for value in eqn.params.values():
+                for sub in value if isinstance(value, (tuple, list)) else (value,):
+                    sub = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr's Jaxpr
+                    if hasattr(sub, "eqns"):
+                        walk(sub, inner)
+
+    walk(getattr(closed_jaxpr, "jaxpr", closed_jaxpr), 1)
+    return found
+
+
 # ---------------------------------------------------------------------------------------------
 # Device-side time (NVIDIA GPUs): CUPTI kernel activity through jax's Mosaic GPU extension
 # ---------------------------------------------------------------------------------------------

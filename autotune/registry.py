@@ -78,6 +78,13 @@ KERNELS = {
     "rope": Kernel("kernels.llm.rope", FLOATS, lambda p: 3 * p["rows"] * p["head_dim"] * _size(p["dtype"])),
     "flash_attention": Kernel("kernels.llm.flash_attention", FLOATS, lambda p: _attention_bytes(p, p["seq"])),
     "decode_attention": Kernel("kernels.llm.decode_attention", FLOATS, lambda p: _attention_bytes(p, 1)),
+    # The compiled CPU kernels: float32 activations, packed weights; host memory, no device to overfill.
+    "cpu": Kernel("kernels.cpu.sweep", ()),  # every compiled CPU kernel below: the main job without a GPU
+    "cpu_q4_gemv": Kernel("kernels.cpu.qmatmul", ()),
+    "cpu_swiglu": Kernel("kernels.cpu.swiglu", ()),
+    "cpu_attention": Kernel("kernels.cpu.attention", ()),
+    "cpu_rmsnorm": Kernel("kernels.cpu.rmsnorm", ()),
+    "cpu_matmul": Kernel("kernels.cpu.matmul", ()),
 }
 
 

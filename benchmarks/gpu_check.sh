@@ -4,13 +4,18 @@
 #   2. benchmarks/matmul.py  -> $OUT_DIR/matmul_<gpu>_bf16.json                      <= 135 s
 #   3. benchmarks/conv.py    -> $OUT_DIR/conv_<gpu>_bf16.json                        <= 140 s
 #   4. benchmarks/int8.py    -> $OUT_DIR/int8_<gpu>.json (needs $TINYPALLAS_MODELS)  <= 75 s
-# and $OUT_DIR/gpu_check_<gpu>.json: each stage's command, exit status, seconds, whether it reached
-# its time limit, and the end of its output. A stage cut short by its limit keeps the rows it
+# With --llama, the LLaMA decode measurements instead (issue 12), also under 8 minutes:
+#   1. pytest -m gpu tests/kernels/llm tests/models/test_llama_decode_kernels.py       <= 80 s
+#   2. benchmarks/llama.py --format bf16 --profile -> $OUT_DIR/llama_<gpu>_bf16.json   <= 160 s
+#   3. benchmarks/llama.py --format w4a16 --profile -> $OUT_DIR/llama_<gpu>_w4a16.json <= 160 s
+#   4. benchmarks/llama.py --sweep (GEMV configs, portable and Mosaic GPU bodies)    <= 60 s
+# and $OUT_DIR/gpu_check[_llama]_<gpu>.json: each stage's command, exit status, seconds, whether it
+# reached its time limit, and the end of its output. A stage cut short by its limit keeps the rows it
 # finished (the benchmarks write their JSON after every row); a failed stage does not stop the next.
 #
-#   bash benchmarks/gpu_check.sh              # on the GPU; writes benchmarks/results/*_h200_*.json
-#   bash benchmarks/gpu_check.sh --dry-run    # anywhere (CPU): the same stages on tiny problems, into a
-#                                             # temporary folder, to know that every stage starts
+#   bash benchmarks/gpu_check.sh [--llama]            # on the GPU; writes benchmarks/results/*_h200_*.json
+#   bash benchmarks/gpu_check.sh [--llama] --dry-run  # anywhere (CPU): the same stages on tiny problems, into a
+#                                                     # temporary folder, to know that every stage starts
 # Environment: PYTHON (default .venv/bin/python, else python3); TINYPALLAS_MODELS (folder of the
 # .tflite models, default ../shared/tflite); OUT_DIR (default benchmarks/results, dry run: a temp folder).
 set -uo pipefail
@@ -18,11 +23,14 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 
 DRY=0
-case "${1:-}" in
-  --dry-run) DRY=1 ;;
-  "") ;;
-  *) echo "error: unknown argument ${1}; use --dry-run or nothing" >&2; exit 2 ;;
-esac
+LLAMA=0
+for arg in "$@"; do
+  case "$arg" in
+    --dry-run) DRY=1 ;;
+    --llama) LLAMA=1 ;;
+    *) echo "error: unknown argument ${arg}; use --llama, --dry-run or nothing" >&2; exit 2 ;;
+  esac
+done
 if [ -n "${PYTHON:-}" ]; then PY=$PYTHON; elif [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
 if [ "$DRY" = 1 ]; then OUT_DIR=${OUT_DIR:-$(mktemp -d)}; else OUT_DIR=${OUT_DIR:-benchmarks/results}; fi
 mkdir -p "$OUT_DIR"
@@ -72,7 +80,23 @@ run_stage() {  # name limit_seconds command...
 
 TESTS=(tests/autotune/test_measure.py tests/kernels)
 MODELS=${TINYPALLAS_MODELS:-../shared/tflite}
-if [ "$DRY" = 1 ]; then
+LLAMA_TESTS=(tests/kernels/llm tests/models/test_llama_decode_kernels.py)
+if [ "$LLAMA" = 1 ] && [ "$DRY" = 1 ]; then
+  run_stage gpu_tests 120 "$PY" -m pytest -o addopts= -p no:cacheprovider -q -m gpu --collect-only "${LLAMA_TESTS[@]}"
+  run_stage llama_bf16 300 "$PY" benchmarks/llama.py --gpu-path --quick --format bf16 --batches 1 --profile \
+    --out "$OUT_DIR/llama_${TAG}_bf16_dry.json"
+  run_stage llama_w4a16 300 "$PY" benchmarks/llama.py --gpu-path --quick --format w4a16 --batches 1 --profile \
+    --out "$OUT_DIR/llama_${TAG}_w4a16_dry.json"
+  run_stage gemv_sweep 300 "$PY" benchmarks/llama.py --sweep --quick --format none \
+    --out "$OUT_DIR/llama_gemv_sweep_${TAG}_dry.json"
+elif [ "$LLAMA" = 1 ]; then
+  run_stage gpu_tests 80 "$PY" -m pytest -o addopts= -p no:cacheprovider -q -m gpu "${LLAMA_TESTS[@]}"
+  run_stage llama_bf16 160 "$PY" benchmarks/llama.py --format bf16 --profile --batches 1 4 16 \
+    --out "$OUT_DIR/llama_${TAG}_bf16.json"
+  run_stage llama_w4a16 160 "$PY" benchmarks/llama.py --format w4a16 --profile --batches 1 4 16 \
+    --out "$OUT_DIR/llama_${TAG}_w4a16.json"
+  run_stage gemv_sweep 60 "$PY" benchmarks/llama.py --sweep --format none --out "$OUT_DIR/llama_gemv_sweep_${TAG}.json"
+elif [ "$DRY" = 1 ]; then
   run_stage gpu_tests 120 "$PY" -m pytest -o addopts= -p no:cacheprovider -q -m gpu --collect-only "${TESTS[@]}"
   run_stage matmul 120 "$PY" benchmarks/matmul.py --shapes 32x48x40 --trials 1 --rounds 10 \
     --out "$OUT_DIR/matmul_${TAG}_dry.json"
@@ -93,7 +117,8 @@ else
 fi
 
 SUFFIX=""
-[ "$DRY" = 1 ] && SUFFIX=_dry
+[ "$LLAMA" = 1 ] && SUFFIX=_llama
+[ "$DRY" = 1 ] && SUFFIX=${SUFFIX}_dry
 "$PY" - "$OUT_DIR/gpu_check_${TAG}${SUFFIX}.json" "$LOGS" "$DRY" <<'EOF'
 import pathlib, sys
 from autotune import results
@@ -105,7 +130,7 @@ for line in (logs / "stages.tsv").read_text().splitlines():
     stages.append({"stage": name, "command": command, "exit": int(rc), "seconds": round(float(end) - float(start), 1),
                    "limit_seconds": int(limit), "reached_limit": int(rc) in (124, 137),
                    "output_tail": log.read_text(errors="replace")[-4000:] if log.exists() else ""})
-doc = {"check": "gpu_check.sh" + (" --dry-run" if dry else ""), "env": results.environment(),
+doc = {"check": "gpu_check.sh" + (" --llama" if "llama" in out else "") + (" --dry-run" if dry else ""), "env": results.environment(),
        "total_seconds": round(sum(s["seconds"] for s in stages), 1), "stages": stages}
 results.save_json(out, doc)
 print(f"wrote {out}: " + ", ".join(f"{s['stage']} exit {s['exit']} in {s['seconds']}s" for s in stages))

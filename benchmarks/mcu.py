@@ -1,6 +1,9 @@
 """MCU export benchmark: per model and schedule, executed Cortex-M7 instructions under QEMU (and
 MACs per instruction), the ratio to CMSIS-NN's instructions, peak SRAM and its ratio to TFLite
 Micro's arena, and whether the image fits the board (SRAM with the stack, flash with the code).
+Models: the reference models found through ``models.zoo`` ($TINYPALLAS_MODELS, then ../shared/tflite
+beside the repository; README.md, "Reference models"), or, where there are none, the stand-ins it
+builds (named ``standin_...``: their figures are not the reference models').
 
 Schedules: ``portable`` (whole tensors, in-place overlap), ``portable min-SRAM`` (the patch
 schedule with the smallest peak), ``cmsis-nn`` and ``cmsis-nn min-SRAM`` (when $CMSIS_NN_ROOT
@@ -14,6 +17,7 @@ Every run is checked bit-exact against TFLite Micro on the same input.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import os
 import pathlib
@@ -30,7 +34,7 @@ sys.path.insert(0, str(REPO))
 import mcu
 from autotune import results
 from mcu import build, codegen, specialized, tune
-from models import tflite_import, tflm
+from models import tflite_import, tflm, zoo
 
 
 def _version(cmd: list[str]) -> str:
@@ -132,8 +136,8 @@ def bench(path: pathlib.Path, board: mcu.Board, qemu: bool, layers: bool = False
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--board", default="stm32f746")
-    ap.add_argument("--models", default="*.tflite", help="glob in ../shared/tflite")
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "mcu.json"))
+    ap.add_argument("--models", default="*", help="glob over model names, e.g. 'mlperf_tiny_*'")
+    ap.add_argument("--out", default="results/benchmark_mcu.json")
     ap.add_argument("--no-qemu", action="store_true", help="skip the Cortex-M build and instruction counts")
     ap.add_argument("--layers", action="store_true",
                     help="also record per-layer instruction counts and MACs per instruction in the JSON (a profiled "
@@ -141,10 +145,18 @@ def main() -> None:
     args = ap.parse_args()
     board = mcu.board(args.board)
     qemu = not args.no_qemu and bool(shutil.which("qemu-system-arm") and shutil.which("arm-none-eabi-gcc"))
+    if not zoo.references():
+        print(f"no reference models in {', '.join(map(str, zoo.search_path()))}: benchmarking the stand-ins "
+              f"models.zoo builds instead (to use the reference models: {zoo.HOW_TO_GET})", file=sys.stderr)
+    names = [n for n in zoo.suite_models() if fnmatch.fnmatch(n, args.models) or fnmatch.fnmatch(f"{n}.tflite", args.models)]
+    if not names:
+        print(f"error: no model matches --models {args.models!r}; the models are: {', '.join(zoo.suite_models())}",
+              file=sys.stderr)
+        sys.exit(2)
     rows = []
-    for p in sorted((REPO.parent / "shared" / "tflite").glob(args.models)):
-        rows.append(bench(p, board, qemu, args.layers))
-        print(f"done {p.name}", file=sys.stderr, flush=True)
+    for name in names:
+        rows.append(bench(zoo.model(name), board, qemu, args.layers))
+        print(f"done {name}", file=sys.stderr, flush=True)
 
     def cell(entry, key, fmt="{:d}"):
         v = entry.get(key)

@@ -5,6 +5,7 @@ interpret (CPU, and anything that is not an NVIDIA GPU) or compile (Triton / Mos
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import jax
@@ -16,9 +17,24 @@ def backend() -> str:
     return "gpu" if jax.default_backend() in ("gpu", "cuda") else "cpu"
 
 
+_GPU_LOWERING: list[bool] = []
+
+
 def interpret_default() -> bool:
-    """Pallas only runs interpreted on the CPU; on GPU it compiles."""
-    return backend() != "gpu"
+    """Pallas only runs interpreted on the CPU; on GPU it compiles (and inside ``gpu_lowering``)."""
+    return backend() != "gpu" and not _GPU_LOWERING
+
+
+@contextlib.contextmanager
+def gpu_lowering():
+    """Within this context the kernels build their compiled GPU (Triton) form even where there is no
+    GPU, so that ``jax.jit(f).trace(...).lower(lowering_platforms=("cuda",))`` shows what a GPU would
+    run: lowering needs no GPU, only compiling and running do. For tests and kernel inventories."""
+    _GPU_LOWERING.append(True)
+    try:
+        yield
+    finally:
+        _GPU_LOWERING.pop()
 
 
 @functools.cache

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 
 
@@ -37,3 +38,17 @@ def parse_attention_shape(text: str, form: str, example: str) -> dict:
     if min(b, s, hq, hkv, d) < 1 or hq % hkv:
         raise ValueError(f"shape {text!r}: sizes must be positive and HKV divide HQ, e.g. {example}")
     return attention_problem_key(b, s, hq, hkv, d, "bfloat16")
+
+
+def write_cache_rows(cache: jax.Array, layer, new: jax.Array, starts: jax.Array) -> jax.Array:
+    """Stacked KV cache (L, B, Hkv, S, D) <- new (B, T, Hkv, D) at [layer, b, :, starts[b]:+T].
+
+    One small dynamic-update-slice per batch row: in place on a buffer carried through the layer loop
+    (the cache is never copied, whatever its length)."""
+    new = new.transpose(0, 2, 1, 3).astype(cache.dtype)[None]  # (1, B, Hkv, T, D)
+    zero = jnp.zeros((), jnp.int32)
+    layer = jnp.asarray(layer, jnp.int32)
+    for b in range(new.shape[1]):
+        cache = jax.lax.dynamic_update_slice(cache, new[:, b:b + 1],
+                                             (layer, jnp.int32(b), zero, starts[b].astype(jnp.int32), zero))
+    return cache

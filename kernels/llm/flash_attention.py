@@ -39,10 +39,9 @@ def reference(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
     ``rotary``: q and k are first rotated by RoPE at their sequence index."""
     b, t, hq, d = q.shape
     if rotary is not None:
-        q = rope.reference(q, jnp.broadcast_to(jnp.arange(t), (b, t)), theta=rotary.theta, scaling=rotary.scaling)
+        q = rope.apply(q, jnp.broadcast_to(jnp.arange(t), (b, t)), rotary)
         s_len = k.shape[1]
-        k = rope.reference(k, jnp.broadcast_to(jnp.arange(s_len), (b, s_len)), theta=rotary.theta,
-                           scaling=rotary.scaling)
+        k = rope.apply(k, jnp.broadcast_to(jnp.arange(s_len), (b, s_len)), rotary)
     group = hq // k.shape[2]
     kf = jnp.repeat(k.astype(jnp.float32), group, axis=2)
     vf = jnp.repeat(v.astype(jnp.float32), group, axis=2)
@@ -113,6 +112,7 @@ def _flash(q, k, v, *, causal: bool, rotary: rope.Rotary | None, config: Config,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         compiler_params=platform.compiler_params(cfg.num_warps, cfg.num_stages, interpret),
         interpret=interpret,
+        name="flash_attention",
     )(q, k, v)
     return out[:, :t]
 
@@ -126,10 +126,12 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = 
     b, t, hq, d = q.shape
     if k.shape[0] != b or k.shape[1] != t or k.shape[3] != d:
         raise ValueError(f"k/v shape {k.shape} does not match q shape {q.shape} (prefill needs S == T)")
-    if hq % k.shape[2]:
-        raise ValueError(f"query heads {hq} must be a multiple of key/value heads {k.shape[2]}")
+    if k.shape[2] == 0 or hq % k.shape[2]:
+        raise ValueError(f"query heads {hq} must be a multiple of key/value heads {k.shape[2]} (at least one)")
     if not common.is_pow2(d):
         raise ValueError(f"head_dim={d} must be a power of 2 for the Pallas attention kernels")
+    if 0 in (b, t, hq):  # an empty batch, sequence or head axis: the empty result
+        return jnp.zeros(q.shape, q.dtype)
     if interpret is None:
         interpret = platform.interpret_default()
     cfg = tuned.resolve("flash_attention", problem_key(b, t, hq, k.shape[2], d, q.dtype), config,

@@ -68,6 +68,7 @@ def _rmsnorm(x2, w, r2, *, eps: float, config: Config, interpret: bool):
         out_shape=[jax.ShapeDtypeStruct((rows, padded), x2.dtype)] * 2,
         compiler_params=platform.compiler_params(config.num_warps, config.num_stages, interpret),
         interpret=interpret,
+        name="rmsnorm",
     )(*operands)
     return y[:, :dim], h[:, :dim]
 
@@ -80,6 +81,10 @@ def rmsnorm(x: jax.Array, weight: jax.Array, *, eps: float, residual: jax.Array 
         raise ValueError(f"weight has shape {weight.shape}, expected ({dim},)")
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"residual shape {residual.shape} differs from x shape {x.shape}")
+    if dim == 0:
+        raise ValueError(f"x {x.shape} has an empty last axis (dim=0); RMSNorm normalizes over at least one feature")
+    if x.size == 0:  # no row to normalize: the empty result
+        return reference(x, weight, eps=eps, residual=residual)
     x2 = x.reshape(-1, dim)
     rows = x2.shape[0]
     if interpret is None:

@@ -1,5 +1,5 @@
 """LLaMA-architecture decoders in JAX: GGUF / safetensors loading, tokenizer, KV-cache generation,
-and two execution paths (``xla`` references, ``pallas`` fused kernels)."""
+and three execution paths (``xla`` references, ``pallas`` fused kernels, ``cpu`` compiled kernels)."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,15 +13,18 @@ from models.llama.config import LlamaConfig
 @dataclasses.dataclass
 class Model:
     config: LlamaConfig
-    params: dict
+    params: dict  # laid out for ``path`` (``forward.prepare``)
     tokenizer: object  # models.llama.tokenizer.Tokenizer
     source: str
+    path: str = "xla"
 
 
-def load(path: str | pathlib.Path | None = None, *, dtype=jnp.float32) -> Model:
-    """A .gguf file, a safetensors checkpoint folder, or (None) the bundled SmolLM2-135M-Instruct."""
-    from models.llama import gguf_loader, tokenizer
+def load(path: str | pathlib.Path | None = None, *, dtype=jnp.float32, execution: str = "xla") -> Model:
+    """A .gguf file, a safetensors checkpoint folder, or (None) the bundled SmolLM2-135M-Instruct,
+    with its weights laid out once for the ``execution`` path (``models.llama.forward.PATHS``)."""
+    from models.llama import forward, gguf_loader, tokenizer
 
+    forward.ops_for(execution)  # an unknown path fails before anything is read
     if path is None:
         path = gguf_loader.bundled_model_path()
     path = pathlib.Path(path)
@@ -29,6 +32,8 @@ def load(path: str | pathlib.Path | None = None, *, dtype=jnp.float32) -> Model:
         from models.llama.safetensors_loader import load_safetensors
 
         cfg, params = load_safetensors(path, dtype=dtype)
-        return Model(cfg, params, tokenizer.from_hf_folder(path), str(path))
-    m = gguf_loader.load_gguf(path, dtype=dtype)
-    return Model(m.config, m.params, tokenizer.from_gguf_metadata(m.metadata), str(path))
+        tok = tokenizer.from_hf_folder(path)
+    else:
+        m = gguf_loader.load_gguf(path, dtype=dtype, blocks=execution == "cpu")
+        cfg, params, tok = m.config, m.params, tokenizer.from_gguf_metadata(m.metadata)
+    return Model(cfg, forward.prepare(params, cfg, execution), tok, str(path), execution)

@@ -1,7 +1,9 @@
-"""Text generation: prefill the prompt, then one jitted decode step per token into a preallocated cache.
+"""Text generation: prefill the prompt, then decode steps into a preallocated cache, on the device.
 
-Sampling (greedy, temperature, top-k, top-p) runs inside the jitted step; both functions are
-compiled ahead of time so the reported tok/s exclude compilation.
+Sampling (greedy, temperature, top-k, top-p) and the stop test run inside the jitted step, and
+decode runs as a ``lax.while_loop`` of up to ``sync_every`` steps: the host looks at the tokens once
+per chunk (to stream them and to stop), not once per token, so the device never waits for it in
+between. Both functions are compiled ahead of time so the reported tok/s exclude compilation.
 """
 from __future__ import annotations
 
@@ -42,16 +44,41 @@ def sample(logits: jax.Array, key: jax.Array, *, temperature: float, top_k: int,
 @functools.partial(jax.jit, static_argnames=("cfg", "path", "temperature", "top_k", "top_p"),
                    donate_argnames=("cache",))
 def _prefill_and_sample(params, tokens, lengths, cache, key, *, cfg, path, temperature, top_k, top_p):
-    logits, cache = forward.prefill(params, tokens, cache, cfg=cfg, path=path)
-    last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
+    logits, cache = forward.prefill(params, tokens, cache, cfg=cfg, path=path, lengths=lengths)
+    last = logits[:, 0]
     return sample(last, key, temperature=temperature, top_k=top_k, top_p=top_p), last, cache
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "path", "temperature", "top_k", "top_p"),
+SYNC_EVERY = 16  # decode steps the device runs between two looks from the host (streamed as one chunk)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "path", "temperature", "top_k", "top_p", "chunk"),
                    donate_argnames=("cache",))
-def _decode_and_sample(params, tokens, positions, cache, key, *, cfg, path, temperature, top_k, top_p):
-    logits, cache = forward.decode(params, tokens, positions, cache, cfg=cfg, path=path)
-    return sample(logits, key, temperature=temperature, top_k=top_k, top_p=top_p), cache
+def _decode_chunk(params, tokens, positions, cache, key, first_step, limit, done, stop_ids, *, cfg, path,
+                  temperature, top_k, top_p, chunk):
+    """Up to ``min(chunk, limit)`` decode steps as one ``lax.while_loop``, which ends early once every
+    row has sampled a stop token. Step i feeds each row's last token at its position, samples the
+    next (key: ``fold_in(key, first_step + i + 1)``) and records it in column i of ``produced``, or -1
+    where the row had stopped or stops now. Returns (produced (B, chunk), steps run, last tokens,
+    positions, cache, done)."""
+    b = tokens.shape[0]
+
+    def running(state):
+        i, *_, done = state
+        return (i < limit) & ~jnp.all(done)
+
+    def step(state):
+        i, tok, pos, cache, produced, done = state
+        logits, cache = forward.decode(params, tok, pos, cache, cfg=cfg, path=path)
+        nxt = sample(logits, jax.random.fold_in(key, first_step + i + 1), temperature=temperature, top_k=top_k,
+                     top_p=top_p)
+        stop = jnp.any(nxt[:, None] == stop_ids[None, :], axis=1)
+        produced = produced.at[:, i].set(jnp.where(done | stop, -1, nxt))
+        return i + 1, nxt, pos + 1, cache, produced, done | stop
+
+    state = (jnp.int32(0), tokens, positions, cache, jnp.full((b, chunk), -1, jnp.int32), done)
+    steps, tokens, positions, cache, produced, done = jax.lax.while_loop(running, step, state)
+    return produced, steps, tokens, positions, cache, done
 
 
 @dataclasses.dataclass
@@ -82,18 +109,23 @@ def cache_length(needed: int, cfg: LlamaConfig) -> int:
 
 def generate(params: dict, cfg: LlamaConfig, prompts: list[list[int]], *, max_tokens: int, stop_ids=(),
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0, path: str = "xla",
-             dtype=jnp.float32, on_token: Callable[[int], None] | None = None) -> Generation:
+             dtype=jnp.float32, on_token: Callable[[int], None] | None = None,
+             sync_every: int = SYNC_EVERY) -> Generation:
     """Generate up to ``max_tokens`` for each prompt (a batch; rows may differ in length).
 
-    ``on_token(id)`` is called per token of the first prompt as it is produced (streaming).
+    ``on_token(id)`` is called per token of the first prompt as it is produced (streaming), in chunks
+    of up to ``sync_every`` tokens: the device decodes that many steps between two host syncs.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     if max_tokens < 1:
         raise ValueError(f"max_tokens={max_tokens} must be >= 1")
+    if sync_every < 1:
+        raise ValueError(f"sync_every={sync_every} must be >= 1")
     if temperature < 0 or top_k < 0 or not 0.0 < top_p <= 1.0:
         raise ValueError(f"sampling needs temperature >= 0 (0 = greedy), top_k >= 0 (0 = off) and 0 < top_p <= 1 "
                          f"(1 = off); got temperature={temperature}, top_k={top_k}, top_p={top_p}")
+    params = forward.prepare(params, cfg, path)  # a no-op for params loaded for this path
     b = len(prompts)
     lengths = np.array([len(p) for p in prompts], np.int32)
     t = int(lengths.max())
@@ -104,38 +136,48 @@ def generate(params: dict, cfg: LlamaConfig, prompts: list[list[int]], *, max_to
     knobs = {"cfg": cfg, "path": path, "temperature": float(temperature), "top_k": int(top_k), "top_p": float(top_p)}
     key = jax.random.key(seed)
     tokens_j, lengths_j = jnp.asarray(tokens), jnp.asarray(lengths)
+    stop = sorted({int(s) for s in stop_ids})
+    stop_j = jnp.asarray(stop or [-1], jnp.int32)
+    chunk = min(sync_every, max(1, max_tokens - 1))
 
     t0 = time.perf_counter()
     prefill_fn = _prefill_and_sample.lower(params, tokens_j, lengths_j, cache, key, **knobs).compile()
-    decode_fn = _decode_and_sample.lower(params, lengths_j, lengths_j, cache, key, **knobs).compile()
     compile_seconds = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     next_tok, _, cache = prefill_fn(params, tokens_j, lengths_j, cache, jax.random.fold_in(key, 0))
-    next_tok = np.asarray(next_tok)
+    first = np.asarray(next_tok)
     prefill_seconds = time.perf_counter() - t0
 
-    stop = {int(s) for s in stop_ids}
     out: list[list[int]] = [[] for _ in range(b)]
-    done = np.zeros(b, bool)
-    positions = lengths.copy()
-    decoded = 0
-    t0 = time.perf_counter()
-    for step in range(max_tokens):
+
+    def take(column: np.ndarray) -> None:  # one token per row, -1 where the row has stopped
         for i in range(b):
-            if not done[i]:
-                if int(next_tok[i]) in stop:
-                    done[i] = True
-                else:
-                    out[i].append(int(next_tok[i]))
-                    if i == 0 and on_token is not None:
-                        on_token(int(next_tok[i]))
-        if done.all() or step == max_tokens - 1:
-            break
-        next_tok, cache = decode_fn(params, jnp.asarray(next_tok), jnp.asarray(positions), cache,
-                                    jax.random.fold_in(key, step + 1))
-        next_tok = np.asarray(next_tok)
-        positions += 1
-        decoded += 1
-    decode_seconds = time.perf_counter() - t0
+            if column[i] >= 0:
+                out[i].append(int(column[i]))
+                if i == 0 and on_token is not None:
+                    on_token(int(column[i]))
+
+    done = np.isin(first, stop)
+    take(np.where(done, -1, first))
+    decoded = 0
+    decode_seconds = 0.0
+    if max_tokens > 1 and not done.all():
+        t0 = time.perf_counter()  # compiled only when a second token is wanted (a 1-token run starts faster)
+        args = (params, next_tok, lengths_j, cache, key, jnp.int32(0), jnp.int32(chunk), jnp.asarray(done), stop_j)
+        decode_fn = _decode_chunk.lower(*args, **knobs, chunk=chunk).compile()
+        compile_seconds += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        positions, done_j = lengths_j, jnp.asarray(done)
+        while decoded < max_tokens - 1:
+            limit = min(chunk, max_tokens - 1 - decoded)
+            produced, steps, next_tok, positions, cache, done_j = decode_fn(
+                params, next_tok, positions, cache, key, jnp.int32(decoded), jnp.int32(limit), done_j, stop_j)
+            produced, steps = np.asarray(produced), int(steps)  # the one host sync of the chunk
+            for i in range(steps):
+                take(produced[:, i])
+            decoded += steps
+            if steps < limit:  # every row stopped
+                break
+        decode_seconds = time.perf_counter() - t0
     return Generation(out, int(lengths.sum()), prefill_seconds, decoded, decode_seconds, compile_seconds)

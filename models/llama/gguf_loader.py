@@ -1,29 +1,74 @@
 """Load a LLaMA-architecture GGUF file: config, tokenizer metadata and weights kept packed.
 
-Q4_0 / Q4_1 / Q8_0 blocks are re-strided into ``kernels.llm.w4a16``'s K-major group-halves
-layout (group 32) without dequantizing; F32 / F16 / BF16 tensors load as dense arrays.
+The file is parsed here (header, key/value metadata, tensor infos; GGUF v2/v3, little-endian),
+every length and offset checked against the file's size, so a damaged file is one ``ValueError``
+naming the problem. Tensor shapes and types are checked against the config before use.
+Q4_0 / Q4_1 / Q8_0 blocks are re-strided into ``kernels.llm.w4a16``'s K-major group-halves layout
+(group 32) without dequantizing; F32 / F16 / BF16 tensors load as dense arrays. Weights come back
+as host (numpy) arrays; ``models.llama.load`` lays them out for an execution path and places them.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import pathlib
+import struct
 
-import jax.numpy as jnp
 import numpy as np
 
 from kernels.llm.w4a16 import QuantizedWeight
 from models.llama.config import LlamaConfig
-from models.llama.params import fuse_qkv
+from models.llama.params import fuse_qkv, matrix_shapes
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
-# Block sizes in bytes of one 32-element GGUF block.
-_BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}
+MAX_TENSOR_DIMS = 4  # GGML_MAX_DIMS
+
+# GGML tensor types: id -> (name, elements per block, bytes per block) (ggml.h, ggml-common.h).
+GGML_TYPES = {
+    0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20), 6: ("Q5_0", 32, 22),
+    7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34), 9: ("Q8_1", 32, 40), 10: ("Q2_K", 256, 84), 11: ("Q3_K", 256, 110),
+    12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176), 14: ("Q6_K", 256, 210), 15: ("Q8_K", 256, 292),
+    16: ("IQ2_XXS", 256, 66), 17: ("IQ2_XS", 256, 74), 18: ("IQ3_XXS", 256, 98), 19: ("IQ1_S", 256, 50),
+    20: ("IQ4_NL", 32, 18), 21: ("IQ3_S", 256, 110), 22: ("IQ2_S", 256, 82), 23: ("IQ4_XS", 256, 136),
+    24: ("I8", 1, 1), 25: ("I16", 1, 2), 26: ("I32", 1, 4), 27: ("I64", 1, 8), 28: ("F64", 1, 8),
+    29: ("IQ1_M", 256, 56), 30: ("BF16", 1, 2), 34: ("TQ1_0", 256, 54), 35: ("TQ2_0", 256, 66),
+    39: ("MXFP4", 32, 17),
+}
+# GGUF metadata value types: id -> struct format of one scalar (8: string, 9: array).
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1", 10: "<u8", 11: "<i8",
+          12: "<f8"}
 
 _LAYER_TENSORS = {
     "attn_norm": "attn_norm", "ffn_norm": "ffn_norm", "wq": "attn_q", "wk": "attn_k", "wv": "attn_v",
     "wo": "attn_output", "w_gate": "ffn_gate", "w_up": "ffn_up", "w_down": "ffn_down",
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]  # GGUF order: ne0 (contiguous) first
+    type_id: int
+    offset: int  # absolute byte offset in the file
+    nbytes: int
+
+    @property
+    def type_name(self) -> str:
+        return GGML_TYPES[self.type_id][0] if self.type_id in GGML_TYPES else f"unknown type id {self.type_id}"
+
+
+@dataclasses.dataclass(frozen=True)
+class GGUFFile:
+    path: pathlib.Path
+    version: int
+    metadata: dict  # key -> int / float / bool / str / list
+    tensors: dict  # name -> TensorInfo
+    buffer: np.ndarray  # the whole file, uint8 (memory-mapped)
+
+    def data(self, t: TensorInfo) -> np.ndarray:
+        return self.buffer[t.offset:t.offset + t.nbytes]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,85 +79,214 @@ class GGUFModel:
     tensor_types: dict  # tensor name -> GGML type name
 
 
-def _open(path: pathlib.Path):
-    import gguf
+class _Cursor:
+    """Little-endian reads from the file buffer; every read checked against its end."""
 
-    if not path.is_file():
+    def __init__(self, buf: np.ndarray, path: pathlib.Path):
+        self.buf, self.mem, self.pos, self.path = buf, memoryview(buf), 0, path
+
+    def fail(self, what: str) -> ValueError:
+        return ValueError(f"{self.path} is corrupt or truncated: {what} (at byte {self.pos} of {len(self.buf)}); "
+                          "re-download or re-export the file")
+
+    def take(self, n: int, what: str) -> memoryview:
+        if n < 0 or self.pos + n > len(self.buf):
+            raise self.fail(f"{what} needs {n} bytes past the end of the file")
+        out = self.mem[self.pos:self.pos + n]
+        self.pos += n
+        return out
+
+    def scalar(self, fmt: str, what: str):
+        return struct.unpack(fmt, self.take(struct.calcsize(fmt), what))[0]
+
+    def string(self, what: str) -> str:
+        n = self.scalar("<Q", f"length of {what}")
+        raw = self.take(n, what)
+        try:
+            return str(raw, "utf-8")
+        except UnicodeDecodeError:
+            raise self.fail(f"{what} is not valid UTF-8") from None
+
+    def value(self, vtype: int, key: str, depth: int = 0):
+        if vtype in _SCALARS:
+            v = self.scalar(_SCALARS[vtype], f"value of {key!r}")
+            return bool(v) if vtype == 7 else v
+        if vtype == 8:
+            return self.string(f"value of {key!r}")
+        if vtype == 9 and depth == 0:
+            etype = self.scalar("<I", f"element type of {key!r}")
+            count = self.scalar("<Q", f"element count of {key!r}")
+            if etype in _NUMPY:
+                size = np.dtype(_NUMPY[etype]).itemsize
+                if count * size > len(self.buf) - self.pos:
+                    raise self.fail(f"array {key!r} of {count} elements runs past the end of the file")
+                arr = np.frombuffer(self.take(count * size, f"array {key!r}"), _NUMPY[etype])
+                return [bool(x) for x in arr] if etype == 7 else arr.tolist()
+            if etype == 8:
+                if count > (len(self.buf) - self.pos) // 8:
+                    raise self.fail(f"array {key!r} of {count} strings runs past the end of the file")
+                return [self.string(f"element {i} of {key!r}") for i in range(count)]
+            if etype == 9:
+                raise self.fail(f"array {key!r} holds arrays, which this loader does not read")
+            raise self.fail(f"array {key!r} has unknown element type {etype}")
+        raise self.fail(f"metadata {key!r} has unknown value type {vtype}")
+
+
+def read_gguf(path: str | pathlib.Path) -> GGUFFile:
+    """Parse a GGUF file's header, metadata and tensor infos (the tensor data stays mapped)."""
+    path = pathlib.Path(path)
+    if not path.exists():
         raise ValueError(f"GGUF file {path} does not exist; pass --model PATH to a .gguf file")
+    if not path.is_file():
+        raise ValueError(f"{path} is not a file; pass --model PATH to a .gguf file or a safetensors folder")
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic != b"GGUF":
         raise ValueError(f"{path} is not a GGUF file (starts with {magic!r}, expected b'GGUF')")
-    try:
-        return gguf.GGUFReader(str(path))
-    except Exception as e:  # noqa: BLE001  (the reader raises assorted errors on a damaged file)
-        raise ValueError(f"{path} is corrupt or truncated and could not be parsed ({type(e).__name__}: {e}); "
-                         "re-download or re-export the file") from None
-
-
-def read_metadata(reader) -> dict:
+    buf = np.memmap(path, np.uint8, mode="r")
+    cur = _Cursor(buf, path)
+    cur.take(4, "magic")
+    version = cur.scalar("<I", "version")
+    if version not in (2, 3):
+        raise ValueError(f"{path} is GGUF version {version}; this loader reads versions 2 and 3 "
+                         "(little-endian); re-export it with a current llama.cpp")
+    n_tensors = cur.scalar("<Q", "tensor count")
+    n_kv = cur.scalar("<Q", "metadata count")
+    # Each metadata pair takes >= 12 bytes and each tensor info >= 24: bound the counts by the size.
+    if n_kv > len(buf) // 12 or n_tensors > len(buf) // 24:
+        raise cur.fail(f"header claims {n_kv} metadata pairs and {n_tensors} tensors, more than the file holds")
     meta = {}
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        try:
-            meta[key] = field.contents()
-        except Exception as e:  # noqa: BLE001  (any failure here means a damaged field)
-            raise ValueError(f"GGUF metadata field {key!r} is unreadable ({e}); the file is corrupt") from None
-    return meta
+    for i in range(n_kv):
+        key = cur.string(f"key of metadata pair {i}")
+        vtype = cur.scalar("<I", f"value type of {key!r}")
+        meta[key] = cur.value(vtype, key)
+    infos = []
+    for i in range(n_tensors):
+        name = cur.string(f"name of tensor {i}")
+        n_dims = cur.scalar("<I", f"dimension count of tensor {name!r}")
+        if not 1 <= n_dims <= MAX_TENSOR_DIMS:
+            raise cur.fail(f"tensor {name!r} has {n_dims} dimensions (1 to {MAX_TENSOR_DIMS} allowed)")
+        shape = tuple(cur.scalar("<Q", f"dimension {d} of tensor {name!r}") for d in range(n_dims))
+        type_id = cur.scalar("<I", f"type of tensor {name!r}")
+        offset = cur.scalar("<Q", f"data offset of tensor {name!r}")
+        infos.append((name, shape, type_id, offset))
+    alignment = meta.get("general.alignment", 32)
+    if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment <= 0 or alignment & (alignment - 1):
+        raise cur.fail(f"general.alignment={alignment!r} is not a positive power of 2")
+    data_start = -(-cur.pos // alignment) * alignment
+    tensors = {}
+    for name, shape, type_id, offset in infos:
+        if name in tensors:
+            raise cur.fail(f"tensor {name!r} appears twice")
+        if type_id not in GGML_TYPES:
+            nbytes = 0  # an unknown type is refused when the tensor is used, naming it
+        else:
+            _, block, block_bytes = GGML_TYPES[type_id]
+            count = math.prod(shape)
+            if shape[0] % block:
+                raise ValueError(f"tensor {name!r} has {shape[0]} elements per row, not a multiple of the "
+                                 f"{GGML_TYPES[type_id][0]} block size {block}; the file is corrupt")
+            nbytes = count // block * block_bytes
+        start = data_start + offset
+        if offset % alignment or start + nbytes > len(buf):
+            raise cur.fail(f"tensor {name!r} ({nbytes} bytes at data offset {offset}) lies outside the file "
+                           f"or is not aligned to {alignment}")
+        tensors[name] = TensorInfo(name, shape, type_id, start, nbytes)
+    return GGUFFile(path, version, meta, tensors, buf)
+
+
+def read_metadata(path: str | pathlib.Path) -> dict:
+    """Every key/value pair of a GGUF file (arrays as lists)."""
+    return read_gguf(path).metadata
+
+
+def _typed(meta: dict, key: str, kind, default=None, *, positive: bool = False):
+    """``meta[key]`` as ``kind`` (int or float), checked; ``default`` when absent (None: required)."""
+    if key not in meta:
+        if default is None:
+            raise ValueError(f"GGUF metadata lacks {key!r}; the file is incomplete")
+        return default
+    v = meta[key]
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (kind is float or isinstance(v, int))
+    if not ok or (kind is float and not math.isfinite(v)):
+        raise ValueError(f"GGUF metadata {key!r} = {v!r:.80} is not a{' finite' if kind is float else 'n'} "
+                         f"{kind.__name__}; the file is corrupt")
+    if positive and v <= 0:
+        raise ValueError(f"GGUF metadata {key!r} = {v} must be positive; the file is corrupt")
+    return kind(v)
 
 
 def config_from_metadata(meta: dict, has_output: bool) -> LlamaConfig:
     arch = meta.get("general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(f"unsupported GGUF architecture {arch!r}; this loader reads {SUPPORTED_ARCHITECTURES}")
+        raise ValueError(f"unsupported GGUF architecture {arch!r:.80}; this loader reads {SUPPORTED_ARCHITECTURES}")
 
-    def get(name, default=None):
-        key = f"{arch}.{name}"
-        if key not in meta and default is None:
-            raise ValueError(f"GGUF metadata lacks {key!r}; the file is incomplete")
-        return meta.get(key, default)
+    def get(name, kind=int, default=None, positive=True):
+        return _typed(meta, f"{arch}.{name}", kind, default, positive=positive)
 
-    n_heads = int(get("attention.head_count"))
-    dim = int(get("embedding_length"))
-    rope_dims = int(get("rope.dimension_count", dim // n_heads))
+    n_heads = get("attention.head_count")
+    dim = get("embedding_length")
+    if dim % n_heads:
+        raise ValueError(f"GGUF metadata: embedding_length={dim} is not a multiple of head_count={n_heads}")
+    rope_dims = get("rope.dimension_count", default=dim // n_heads)
     if rope_dims != dim // n_heads:
         raise ValueError(f"partial RoPE (rope.dimension_count={rope_dims} != head_dim={dim // n_heads}) "
                          "is not supported")
-    scaling_type = get("rope.scaling.type", "none")
+    scaling_type = meta.get(f"{arch}.rope.scaling.type", "none")
     if scaling_type not in ("none", "linear"):
-        raise ValueError(f"RoPE scaling {scaling_type!r} is not supported (only linear)")
-    scaling = float(get("rope.scaling.factor", 1.0)) if scaling_type == "linear" else 1.0
-    vocab = meta.get(f"{arch}.vocab_size") or len(meta["tokenizer.ggml.tokens"])
-    return LlamaConfig(
-        vocab_size=int(vocab), dim=dim, n_layers=int(get("block_count")), n_heads=n_heads,
-        n_kv_heads=int(get("attention.head_count_kv", n_heads)), ffn_dim=int(get("feed_forward_length")),
-        norm_eps=float(get("attention.layer_norm_rms_epsilon")), rope_theta=float(get("rope.freq_base", 10000.0)),
-        rope_scaling=scaling, max_seq_len=int(get("context_length", 2048)), tie_embeddings=not has_output)
+        raise ValueError(f"RoPE scaling {scaling_type!r:.80} is not supported (only linear)")
+    scaling = get("rope.scaling.factor", float, 1.0) if scaling_type == "linear" else 1.0
+    tokens = meta.get("tokenizer.ggml.tokens")
+    vocab = get("vocab_size", default=len(tokens) if isinstance(tokens, list) and tokens else None)
+    try:
+        return LlamaConfig(
+            vocab_size=vocab, dim=dim, n_layers=get("block_count"), n_heads=n_heads,
+            n_kv_heads=get("attention.head_count_kv", default=n_heads), ffn_dim=get("feed_forward_length"),
+            norm_eps=get("attention.layer_norm_rms_epsilon", float), rope_theta=get("rope.freq_base", float, 10000.0),
+            rope_scaling=scaling, max_seq_len=get("context_length", default=2048), tie_embeddings=not has_output)
+    except ValueError as e:
+        raise ValueError(f"GGUF metadata describes an impossible model: {e}") from None
 
 
-def _tensor_to_weight(t, row_perm: np.ndarray | None, dtype):
-    """One GGUF tensor -> a dense (K, N) array / 1-D vector, or a packed QuantizedWeight."""
-    kind = t.tensor_type.name
+def expected_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> the shape its GGUF tensor info must declare (ne0, the input dimension, first)."""
+    out = {"token_embd.weight": (cfg.dim, cfg.vocab_size), "output_norm.weight": (cfg.dim,)}
+    if not cfg.tie_embeddings:
+        out["output.weight"] = (cfg.dim, cfg.vocab_size)
+    matrices = matrix_shapes(cfg)  # ours: (K, N) = GGUF (ne0, ne1)
+    for i in range(cfg.n_layers):
+        for ours, theirs in _LAYER_TENSORS.items():
+            out[f"blk.{i}.{theirs}.weight"] = (cfg.dim,) if ours.endswith("norm") else matrices[ours]
+    return out
+
+
+def _tensor_to_weight(t: TensorInfo, data: np.ndarray, row_perm: np.ndarray | None, dtype, blocks: bool = False):
+    """One GGUF tensor -> a dense (K, N) array / 1-D vector, or a packed QuantizedWeight (numpy); with
+    ``blocks``, quantized tensors stay in the file's own row-block layout (``kernels.cpu.qmatmul.BlockWeight``)."""
+    kind = t.type_name
     if kind not in SUPPORTED_TYPES:
         raise ValueError(f"tensor {t.name!r} has type {kind}, which is not supported (supported: "
                          f"{', '.join(SUPPORTED_TYPES)}); requantize the model, e.g. to Q4_0, Q4_1 or Q8_0")
-    shape = [int(s) for s in t.shape]  # GGUF order: ne0 (K, contiguous) first
-    if len(shape) == 1:
-        return np.asarray(t.data).astype(np.float32).reshape(shape)
-    k, n = shape[0], int(np.prod(shape[1:]))
-    data = np.asarray(t.data)
+    if len(t.shape) == 1 and kind not in ("F32", "F16", "BF16"):
+        raise ValueError(f"tensor {t.name!r} is a vector stored as {kind}; norm weights must be F32, F16 or BF16")
+    k, n = t.shape[0], math.prod(t.shape[1:])
     if kind in ("F32", "F16", "BF16"):
         if kind == "BF16":
-            data = (data.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
-        w = data.reshape(n, k).astype(np.float32)
+            dense = (data.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+        else:
+            dense = data.view(np.float32 if kind == "F32" else np.float16)
+        if len(t.shape) == 1:
+            return dense.astype(np.float32)
+        w = dense.reshape(n, k)
         if row_perm is not None:
             w = w[row_perm]
-        return jnp.asarray(w.T, dtype)
-    nbytes = _BLOCK_BYTES[kind]
-    if data.size != n * (k // 32) * nbytes:
-        raise ValueError(f"tensor {t.name!r} holds {data.size} bytes, expected {n * (k // 32) * nbytes}; "
-                         "the file is truncated or corrupt")
+        return np.ascontiguousarray(w.T, dtype)
+    _, _, nbytes = GGML_TYPES[t.type_id]
+    if blocks:
+        from kernels.cpu.qmatmul import BlockWeight
+
+        rows = data.reshape(n, k // 32 * nbytes)
+        return BlockWeight(np.array(rows if row_perm is None else rows[row_perm]), kind.lower())
     blocks = data.reshape(n, k // 32, nbytes)
     if row_perm is not None:
         blocks = blocks[row_perm]
@@ -135,29 +309,36 @@ def rope_unpermute(n_heads: int, head_dim: int) -> np.ndarray:
     return np.arange(n_heads * head_dim).reshape(n_heads, head_dim // 2, 2).transpose(0, 2, 1).reshape(-1)
 
 
-def _to_device(w):
-    if isinstance(w, QuantizedWeight):
-        return QuantizedWeight(jnp.asarray(w.packed), jnp.asarray(w.scales),
-                               None if w.mins is None else jnp.asarray(w.mins), w.bits, w.group)
-    return jnp.asarray(w)
-
-
-def load_gguf(path: str | pathlib.Path, *, dtype=jnp.float32) -> GGUFModel:
-    """Read a LLaMA GGUF file. ``dtype`` is the type of dense weights (quantized ones stay packed)."""
-    path = pathlib.Path(path)
-    reader = _open(path)
-    meta = read_metadata(reader)
-    tensors = {t.name: t for t in reader.tensors}
-    cfg = config_from_metadata(meta, has_output="output.weight" in tensors)
-
-    def tensor(name, row_perm=None):
+def load_gguf(path: str | pathlib.Path, *, dtype=np.float32, blocks: bool = False) -> GGUFModel:
+    """Read a LLaMA GGUF file. ``dtype`` is the type of dense weights (quantized ones stay packed).
+    Weights are host (numpy) arrays in the per-layer form of ``models.llama.params``; ``blocks``
+    keeps quantized ones in the file's row-block layout (the cpu path's; one copy, no re-striding)."""
+    gguf = read_gguf(path)
+    path, tensors = gguf.path, gguf.tensors
+    cfg = config_from_metadata(gguf.metadata, has_output="output.weight" in tensors)
+    if "rope_freqs.weight" in tensors:
+        raise ValueError(f"{path} carries rope_freqs.weight (Llama-3.1-style RoPE frequency factors), which the GGUF "
+                         "loader does not apply; load the model's safetensors folder instead")
+    shapes = expected_shapes(cfg)
+    for name, want in shapes.items():  # every tensor checked before any is used
         if name not in tensors:
             raise ValueError(f"GGUF file {path} lacks tensor {name!r}; it is incomplete or not a LLaMA model")
+        t = tensors[name]
+        if t.shape[:len(want)] != want or any(d != 1 for d in t.shape[len(want):]):
+            raise ValueError(f"tensor {name!r} has shape {list(t.shape)}, but the metadata ({cfg.dim=}, "
+                             f"{cfg.n_heads=}, {cfg.n_kv_heads=}, {cfg.ffn_dim=}, {cfg.vocab_size=}) needs "
+                             f"{list(want)}; the file is corrupt or its metadata does not match its tensors")
+        if t.type_name not in SUPPORTED_TYPES:
+            raise ValueError(f"tensor {name!r} has type {t.type_name}, which is not supported (supported: "
+                             f"{', '.join(SUPPORTED_TYPES)}); requantize the model, e.g. to Q4_0, Q4_1 or Q8_0")
+
+    def tensor(name, row_perm=None):
+        t = tensors[name]
         try:
-            return _to_device(_tensor_to_weight(tensors[name], row_perm, dtype))
+            return _tensor_to_weight(t, gguf.data(t), row_perm, dtype, blocks)
         except ValueError:
             raise
-        except Exception as e:  # noqa: BLE001  (numpy errors on a short buffer, etc.)
+        except Exception as e:  # noqa: BLE001  (numpy errors on a malformed buffer)
             raise ValueError(f"tensor {name!r} in {path} is unreadable ({type(e).__name__}: {e}); "
                              "the file is truncated or corrupt") from None
 
@@ -172,11 +353,11 @@ def load_gguf(path: str | pathlib.Path, *, dtype=jnp.float32) -> GGUFModel:
         layers.append(fuse_qkv(layer, dtype))
     params = {
         "embed": tensor("token_embd.weight"),
-        "output": tensor("output.weight") if "output.weight" in tensors else None,
+        "output": None if cfg.tie_embeddings else tensor("output.weight"),
         "norm": tensor("output_norm.weight"),
         "layers": layers,
     }
-    return GGUFModel(cfg, params, meta, {name: t.tensor_type.name for name, t in tensors.items()})
+    return GGUFModel(cfg, params, gguf.metadata, {name: t.type_name for name, t in tensors.items()})
 
 
 def bundled_model_path() -> pathlib.Path:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kernels.llm.w4a16 import QuantizedWeight, dequantize, quantize
 from models.llama.config import LlamaConfig
@@ -36,16 +37,23 @@ def fuse_qkv(layer: dict, dtype=jnp.float32) -> dict:
     in different forms are dequantized to ``dtype`` first: exact, at the cost of memory for that file.
     """
     parts = [layer[name] for name in ("wq", "wk", "wv")]
-    forms = {(w.bits, w.group, w.mins is None) if isinstance(w, QuantizedWeight) else "dense" for w in parts}
     rest = {name: w for name, w in layer.items() if name not in ("wq", "wk", "wv")}
+    if all(type(w).__name__ == "BlockWeight" for w in parts):  # row blocks: N is the leading axis
+        if len({w.format for w in parts}) == 1:
+            return {"wqkv": type(parts[0])(np.concatenate([w.blocks for w in parts]), parts[0].format), **rest}
+        from kernels.cpu.qmatmul import dequantize as block_dequantize
+
+        parts = [np.asarray(block_dequantize(w)).astype(dtype) for w in parts]
+    forms = {(w.bits, w.group, w.mins is None) if isinstance(w, QuantizedWeight) else "dense" for w in parts}
+    xp = np if all(isinstance(x, np.ndarray) for x in jax.tree.leaves(parts)) else jnp  # host arrays stay on host
     if len(forms) == 1 and forms != {"dense"}:
         fused = QuantizedWeight(
-            jnp.concatenate([w.packed for w in parts], axis=-1), jnp.concatenate([w.scales for w in parts], axis=-1),
-            None if parts[0].mins is None else jnp.concatenate([w.mins for w in parts], axis=-1),
+            xp.concatenate([w.packed for w in parts], axis=-1), xp.concatenate([w.scales for w in parts], axis=-1),
+            None if parts[0].mins is None else xp.concatenate([w.mins for w in parts], axis=-1),
             parts[0].bits, parts[0].group)
     else:
-        fused = jnp.concatenate([dequantize(w, dtype) if isinstance(w, QuantizedWeight) else w.astype(dtype)
-                                 for w in parts], axis=-1)
+        fused = xp.concatenate([xp.asarray(dequantize(w, dtype)) if isinstance(w, QuantizedWeight) else w.astype(dtype)
+                                for w in parts], axis=-1)
     return {"wqkv": fused, **rest}
 
 
@@ -57,15 +65,23 @@ def split_qkv(x: jax.Array, cfg: LlamaConfig) -> tuple[jax.Array, jax.Array, jax
 
 def stack_layers(layers: list[dict]) -> dict:
     """[{name: array or QuantizedWeight}] per layer -> {name: stacked along a new layer axis} (for
-    ``lax.scan``); all layers must agree in form."""
+    ``lax.scan``); all layers must agree in form. Host (numpy) layers are stacked on the host."""
     out = {}
     for name in layers[0]:
-        kinds = {type(layer[name]).__name__ + str(getattr(layer[name], "bits", "")) for layer in layers}
+        kinds = {jax.tree.structure(layer[name]) for layer in layers}
         if len(kinds) > 1:
-            raise ValueError(f"tensor {name!r} has different types across layers ({sorted(kinds)}); "
+            raise ValueError(f"tensor {name!r} has different types across layers; "
                              "mixed-precision checkpoints are not supported, requantize to one type")
-        out[name] = jax.tree.map(lambda *xs: jnp.stack(xs), *[layer[name] for layer in layers])
+        leaves = jax.tree.leaves([layer[name] for layer in layers])
+        stack = np.stack if all(isinstance(x, np.ndarray) for x in leaves) else jnp.stack
+        out[name] = jax.tree.map(lambda *xs, stack=stack: stack(xs), *[layer[name] for layer in layers])
     return out
+
+
+def layer(params: dict, i: int) -> dict:
+    """Layer ``i``'s weights, whether the layers are a list or stacked along a leading axis."""
+    layers = params["layers"]
+    return layers[i] if isinstance(layers, list) else jax.tree.map(lambda a: a[i], layers)
 
 
 def init_params(cfg: LlamaConfig, key: jax.Array, *, dtype=jnp.float32, bits: int | None = None,

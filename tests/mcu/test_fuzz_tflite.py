@@ -2,7 +2,7 @@
 under ASan/UBSan.
 
 Mutants come from models the project builds (its builders, PTQ and .tflite exporter) and, when
-present, the reference models of ../shared/tflite: bit flips, byte changes, truncation, and field
+present, reference models (``models.zoo``: $TINYPALLAS_MODELS, then ../shared/tflite): bit flips, byte changes, truncation, and field
 mutations at the positions of typed fields found through the flatbuffer schema (tensor shapes,
 types, buffers and quantization; operator opcodes, inputs, outputs and options; subgraph inputs
 and outputs; operator codes). Every mutant either is refused with a ValueError or runs; JAX and
@@ -23,11 +23,10 @@ import tflite
 
 import mcu
 from mcu import build
-from models import builders, execute, ptq, tflite_export, tflite_import, tflm
+from models import builders, execute, ptq, tflite_export, tflite_import, tflm, zoo
 from tests import op_cases
 
-SHARED = pathlib.Path(__file__).resolve().parents[3] / "shared" / "tflite"
-SHARED_SEEDS = ["mlperf_tiny_kws01_dscnn_int8.tflite", "mlperf_tiny_ad01_fc_autoencoder_int8_floatio.tflite"]
+SHARED_SEEDS = ["mlperf_tiny_kws01_dscnn_int8", "mlperf_tiny_ad01_fc_autoencoder_int8_floatio"]
 
 
 def _ptq(graph, float_io: bool = True) -> bytes:
@@ -39,7 +38,7 @@ def _ptq(graph, float_io: bool = True) -> bytes:
 
 @functools.cache
 def seeds() -> dict[str, bytes]:
-    """Small models the project builds, plus the shared reference models that are present."""
+    """Small models the project builds, plus the reference models that are present."""
     gb = builders.GraphBuilder("mbv3_block", (6, 6, 8))
     block = builders._mbv3_block(gb, gb.input, 3, 16, 8, True, "HS", 1)
     ops = op_cases.cases()
@@ -51,8 +50,9 @@ def seeds() -> dict[str, bytes]:
             "fully_connected_per_channel_batch2", "sub_broadcast", "depthwise_multiplier2")})),
     }
     for name in SHARED_SEEDS:
-        if (SHARED / name).is_file():
-            models[name] = (SHARED / name).read_bytes()
+        path = zoo.find(name)
+        if path is not None:
+            models[name] = path.read_bytes()
     return models
 
 

@@ -10,7 +10,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kernels.llm import decode_attention, flash_attention, rmsnorm, rope, swiglu, w4a16
+from kernels.llm import (
+    decode_attention,
+    flash_attention,
+    qkv_projection,
+    rmsnorm,
+    rope,
+    swiglu,
+    w4a16,
+)
 
 TOL = {"atol": 1e-4, "rtol": 1e-4}
 
@@ -81,12 +89,36 @@ def test_quantized_matmul_shapes_property(m, n_tiles, k_groups, bits, seed):
     np.testing.assert_allclose(w4a16.quantized_matmul(x, w), w4a16.reference(x, w), **TOL)
 
 
-def test_quantized_matmul_split_k_partials_add_up():
-    kx, kw = _keys(2)
-    x = jax.random.normal(kx, (2, 256))
-    w = w4a16.quantize(jax.random.normal(kw, (256, 32)) * 0.05, bits=4, group=32)
-    cfg = w4a16.Config(block_m=2, block_n=16, block_groups=2, split_k=4)
-    np.testing.assert_allclose(w4a16.quantized_matmul(x, w, config=cfg), w4a16.reference(x, w), **TOL)
+@pytest.mark.parametrize("bits", [4, 8, 16])
+def test_fused_linear_norm_prologue_and_residual_epilogue_match_reference(bits):
+    """RMSNorm in the prologue, the residual add (and the split-K partial sums, added atomically into
+    the residual) in the epilogue; the same contract as the unfused reference."""
+    kx, kw, kr, kn = _keys(4)
+    x = jax.random.normal(kx, (3, 256))
+    w = jax.random.normal(kw, (256, 48)) * 0.05
+    weight = w if bits == 16 else w4a16.quantize(w, bits=bits, group=32)
+    residual = jax.random.normal(kr, (3, 48))
+    norm = 1.0 + 0.1 * jax.random.normal(kn, (256,))
+    for kwargs in ({"norm_weight": norm}, {"residual": residual}, {"norm_weight": norm, "residual": residual}):
+        want = w4a16.reference(x, weight, **kwargs)
+        np.testing.assert_allclose(w4a16.quantized_matmul(x, weight, **kwargs), want, **TOL, err_msg=str(list(kwargs)))
+    split = w4a16.Config(block_m=1, block_n=16, block_groups=1, split_k=4)
+    np.testing.assert_allclose(w4a16.quantized_matmul(x, weight, residual=residual, config=split),
+                               w4a16.reference(x, weight, residual=residual), **TOL)
+    with pytest.raises(ValueError, match="split_k=4 needs a residual"):
+        w4a16.quantized_matmul(x, weight, config=split)
+    with pytest.raises(ValueError, match="norm needs the whole row"):
+        w4a16.quantized_matmul(x, weight, norm_weight=norm, residual=residual, config=split)
+
+
+def test_unpack_exact_bit_trick_equals_integer_conversion():
+    """Every byte value: the OR-into-2^23 trick gives exactly the integer the nibble or int8 holds."""
+    byte = jnp.arange(256, dtype=jnp.int32).astype(jnp.uint8)
+    lo, hi = w4a16.unpack_exact(byte, 4)
+    np.testing.assert_array_equal(lo, (np.arange(256) & 15).astype(np.float32))
+    np.testing.assert_array_equal(hi, (np.arange(256) >> 4).astype(np.float32))
+    (signed,) = w4a16.unpack_exact(jax.lax.bitcast_convert_type(byte, jnp.int8), 8)
+    np.testing.assert_array_equal(signed, np.arange(256).astype(np.uint8).view(np.int8).astype(np.float32))
 
 
 def test_quantized_matmul_bad_config_names_the_problem():
@@ -103,13 +135,16 @@ def test_embedding_lookup_dequantizes_only_the_picked_rows():
     np.testing.assert_allclose(w4a16.embedding_lookup(w, ids), w4a16.dequantize(w).T[ids], atol=1e-6)
 
 
-@pytest.mark.parametrize("bits, m", [(4, 1), (4, 16), (8, 2)])
-def test_swiglu_fused_matches_reference(bits, m):
+@pytest.mark.parametrize("bits, m, norm", [(4, 1, False), (4, 16, True), (8, 2, True), (16, 1, True)])
+def test_swiglu_fused_matches_reference(bits, m, norm):
     kx, kg, ku = _keys(3)
     x = jax.random.normal(kx, (m, 64))
-    wg = w4a16.quantize(jax.random.normal(kg, (64, 32)) * 0.2, bits=bits)
-    wu = w4a16.quantize(jax.random.normal(ku, (64, 32)) * 0.2, bits=bits)
-    np.testing.assert_allclose(swiglu.swiglu(x, wg, wu), swiglu.reference(x, wg, wu), **TOL)
+    wg, wu = (jax.random.normal(k, (64, 32)) * 0.2 for k in (kg, ku))
+    if bits != 16:
+        wg, wu = w4a16.quantize(wg, bits=bits), w4a16.quantize(wu, bits=bits)
+    norm_weight = 1.0 + 0.1 * jax.random.normal(kx, (64,)) if norm else None
+    np.testing.assert_allclose(swiglu.swiglu(x, wg, wu, norm_weight=norm_weight),
+                               swiglu.reference(x, wg, wu, norm_weight=norm_weight), **TOL)
 
 
 @pytest.mark.parametrize("t, hq, hkv", [(40, 4, 2), (32, 2, 2)])
@@ -122,7 +157,7 @@ def test_flash_attention_causal_gqa_matches_reference(t, hq, hkv):
     np.testing.assert_allclose(got, flash_attention.reference(q, k, v), **TOL)
 
 
-def test_decode_attention_split_k_matches_reference():
+def test_decode_attention_split_k_matches_reference():  # a (B, Hkv, S, D) cache: one layer
     kq, kk, kv = _keys(3)
     q = jax.random.normal(kq, (3, 6, 16))
     kc = jax.random.normal(kk, (3, 2, 128, 16))
@@ -167,11 +202,85 @@ def test_decode_attention_applies_rope_to_query_and_cached_keys():
     np.testing.assert_allclose(decode_attention.reference(q, kc, vc, lengths, rotary=rotary), want, **TOL)
 
 
-def test_decode_attention_rejects_cache_not_divisible_by_splits():
+def test_decode_attention_rejects_cache_not_a_multiple_of_block_k():
     q = jnp.ones((1, 2, 16))
     kc = jnp.ones((1, 2, 96, 16))
-    with pytest.raises(ValueError, match="multiple of num_splits"):
+    with pytest.raises(ValueError, match="multiple of block_k=64"):
         decode_attention.decode_attention(q, kc, kc, jnp.array([5]), config=decode_attention.Config(64, 2))
+
+
+@pytest.mark.parametrize("splits", [1, 3, 8])
+def test_decode_attention_reads_the_stacked_cache_at_the_layer(splits):
+    """Stacked (L, B, Hkv, S, D) caches read in place at a traced layer index; the split count need not
+    divide anything (chunks are sized from the length at run time), and more splits than key blocks
+    leave some programs without work."""
+    kq, kk, kv = _keys(3)
+    q = jax.random.normal(kq, (3, 4, 16))
+    kc = jax.random.normal(kk, (3, 3, 2, 64, 16))
+    vc = jax.random.normal(kv, (3, 3, 2, 64, 16))
+    lengths = jnp.array([1, 23, 64])
+    rotary = rope.Rotary(theta=1000.0)
+    cfg = decode_attention.Config(block_k=16, num_splits=splits)
+    got = jax.jit(lambda layer: decode_attention.decode_attention(q, kc, vc, lengths, layer=layer, rotary=rotary,
+                                                                  config=cfg))(jnp.int32(1))
+    want = decode_attention.reference(q, kc[1], vc[1], lengths, rotary=rotary)
+    np.testing.assert_allclose(got, want, **TOL)
+
+
+@pytest.mark.parametrize("sms, batch, kv_heads, context, want", [
+    (132, 1, 32, 4096, 9),     # LLaMA-2-7B: 32 programs per split, 264 wanted
+    (132, 1, 8, 4096, 33),     # GQA with 8 kv heads
+    (132, 16, 32, 4096, 1),    # batch 16 fills the GPU without splitting
+    (132, 1, 32, 200, 4),      # capped by the key blocks of a short context
+    (132, 1, 1, 65536, 64),    # capped by MAX_SPLITS
+])
+def test_decode_splits_cover_the_sms(sms, batch, kv_heads, context, want):
+    assert decode_attention.decode_splits(sms, batch, kv_heads, context, 64) == want
+
+
+@settings(max_examples=50, deadline=None)
+@given(sms=st.integers(1, 200), batch=st.integers(1, 64), kv_heads=st.integers(1, 64),
+       context=st.integers(1, 1 << 17), block_k=st.sampled_from([16, 32, 64, 128]))
+def test_decode_splits_property(sms, batch, kv_heads, context, block_k):
+    """The grid covers every SM twice unless the context has fewer key blocks or the cap binds; never
+    a split without a key block at the full context; never more splits than needed."""
+    splits = decode_attention.decode_splits(sms, batch, kv_heads, context, block_k)
+    blocks = -(-context // block_k)
+    assert 1 <= splits <= min(blocks, decode_attention.MAX_SPLITS)
+    if splits < min(blocks, decode_attention.MAX_SPLITS):
+        assert batch * kv_heads * splits >= 2 * sms
+    if splits > 1:
+        assert batch * kv_heads * (splits - 1) < 2 * sms
+
+
+@pytest.mark.parametrize("bits, batch", [(4, 1), (8, 2), (16, 2)])
+def test_qkv_projection_writes_the_new_rows_into_the_stacked_cache(bits, batch):
+    """RMSNorm prologue + q/k/v GEMV; q comes out, k and v land at [layer, b, :, positions[b]] and
+    nothing else of the cache changes."""
+    ks = _keys(5)
+    hq, hkv, d, dim = 4, 2, 16, 64
+    h = jax.random.normal(ks[0], (batch, dim))
+    norm = 1.0 + 0.1 * jax.random.normal(ks[1], (dim,))
+    w = jax.random.normal(ks[2], (dim, (hq + 2 * hkv) * d)) * 0.1
+    wqkv = w if bits == 16 else w4a16.quantize(w, bits=bits, group=32)
+    kc = jax.random.normal(ks[3], (3, batch, hkv, 32, d))
+    vc = jax.random.normal(ks[4], (3, batch, hkv, 32, d))
+    positions = jnp.array([5, 31][:batch])
+    want = qkv_projection.reference(h, norm, wqkv, kc, vc, 2, positions, n_heads=hq, n_kv_heads=hkv, eps=1e-5)
+    got = qkv_projection.qkv_projection(h, norm, wqkv, kc, vc, 2, positions, n_heads=hq, n_kv_heads=hkv, eps=1e-5,
+                                        config=qkv_projection.Config(block_m=1, block_n=16, block_groups=1))
+    for a, b, name in zip(got, want, ("q", "k cache", "v cache")):
+        np.testing.assert_allclose(a, b, **TOL, err_msg=name)
+    changed = np.argwhere(np.asarray(got[1] != kc).any(axis=-1))
+    assert sorted(map(tuple, changed)) == [(2, b, hh, int(positions[b])) for b in range(batch) for hh in range(hkv)]
+
+
+def test_qkv_projection_bad_config_names_the_problem():
+    w = w4a16.quantize(jnp.ones((64, 128)), bits=4, group=32)
+    kc = jnp.zeros((1, 1, 2, 32, 16))
+    with pytest.raises(ValueError, match="must divide head_dim=16"):
+        qkv_projection.qkv_projection(jnp.ones((1, 64)), jnp.ones((64,)), w, kc, kc, 0, jnp.array([3]), n_heads=4,
+                                      n_kv_heads=2, eps=1e-5, config=qkv_projection.Config(block_n=32))
 
 
 @pytest.mark.parametrize("module", [w4a16, swiglu, rmsnorm, rope, flash_attention, decode_attention])
