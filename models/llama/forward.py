@@ -74,7 +74,9 @@ class Ops:
     the attention ops write the layer's new k, v into the stacked cache and attend:
     ``prefill_attention(q, k, v, cache, layer, rotary) -> (out, cache)`` (positions 0..T-1) and
     ``decode_attention(q, k, v, cache, layer, positions, rotary) -> (out, cache)``.
-    ``select_layer(stacked layers, i)`` -> layer i's weights inside the layer loop."""
+    ``select_layer(stacked layers, i)`` -> layer i's weights inside the layer loop.
+    ``all_reduce(partial)`` sums the partial outputs of a projection whose K is split across devices
+    (``wo``, ``w_down``; ``models.llama.sharding``): the identity on one device."""
 
     rmsnorm: Callable
     linear: Callable
@@ -84,6 +86,7 @@ class Ops:
     embedding: Callable = w4a16.embedding_lookup
     layout: Callable = _keep
     select_layer: Callable = _slice_layer
+    all_reduce: Callable = _keep
 
 
 def _cpu_ops() -> Ops:
@@ -118,6 +121,12 @@ LINEAR_WEIGHTS = ("wqkv", "wo", "w_gate", "w_up", "w_down")
 def prepare(params: dict, cfg: LlamaConfig, path: str = "xla") -> dict:
     """Lay the weights out for ``path`` on this backend, once: stack the layers (CPU), re-lay
     quantized weights for the path's kernels, and place everything on the device. Idempotent."""
+    return jax.device_put(lay_out(params, cfg, path))
+
+
+def lay_out(params: dict, cfg: LlamaConfig, path: str = "xla") -> dict:
+    """``prepare`` without the placement: host arrays stay on the host (``models.llama.sharding``
+    places them across a mesh instead)."""
     ops = ops_for(path)
     if path != "cpu" and any(type(leaf).__name__ == "BlockWeight" for leaf in jax.tree.leaves(
             params, is_leaf=lambda x: type(x).__name__ == "BlockWeight")):
@@ -132,7 +141,7 @@ def prepare(params: dict, cfg: LlamaConfig, path: str = "xla") -> dict:
     layers = [lay_out(lp) for lp in layers] if isinstance(layers, list) else lay_out(layers)
     embed = ops.layout(params["embed"])
     output = None if params["output"] is None else ops.layout(params["output"])
-    return jax.device_put({**params, "embed": embed, "output": output, "layers": layers})
+    return {**params, "embed": embed, "output": output, "layers": layers}
 
 
 def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32) -> dict:
@@ -155,7 +164,7 @@ def _run_layers(params, cfg: LlamaConfig, ops: Ops, tokens, cache, attend):
     """Shared layer loop. ``attend(q, k, v, cache, layer)`` -> (attention output, cache) with q, k
     not yet rotated. Returns (logits, cache)."""
     b, t = tokens.shape
-    hd = cfg.head_dim
+    hd = cfg.head_dim  # head counts come from the weights: a device holding some heads runs this unchanged
     x = ops.embedding(params["embed"], tokens, cache["k"].dtype)  # (B, T, dim)
 
     def layer(carry, i):
@@ -163,12 +172,11 @@ def _run_layers(params, cfg: LlamaConfig, ops: Ops, tokens, cache, attend):
         lp = params["layers"][i] if isinstance(params["layers"], list) else ops.select_layer(params["layers"], i)
         xn, h = ops.rmsnorm(delta, lp["attn_norm"], eps=cfg.norm_eps, residual=h)
         q, k, v = split_qkv(ops.linear(xn, lp["wqkv"]), cfg)
-        q = q.reshape(b, t, cfg.n_heads, hd)
-        k, v = k.reshape(b, t, cfg.n_kv_heads, hd), v.reshape(b, t, cfg.n_kv_heads, hd)
+        q, k, v = q.reshape(b, t, -1, hd), k.reshape(b, t, -1, hd), v.reshape(b, t, -1, hd)
         attn, cache = attend(q, k, v, cache, i)
-        attn = ops.linear(attn.reshape(b, t, cfg.n_heads * hd), lp["wo"])
+        attn = ops.all_reduce(ops.linear(attn.reshape(b, t, -1), lp["wo"]))
         xn, h = ops.rmsnorm(attn, lp["ffn_norm"], eps=cfg.norm_eps, residual=h)
-        mlp = ops.linear(ops.swiglu(xn, lp["w_gate"], lp["w_up"]), lp["w_down"])
+        mlp = ops.all_reduce(ops.linear(ops.swiglu(xn, lp["w_gate"], lp["w_up"]), lp["w_down"]))
         return (h, mlp, cache), None
 
     carry = (jnp.zeros_like(x), x, cache)
@@ -188,20 +196,26 @@ def prefill(params: dict, tokens: jax.Array, cache: dict, *, cfg: LlamaConfig, p
     Rows shorter than T may be right-padded: causal attention keeps padding from reaching real tokens,
     and decode overwrites the padded cache slots.
     """
-    ops = ops_for(path)
-
-    def attend(q, k, v, cache, i):
-        return ops.prefill_attention(q, k, v, cache, i, rotary_of(cfg))
-
-    return _run_layers(params, cfg, ops, tokens, cache, attend)
+    return run_prefill(ops_for(path), params, tokens, cache, cfg)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "path"), donate_argnames=("cache",))
 def decode(params: dict, tokens: jax.Array, positions: jax.Array, cache: dict, *, cfg: LlamaConfig,
            path: str = "xla"):
     """One token per sequence: tokens (B,), positions (B,) -> (logits (B, vocab), cache)."""
-    ops = ops_for(path)
+    return run_decode(ops_for(path), params, tokens, positions, cache, cfg)
 
+
+def run_prefill(ops: Ops, params: dict, tokens: jax.Array, cache: dict, cfg: LlamaConfig):
+    """``prefill``'s body over any ops table (traced inside a jit or a ``shard_map``)."""
+    def attend(q, k, v, cache, i):
+        return ops.prefill_attention(q, k, v, cache, i, rotary_of(cfg))
+
+    return _run_layers(params, cfg, ops, tokens, cache, attend)
+
+
+def run_decode(ops: Ops, params: dict, tokens: jax.Array, positions: jax.Array, cache: dict, cfg: LlamaConfig):
+    """``decode``'s body over any ops table."""
     def attend(q, k, v, cache, i):
         return ops.decode_attention(q, k, v, cache, i, positions, rotary_of(cfg))
 

@@ -13,8 +13,9 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
-from models.llama import forward
+from models.llama import forward, sharding
 from models.llama.config import LlamaConfig
 
 CACHE_MULTIPLE = 256  # cache length granularity: the decode kernel splits the cache in blocks
@@ -39,18 +40,25 @@ def sample(logits: jax.Array, key: jax.Array, *, temperature: float, top_k: int,
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "path", "temperature", "top_k", "top_p"),
+def _steps(mesh: Mesh | None):
+    """(prefill, decode) of ``forward``, or of ``sharding`` on a mesh."""
+    if mesh is None:
+        return forward.prefill, forward.decode
+    return functools.partial(sharding.prefill, mesh=mesh), functools.partial(sharding.decode, mesh=mesh)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "path", "mesh", "temperature", "top_k", "top_p"),
                    donate_argnames=("cache",))
-def _prefill_and_sample(params, tokens, lengths, cache, key, *, cfg, path, temperature, top_k, top_p):
-    logits, cache = forward.prefill(params, tokens, cache, cfg=cfg, path=path)
+def _prefill_and_sample(params, tokens, lengths, cache, key, *, cfg, path, mesh, temperature, top_k, top_p):
+    logits, cache = _steps(mesh)[0](params, tokens, cache, cfg=cfg, path=path)
     last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
     return sample(last, key, temperature=temperature, top_k=top_k, top_p=top_p), last, cache
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "path", "temperature", "top_k", "top_p"),
+@functools.partial(jax.jit, static_argnames=("cfg", "path", "mesh", "temperature", "top_k", "top_p"),
                    donate_argnames=("cache",))
-def _decode_and_sample(params, tokens, positions, cache, key, *, cfg, path, temperature, top_k, top_p):
-    logits, cache = forward.decode(params, tokens, positions, cache, cfg=cfg, path=path)
+def _decode_and_sample(params, tokens, positions, cache, key, *, cfg, path, mesh, temperature, top_k, top_p):
+    logits, cache = _steps(mesh)[1](params, tokens, positions, cache, cfg=cfg, path=path)
     return sample(logits, key, temperature=temperature, top_k=top_k, top_p=top_p), cache
 
 
@@ -82,10 +90,13 @@ def cache_length(needed: int, cfg: LlamaConfig) -> int:
 
 def generate(params: dict, cfg: LlamaConfig, prompts: list[list[int]], *, max_tokens: int, stop_ids=(),
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0, path: str = "xla",
-             dtype=jnp.float32, on_token: Callable[[int], None] | None = None) -> Generation:
+             dtype=jnp.float32, on_token: Callable[[int], None] | None = None, mesh: Mesh | None = None) -> Generation:
     """Generate up to ``max_tokens`` for each prompt (a batch; rows may differ in length).
 
     ``on_token(id)`` is called per token of the first prompt as it is produced (streaming).
+    ``mesh``: run sharded (``models.llama.sharding``): the batch split over its ``data`` axis (padded
+    with copies of the last prompt to a multiple of it; their tokens are dropped), the model over
+    its ``model`` axis.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
@@ -94,15 +105,23 @@ def generate(params: dict, cfg: LlamaConfig, prompts: list[list[int]], *, max_to
     if temperature < 0 or top_k < 0 or not 0.0 < top_p <= 1.0:
         raise ValueError(f"sampling needs temperature >= 0 (0 = greedy), top_k >= 0 (0 = off) and 0 < top_p <= 1 "
                          f"(1 = off); got temperature={temperature}, top_k={top_k}, top_p={top_p}")
-    params = forward.prepare(params, cfg, path)  # a no-op for params loaded for this path
+    n_prompts = len(prompts)
+    if mesh is None:
+        params = forward.prepare(params, cfg, path)  # a no-op for params loaded for this path
+    else:
+        params = sharding.prepare(params, cfg, path, mesh)  # a no-op for params placed on this mesh
+        prompts = list(prompts) + [prompts[-1]] * (sharding.padded_batch(n_prompts, sharding.layout_of(mesh)) - n_prompts)
     b = len(prompts)
     lengths = np.array([len(p) for p in prompts], np.int32)
     t = int(lengths.max())
     tokens = np.zeros((b, t), np.int32)
     for i, p in enumerate(prompts):
         tokens[i, : len(p)] = p
-    cache = forward.init_cache(cfg, b, cache_length(t + max_tokens, cfg), dtype)
-    knobs = {"cfg": cfg, "path": path, "temperature": float(temperature), "top_k": int(top_k), "top_p": float(top_p)}
+    if mesh is None:
+        cache = forward.init_cache(cfg, b, cache_length(t + max_tokens, cfg), dtype)
+    else:
+        cache = sharding.init_cache(cfg, b, cache_length(t + max_tokens, cfg), mesh, dtype)
+    knobs = {"cfg": cfg, "path": path, "mesh": mesh, "temperature": float(temperature), "top_k": int(top_k), "top_p": float(top_p)}
     key = jax.random.key(seed)
     tokens_j, lengths_j = jnp.asarray(tokens), jnp.asarray(lengths)
 
@@ -139,4 +158,4 @@ def generate(params: dict, cfg: LlamaConfig, prompts: list[list[int]], *, max_to
         positions += 1
         decoded += 1
     decode_seconds = time.perf_counter() - t0
-    return Generation(out, int(lengths.sum()), prefill_seconds, decoded, decode_seconds, compile_seconds)
+    return Generation(out[:n_prompts], int(lengths[:n_prompts].sum()), prefill_seconds, decoded, decode_seconds, compile_seconds)
