@@ -7,6 +7,9 @@ CPU: SmolLM2-135M-Instruct Q4_1 decode tok/s, ours (xla path) / llama.cpp's.
 
     python benchmarks/llama.py            # whatever this machine has
     python benchmarks/llama.py --quick    # < 2 min on a CPU: fewer tokens, tiny context
+    python benchmarks/llama.py --devices 4   # also sharded: tensor parallel 4 (or DxM, see models.llama.sharding)
+With ``--devices``, the decode step is also timed sharded on that mesh, and on a 1-device mesh against
+the unsharded step (interleaved, ``autotune.measure.compare``): the sharding's own overhead.
 Writes JSON (``--out``) with the environment, shapes and every ratio.
 """
 from __future__ import annotations
@@ -25,11 +28,11 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import jax
 import jax.numpy as jnp
 
-from autotune import results
+from autotune import measure, results
 from autotune.measure import time_callable
 from kernels import platform
 from models.llama import config as llama_config
-from models.llama import forward
+from models.llama import forward, sharding
 from models.llama import params as llama_params
 
 # Peak HBM bandwidth by device (vendor datasheets), bytes/s.
@@ -51,6 +54,46 @@ def decode_tokens_per_second(params, cfg, path: str, *, context: int, steps: int
         logits, cache = step(params, tok, p, cache)
     logits.block_until_ready()
     return steps / (time.perf_counter() - t0)
+
+
+def _decode_stepper(params, cfg, path: str, *, context: int, dtype, mesh=None, batch: int = 1):
+    """A zero-argument callable running one decode step at position ``context`` (the cache carried
+    from call to call), unsharded or on ``mesh`` with the weights placed there."""
+    cache_len = -(-(context + 1) // 256) * 256
+    tok, pos = jnp.ones((batch,), jnp.int32), jnp.full((batch,), context, jnp.int32)
+    if mesh is None:
+        params, cache = forward.prepare(params, cfg, path), forward.init_cache(cfg, batch, cache_len, dtype)
+        step = forward.decode.lower(params, tok, pos, cache, cfg=cfg, path=path).compile()
+    else:
+        params = sharding.prepare(params, cfg, path, mesh)
+        cache = sharding.init_cache(cfg, batch, cache_len, mesh, dtype)
+        step = sharding.decode.lower(params, tok, pos, cache, cfg=cfg, path=path, mesh=mesh).compile()
+    state = {"cache": cache}
+
+    def run():
+        logits, state["cache"] = step(params, tok, pos, state["cache"])
+        return logits
+    return run
+
+
+def sharded_decode(params, cfg, path: str, layout: sharding.Layout, *, context: int, dtype) -> dict:
+    """Decode tok/s on ``layout``'s mesh (one sequence per data-parallel replica), and the 1-device mesh
+    against the unsharded step at batch 1 (interleaved rounds; ratio = unsharded time / sharded time,
+    so 1.0 is parity)."""
+    run = _decode_stepper(params, cfg, path, context=context, dtype=dtype, mesh=sharding.make_mesh(layout),
+                          batch=layout.data)
+    timing = time_callable(run, device=platform.backend() == "gpu")
+    comparison = measure.compare(
+        {"unsharded": _decode_stepper(params, cfg, path, context=context, dtype=dtype),
+         "sharded_1_device": _decode_stepper(params, cfg, path, context=context, dtype=dtype,
+                                             mesh=sharding.make_mesh(sharding.Layout(1, 1)))},
+        baseline="unsharded", device=platform.backend() == "gpu")
+    ratio = comparison.ratio("sharded_1_device")
+    return {"devices": str(layout), "path": path, "batch": layout.data, "tok_s": layout.data / timing.median_seconds,
+            "timing": timing.as_dict(),
+            "sharded_1_device_over_unsharded": ratio["ratio"],
+            "sharded_1_device_over_unsharded_interval": [ratio["ratio_ci_low"], ratio["ratio_ci_high"]],
+            "sharded_1_device_verdict": ratio["verdict"], "comparison": comparison.as_dict()}
 
 
 def measured_bandwidth() -> float:
@@ -93,6 +136,9 @@ def gpu_benchmark(args) -> dict:
                         result[f"{path}_fraction_of_{name}_roofline"] = result[f"{path}_tok_s"] / roof
         if result["pallas_tok_s"] and result["xla_tok_s"]:
             result["pallas_over_xla"] = result["pallas_tok_s"] / result["xla_tok_s"]
+        if args.layout is not None:
+            result["sharded"] = sharded_decode(params, cfg, "pallas", args.layout, context=args.context,
+                                               dtype=jnp.bfloat16)
         rows.append(result)
         del params
     return {"kind": "gpu", "model": "LLaMA-2-7B shapes, random weights", "config": dataclasses.asdict(cfg),
@@ -193,6 +239,9 @@ def cpu_benchmark(args) -> dict:
     if result["llama_cpp_tok_s_rounds"]:
         result["llama_cpp_tok_s"] = max(result["llama_cpp_tok_s_rounds"])
         result["xla_over_llama_cpp"] = result["xla_tok_s"] / result["llama_cpp_tok_s"]
+    if args.layout is not None:  # host devices share the cores: this checks the path, it is no speed-up
+        result["sharded"] = sharded_decode(model.params, model.config, "xla", args.layout, context=len(prompt),
+                                           dtype=jnp.float32)
     # The Pallas path interpreted on a tiny config: checks it runs; its speed means nothing on a CPU.
     tiny = llama_config.tiny()
     tiny_params = llama_params.init_params(tiny, jax.random.key(0), bits=4)
@@ -209,8 +258,17 @@ def main(argv=None) -> int:
     parser.add_argument("--group", type=int, default=128, help="GPU: W4A16 group size (32, 64 or 128)")
     parser.add_argument("--layers", type=int, default=None, help="GPU: fewer layers than 32 (quick look)")
     parser.add_argument("--sweep", action="store_true", help="GPU: also sweep GEMV configs of the 7B shapes")
+    parser.add_argument("--devices", default=None, help="also time decode sharded: N (tensor parallel) or DxM; "
+                        "on a CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N gives N devices")
     parser.add_argument("--out", default="results/benchmark_llama.json")
     args = parser.parse_args(argv)
+    try:
+        args.layout = None if args.devices is None else sharding.parse_devices(args.devices)
+        if args.layout is not None:
+            sharding.make_mesh(args.layout)  # enough devices?
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.tokens is None:
         args.tokens = 8 if args.quick else 64
     if args.quick:
@@ -239,6 +297,13 @@ def main(argv=None) -> int:
             print(f", llama.cpp {report['llama_cpp_tok_s']:.1f} tok/s, ratio {report['xla_over_llama_cpp']:.2f}")
         else:
             print(f" ({report['llama_cpp_error']})")
+    for row in report.get("results", [report]):
+        if "sharded" in row:
+            sh = row["sharded"]
+            low, high = sh["sharded_1_device_over_unsharded_interval"]
+            print(f"sharded {sh['path']} --devices {sh['devices']}: {sh['tok_s']:.1f} tok/s; 1-device mesh vs "
+                  f"unsharded {sh['sharded_1_device_over_unsharded']:.3f} [{low:.3f}, {high:.3f}] "
+                  f"({sh['sharded_1_device_verdict']})")
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))

@@ -206,6 +206,10 @@ def prepare(params: dict, cfg: LlamaConfig, path: str, mesh: Mesh) -> dict:
 
 def init_cache(cfg: LlamaConfig, batch: int, max_len: int, mesh: Mesh, dtype=jnp.float32) -> dict:
     """``forward.init_cache`` split by batch row (data) and KV head (model), created on the devices."""
+    layout = layout_of(mesh)
+    if batch % layout.data:
+        raise ValueError(f"a batch of {batch} does not split over {layout.data} data-parallel replicas; "
+                         f"pad it to {padded_batch(batch, layout)} (generate does)")
     sharding = NamedSharding(mesh, CACHE_SPEC)
     make = jax.jit(functools.partial(forward.init_cache, cfg, batch, max_len, dtype),
                    out_shardings={"k": sharding, "v": sharding})

@@ -216,3 +216,20 @@ def test_cli_generate_with_devices_prints_the_tokens_of_one_device(smollm2, smol
     want = [model.tokenizer.decode(ids) for ids in smollm2_greedy[:2]]
     assert out.out == f"{want[0]}\n--- prompt 2:\n{want[1]}\n"
     assert "--devices 1x3 (data x model), 2 sequence(s)" in out.err
+
+
+@child_only
+def test_benchmark_times_the_sharded_step_and_the_one_device_mesh():
+    """benchmarks/llama.py --devices: the sharded decode step timed, and the 1-device mesh against the
+    unsharded step through autotune.measure.compare (a speed goal for GPUs; here only its plumbing)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_llama", REPO / "benchmarks" / "llama.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cfg, params = _tiny(4)
+    row = bench.sharded_decode(params, cfg, "xla", sharding.Layout(2, 2), context=8, dtype=jnp.float32)
+    assert row["devices"] == "2x2" and row["tok_s"] > 0
+    low, high = row["sharded_1_device_over_unsharded_interval"]
+    assert 0 < low <= row["sharded_1_device_over_unsharded"] <= high
+    assert set(row["comparison"]["timings"]) == {"unsharded", "sharded_1_device"}
