@@ -29,7 +29,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command")
 
     s = sub.add_parser("sweep", help="tune kernels with Optuna (the default command)")
-    s.add_argument("--kernel", default="matmul", help="kernel to tune (default: matmul)")
+    s.add_argument("--kernel", default=None,
+                   help="kernel to tune (default: matmul on a GPU; cpu, the compiled CPU kernels, on a CPU "
+                        "where they build; matmul then tunes the Pallas interpreter)")
     s.add_argument("--shape", action="append", default=[],
                    help="problem shape, repeatable; matmul: MxNxK (default: a few representative shapes)")
     s.add_argument("--layer", help="a named list of problems the kernel offers, e.g. mobilenetv2")
@@ -113,6 +115,7 @@ def cmd_sweep(args) -> int:
         if not (args.target and args.model):
             raise SystemExit("--target and --model go together: --target stm32f746 --model PATH.tflite")
         args.kernel = "mcu"
+    args.kernel = args.kernel or _default_kernel()
     module = registry.kernel_module(args.kernel)
     if args.kernel == "mcu":
         problems = [module.parse_shape(f"{args.model}@{args.target}")]
@@ -128,7 +131,7 @@ def cmd_sweep(args) -> int:
     console.print(f"[bold]tinypallas autotune[/] kernel={args.kernel} device={platform.device_kind()} "
                   f"problems={len(problems)} trials/problem={n_trials} seed={args.seed}")
     console.print(f"storage: {storage}")
-    if platform.interpret_default() and args.kernel != "mcu":
+    if platform.interpret_default() and args.kernel != "mcu" and not args.kernel.startswith("cpu"):
         console.print("[yellow]CPU: Pallas runs in interpret mode; the timings are of the interpreter, "
                       "not of compiled kernels.[/]")
     out = []
@@ -145,7 +148,7 @@ def cmd_sweep(args) -> int:
             progress.update(task, completed=n_trials)
             out.append(result)
 
-    interpreted = platform.interpret_default() and args.kernel != "mcu"
+    interpreted = platform.interpret_default() and args.kernel != "mcu" and not args.kernel.startswith("cpu")
     table = Table(title="best configs" + (" (interpreted: not kernel speed)" if interpreted else ""))
     columns = ["problem", "best", "default", "speed-up", "params"]
     if any(k.name == "algorithm" for r in out for k in r.space.knobs):
@@ -175,6 +178,17 @@ def cmd_sweep(args) -> int:
     results.write_bundle(bundle, out, env)
     console.print(f"results bundle: {bundle.resolve()}")
     return 0
+
+
+def _default_kernel() -> str:
+    """matmul on a GPU; on a CPU the compiled CPU kernels (real timings), where they build."""
+    from kernels import platform
+
+    if platform.backend() == "gpu":
+        return "matmul"
+    from kernels.cpu import build
+
+    return "cpu" if build.availability() is None else "matmul"
 
 
 def _fmt(value, objective: str) -> str:

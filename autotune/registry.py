@@ -23,6 +23,12 @@ KERNELS = {
     "rope": "kernels.llm.rope",
     "flash_attention": "kernels.llm.flash_attention",
     "decode_attention": "kernels.llm.decode_attention",
+    "cpu": "kernels.cpu.sweep",  # every compiled CPU kernel below: the main job on a machine without a GPU
+    "cpu_q4_gemv": "kernels.cpu.qmatmul",
+    "cpu_swiglu": "kernels.cpu.swiglu",
+    "cpu_attention": "kernels.cpu.attention",
+    "cpu_rmsnorm": "kernels.cpu.rmsnorm",
+    "cpu_matmul": "kernels.cpu.matmul",
 }
 
 

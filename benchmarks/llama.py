@@ -1,12 +1,14 @@
 """Batch-1 LLaMA decode speed: the Pallas path vs the XLA path vs the memory roofline (GPU), and the
-bundled SmolLM2 on the XLA path vs llama.cpp on the same CPU.
+bundled SmolLM2 through the compiled CPU kernels vs llama.cpp on the same CPU.
 
 GPU: LLaMA-2-7B shapes, random weights, bf16 and W4A16 (4-bit, group 128 by default). Roofline =
 HBM bandwidth / bytes streamed per token (weights + the KV cache read at that context).
-CPU: SmolLM2-135M-Instruct Q4_1 decode tok/s, ours (xla path) / llama.cpp's.
+CPU: SmolLM2-135M-Instruct Q4_1 decode and 256-token prefill tok/s, ours (``--path cpu`` by default)
+against llama.cpp (run in a child process through models/llama/peers.py), same threads, interleaved
+rounds, medians with bootstrap intervals of the per-round ratios.
 
     python benchmarks/llama.py            # whatever this machine has
-    python benchmarks/llama.py --quick    # < 2 min on a CPU: fewer tokens, tiny context
+    python benchmarks/llama.py --quick    # < 2 min on a CPU: fewer tokens and rounds
     python benchmarks/llama.py --devices 4   # also sharded: tensor parallel 4 (or DxM, see models.llama.sharding)
 With ``--devices``, the decode step is also timed sharded on that mesh, and on a 1-device mesh against
 the unsharded step (interleaved, ``autotune.measure.compare``): the sharding's own overhead.
@@ -18,7 +20,6 @@ import argparse
 import dataclasses
 import functools
 import json
-import os
 import pathlib
 import sys
 import time
@@ -27,6 +28,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from autotune import measure, results
 from autotune.measure import time_callable
@@ -35,6 +37,7 @@ from models.llama import config as llama_config
 from models.llama import forward, sharding
 from models.llama import params as llama_params
 
+GPU_PATHS = ("xla", "pallas")
 # Peak HBM bandwidth by device (vendor datasheets), bytes/s.
 NOMINAL_BANDWIDTH = {"H100 80GB HBM3": 3.35e12, "H100 PCIe": 2.0e12, "H200": 4.8e12, "A100-SXM4-80GB": 2.04e12}
 
@@ -120,7 +123,7 @@ def gpu_benchmark(args) -> dict:
         weight_bytes = llama_params.weight_bytes(params)
         streamed = weight_bytes + kv_bytes
         result = {"format": fmt, "weight_bytes": weight_bytes, "kv_bytes": kv_bytes}
-        for path in forward.PATHS:
+        for path in GPU_PATHS:
             try:
                 result[f"{path}_tok_s"] = decode_tokens_per_second(params, cfg, path, context=args.context,
                                                                    steps=args.tokens, dtype=jnp.bfloat16)
@@ -131,7 +134,7 @@ def gpu_benchmark(args) -> dict:
             if bw:
                 roof = bw / streamed
                 result[f"roofline_{name}_tok_s"] = roof
-                for path in forward.PATHS:
+                for path in GPU_PATHS:
                     if result[f"{path}_tok_s"]:
                         result[f"{path}_fraction_of_{name}_roofline"] = result[f"{path}_tok_s"] / roof
         if result["pallas_tok_s"] and result["xla_tok_s"]:
@@ -194,59 +197,95 @@ def gemv_sweep(args) -> list[dict]:
     return rows
 
 
-def llama_cpp_tokens_per_second(path: pathlib.Path, prompt_ids: list[int], steps: int) -> tuple[float, str]:
-    """llama.cpp's decode tok/s, the best over 1 thread and all cores: its spinning thread barriers
-    collapse when the cores are shared with other work, so one thread can be the faster."""
-    import llama_cpp
+def bootstrap_interval(values, *, level: float = 0.9, draws: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """(median, lo, hi): the median of ``values`` and a bootstrap ``level`` interval of it."""
+    values = np.asarray(values, float)
+    rng = np.random.default_rng(seed)
+    medians = np.median(rng.choice(values, (draws, len(values))), axis=1)
+    lo, hi = np.quantile(medians, [(1 - level) / 2, (1 + level) / 2])
+    return float(np.median(values)), float(lo), float(hi)
 
-    best = 0.0
-    for threads in sorted({1, os.cpu_count() or 1}):
-        llm = llama_cpp.Llama(model_path=str(path), n_ctx=len(prompt_ids) + steps + 8, verbose=False,
-                              n_threads=threads, n_batch=512)
-        llm.eval(prompt_ids)
-        llm.eval([1])
-        llm.eval([1])  # warm-up, as ours
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            llm.eval([1])
-        best = max(best, steps / (time.perf_counter() - t0))
-        del llm
-    return best, llama_cpp.__version__
+
+def _summary(name: str, values) -> dict:
+    med, lo, hi = bootstrap_interval(values)
+    return {f"{name}": med, f"{name}_lo": lo, f"{name}_hi": hi, f"{name}_rounds": list(map(float, values))}
 
 
 def cpu_benchmark(args) -> dict:
-    from models.llama import load
+    """SmolLM2 Q4_1 decode and prefill, ours (``--path``, the compiled cpu kernels by default) against
+    llama.cpp in a child process, same thread count, in interleaved rounds: each round times ours,
+    then theirs, with the same protocol (``autotune.measure.time_callable``; llama.cpp is timed
+    inside its child). Ratios are per round; the report gives medians with 90% bootstrap intervals
+    over rounds (a shared CPU makes single rounds noisy)."""
+    from kernels.cpu import build
+    from models.llama import load, peers
+    from models.llama.generate import CACHE_MULTIPLE
+    from models.llama.gguf_loader import bundled_model_path
 
-    model = load()
-    prompt = model.tokenizer.encode("The history of computing began with mechanical calculators and " * 2)
-    steps = args.tokens
-    rounds = 1 if args.quick else 3
-    result = {"kind": "cpu", "model": "SmolLM2-135M-Instruct Q4_1 (bundled)", "context": len(prompt),
-              "tokens": steps, "rounds": rounds, "xla_tok_s_rounds": [], "llama_cpp_tok_s_rounds": []}
-    # Alternate the two and keep each one's best round: the CPU may be shared with other work.
-    for _ in range(rounds):
-        result["xla_tok_s_rounds"].append(decode_tokens_per_second(model.params, model.config, "xla",
-                                                                   context=len(prompt), steps=steps, dtype=jnp.float32))
-        try:
-            from models.llama.gguf_loader import bundled_model_path
+    threads = args.threads or build.default_threads()
+    build.default_threads = lambda: threads  # the kernels' heuristic configs use this many threads
+    path = args.path
+    model = load(execution=path)
+    cfg = model.config
+    context = model.tokenizer.encode("The history of computing began with mechanical calculators and " * 2)
+    prefill_ids = (model.tokenizer.encode("The history of computing began with mechanical calculators. " * 40)
+                   )[:args.prefill_tokens]
+    cache_len = -(-(max(len(context), len(prefill_ids)) + 2 * args.tokens + 8) // CACHE_MULTIPLE) * CACHE_MULTIPLE
 
-            theirs, version = llama_cpp_tokens_per_second(bundled_model_path(), prompt, steps)
-            result["llama_cpp_tok_s_rounds"].append(theirs)
-            result["llama_cpp_version"] = version
-        except ImportError:
+    step = jax.jit(functools.partial(forward.decode, cfg=cfg, path=path), donate_argnames=("cache",))
+    state = {"cache": forward.init_cache(cfg, 1, cache_len)}
+    tok, pos = jnp.array([1], jnp.int32), jnp.array([len(context)], jnp.int32)
+
+    def decode_once():
+        logits, state["cache"] = step(model.params, tok, pos, state["cache"])
+        return logits
+
+    # As llama.cpp's eval: logits of the last position only.
+    prefill = jax.jit(lambda p, t: forward.prefill(p, t, forward.init_cache(cfg, 1, cache_len), cfg=cfg, path=path,
+                                                   lengths=jnp.array([t.shape[1]]))[0])
+    prompt = jnp.array([prefill_ids], jnp.int32)
+    rounds = 2 if args.quick else args.rounds
+    result = {"kind": "cpu", "model": "SmolLM2-135M-Instruct Q4_1 (bundled)", "path": path, "threads": threads,
+              "isa": build.best_isa() if path == "cpu" else None, "cpu": build.cpu_name(),
+              "decode_context": len(context), "decode_tokens_per_round": args.tokens,
+              "prefill_tokens": len(prefill_ids), "rounds": rounds}
+    ours_dec, ours_pre, theirs_dec, theirs_pre = [], [], [], []
+    llm = None
+    try:
+        if peers.available("llama_cpp"):
+            llm = peers.llama_cpp(bundled_model_path(), n_ctx=cache_len + 512, n_batch=512, n_threads=threads,
+                                  n_threads_batch=threads, seed=0)
+            result["llama_cpp"] = llm.call("info")
+        else:
             result["llama_cpp_error"] = "llama-cpp-python is not installed: pip install llama-cpp-python"
-    result["xla_tok_s"] = max(result["xla_tok_s_rounds"])
-    if result["llama_cpp_tok_s_rounds"]:
-        result["llama_cpp_tok_s"] = max(result["llama_cpp_tok_s_rounds"])
-        result["xla_over_llama_cpp"] = result["xla_tok_s"] / result["llama_cpp_tok_s"]
-    if args.layout is not None:  # host devices share the cores: this checks the path, it is no speed-up
-        result["sharded"] = sharded_decode(model.params, model.config, "xla", args.layout, context=len(prompt),
+        for r in range(rounds):
+            ours_dec.append(time_callable(decode_once, warmup=3, repeats=args.tokens).median_seconds)
+            if llm:
+                theirs_dec.append(llm.call("timed_decode", context, repeats=args.tokens)["median_seconds"])
+            ours_pre.append(time_callable(lambda: prefill(model.params, prompt), warmup=1,
+                                          repeats=3 if args.quick else 5).median_seconds)
+            if llm:
+                theirs_pre.append(llm.call("timed_prefill", prefill_ids, repeats=3 if args.quick else 5)
+                                  ["median_seconds"])
+            print(f"  round {r + 1}/{rounds}: ours {1 / ours_dec[-1]:.1f} tok/s decode, "
+                  f"{len(prefill_ids) / ours_pre[-1]:.0f} tok/s prefill"
+                  + (f"; llama.cpp {1 / theirs_dec[-1]:.1f}, {len(prefill_ids) / theirs_pre[-1]:.0f}" if llm else ""))
+    except peers.PeerError as e:
+        result["llama_cpp_error"] = str(e)
+    finally:
+        if llm:
+            llm.close()
+    result.update(_summary("decode_tok_s", [1 / t for t in ours_dec]))
+    result.update(_summary("prefill_tok_s", [len(prefill_ids) / t for t in ours_pre]))
+    if theirs_dec and len(theirs_dec) == len(ours_dec):
+        result.update(_summary("llama_cpp_decode_tok_s", [1 / t for t in theirs_dec]))
+        result.update(_summary("llama_cpp_prefill_tok_s", [len(prefill_ids) / t for t in theirs_pre]))
+        result.update(_summary("decode_ratio", [t / o for o, t in zip(ours_dec, theirs_dec)]))
+        result.update(_summary("prefill_ratio", [t / o for o, t in zip(ours_pre, theirs_pre)]))
+    if args.layout is not None:  # the xla path (the cpu path runs unsharded); host devices share the cores
+        xla_model = model if path == "xla" else load(execution="xla")
+        result["sharded"] = sharded_decode(xla_model.params, cfg, "xla", args.layout, context=len(context),
                                            dtype=jnp.float32)
-    # The Pallas path interpreted on a tiny config: checks it runs; its speed means nothing on a CPU.
-    tiny = llama_config.tiny()
-    tiny_params = llama_params.init_params(tiny, jax.random.key(0), bits=4)
-    result["tiny_pallas_interpret_tok_s"] = decode_tokens_per_second(tiny_params, tiny, "pallas", context=8,
-                                                                     steps=4, dtype=jnp.float32)
     return result
 
 
@@ -260,6 +299,11 @@ def main(argv=None) -> int:
     parser.add_argument("--sweep", action="store_true", help="GPU: also sweep GEMV configs of the 7B shapes")
     parser.add_argument("--devices", default=None, help="also time decode sharded: N (tensor parallel) or DxM; "
                         "on a CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N gives N devices")
+    parser.add_argument("--path", choices=("cpu", "xla"), default=None,
+                        help="CPU: our execution path (default: cpu where its kernels build, else xla)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU: threads for ours and llama.cpp (default: all)")
+    parser.add_argument("--rounds", type=int, default=5, help="CPU: interleaved rounds (ours, llama.cpp)")
+    parser.add_argument("--prefill-tokens", type=int, default=256, help="CPU: prompt length of the prefill timing")
     parser.add_argument("--out", default="results/benchmark_llama.json")
     args = parser.parse_args(argv)
     try:
@@ -271,6 +315,12 @@ def main(argv=None) -> int:
         return 2
     if args.tokens is None:
         args.tokens = 8 if args.quick else 64
+    if args.path is None:
+        from models.llama.__main__ import choose_path
+
+        args.path, warning = choose_path("auto", "float32")
+        if warning:
+            print(warning, file=sys.stderr)
     if args.quick:
         args.context = min(args.context, 128)
 
@@ -287,16 +337,24 @@ def main(argv=None) -> int:
                   f"{f(r.get('roofline_nominal_tok_s') or r.get('roofline_measured_tok_s')):>9} "
                   f"{f(r.get('pallas_fraction_of_nominal_roofline') or r.get('pallas_fraction_of_measured_roofline'), '.2f'):>11} "
                   f"{f(r.get('pallas_over_xla'), '.2f'):>10}")
-            for path in forward.PATHS:
+            for path in GPU_PATHS:
                 if r.get(f"{path}_error"):
                     print(f"  {path} failed: {r[f'{path}_error']}")
     else:
-        print(f"SmolLM2-135M Q4_1 decode on {report['env']['cpu_count']} CPU cores: ours (xla) "
-              f"{report['xla_tok_s']:.1f} tok/s", end="")
-        if "llama_cpp_tok_s" in report:
-            print(f", llama.cpp {report['llama_cpp_tok_s']:.1f} tok/s, ratio {report['xla_over_llama_cpp']:.2f}")
-        else:
-            print(f" ({report['llama_cpp_error']})")
+        def line(what, ours, theirs, ratio):
+            text = (f"{what:8} ours [{report['path']}] {report[ours]:7.1f} tok/s "
+                    f"[{report[ours + '_lo']:.1f}, {report[ours + '_hi']:.1f}]")
+            if ratio in report:
+                text += (f"   llama.cpp {report[theirs]:7.1f} tok/s   ratio {report[ratio]:.2f} "
+                         f"[{report[ratio + '_lo']:.2f}, {report[ratio + '_hi']:.2f}]")
+            print(text)
+
+        print(f"SmolLM2-135M Q4_1 on {report['threads']} threads ({report['cpu']}), medians of {report['rounds']} "
+              "interleaved rounds [90% bootstrap interval]:")
+        line("decode", "decode_tok_s", "llama_cpp_decode_tok_s", "decode_ratio")
+        line("prefill", "prefill_tok_s", "llama_cpp_prefill_tok_s", "prefill_ratio")
+        if "llama_cpp_error" in report:
+            print(f"  llama.cpp: {report['llama_cpp_error']}")
     for row in report.get("results", [report]):
         if "sharded" in row:
             sh = row["sharded"]

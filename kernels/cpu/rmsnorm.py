@@ -37,8 +37,9 @@ class Config:
         return common.params_of(self)
 
 
-def heuristic_config(rows: int) -> Config:
-    return Config(isa=build.best_isa(), threads=build.default_threads() if rows >= 16 else 1)
+def heuristic_config(rows: int, dim: int = 0) -> Config:
+    # waking a second thread costs more than normalizing a few hundred rows of a small model
+    return Config(isa=build.best_isa(), threads=build.default_threads() if rows * dim >= 2**20 else 1)
 
 
 def problem_key(rows: int, dim: int) -> dict:
@@ -58,7 +59,7 @@ def rmsnorm(x: jax.Array, weight: jax.Array, *, eps: float, residual: jax.Array 
     x2 = x.reshape(-1, dim)
     r2 = jnp.zeros_like(x2) if residual is None else residual.reshape(-1, dim).astype(jnp.float32)
     cfg = common.resolve_config("cpu_rmsnorm", problem_key(x2.shape[0], dim), config, Config,
-                                lambda: heuristic_config(x2.shape[0]))
+                                lambda: heuristic_config(x2.shape[0], dim))
     out = jax.ShapeDtypeStruct(x2.shape, jnp.float32)
     y, h = jax.ffi.ffi_call(build.target("rmsnorm", cfg.isa), (out, out))(
         x2, r2, weight.astype(jnp.float32), eps=np.float32(eps), threads=np.int64(cfg.threads))
@@ -90,5 +91,5 @@ def search_space(problem: dict) -> SearchSpace:
     threads = tuple(t for t in (1, 2, 4, 8, 16) if t <= build.default_threads())
     return SearchSpace(kernel="cpu_rmsnorm", problem=problem,
                        knobs=(Knob("isa", build.supported_isas()), Knob("threads", threads)),
-                       violations=lambda p: [], to_config=lambda p: Config(**{**heuristic_config(rows).params(), **p}),
-                       runner=runner, default=heuristic_config(rows).params())
+                       violations=lambda p: [], to_config=lambda p: Config(**{**heuristic_config(rows, dim).params(), **p}),
+                       runner=runner, default=heuristic_config(rows, dim).params())

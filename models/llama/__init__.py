@@ -38,9 +38,9 @@ def load(path: str | pathlib.Path | None = None, *, dtype=jnp.float32, execution
         cfg, params = load_safetensors(path, dtype=dtype)
         tok = tokenizer if tokenizer is not None else tokenizers.from_hf_folder(path)
     else:
-        m = gguf_loader.load_gguf(path, dtype=dtype)
-        cfg, params, tok = (m.config, m.params,
-                         tokenizer if tokenizer is not None else tokenizers.from_gguf_metadata(m.metadata))
+        m = gguf_loader.load_gguf(path, dtype=dtype, blocks=execution == "cpu")
+        tok = tokenizer if tokenizer is not None else tokenizers.from_gguf_metadata(m.metadata)
+        cfg, params = m.config, m.params
     if mesh is not None:
         return Model(cfg, sharding.prepare(params, cfg, execution, mesh), tok, str(path), execution)
     return Model(cfg, forward.prepare(params, cfg, execution), tok, str(path), execution)

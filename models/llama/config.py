@@ -17,12 +17,17 @@ class LlamaConfig:
     rope_scaling: float = 1.0  # linear position interpolation: positions are divided by this
     max_seq_len: int = 2048
     tie_embeddings: bool = False
+    # Llama-3 RoPE scaling: (factor, low_freq_factor, high_freq_factor, original_max_position_embeddings)
+    rope_llama3: tuple[float, float, float, float] | None = None
 
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
 
     def __post_init__(self):
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.dim % self.n_heads:
             raise ValueError(f"dim={self.dim} is not a multiple of n_heads={self.n_heads}")
         if self.n_heads % self.n_kv_heads:

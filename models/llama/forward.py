@@ -151,7 +151,7 @@ def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32) ->
 
 
 def rotary_of(cfg: LlamaConfig) -> Rotary:
-    return Rotary(theta=float(cfg.rope_theta), scaling=float(cfg.rope_scaling))
+    return Rotary(theta=float(cfg.rope_theta), scaling=float(cfg.rope_scaling), llama3=cfg.rope_llama3)
 
 
 def _logits(params, cfg: LlamaConfig, ops: Ops, h, delta):
@@ -160,9 +160,10 @@ def _logits(params, cfg: LlamaConfig, ops: Ops, h, delta):
     return ops.linear(x, out_w).astype(jnp.float32)
 
 
-def _run_layers(params, cfg: LlamaConfig, ops: Ops, tokens, cache, attend):
+def _run_layers(params, cfg: LlamaConfig, ops: Ops, tokens, cache, attend, last=None):
     """Shared layer loop. ``attend(q, k, v, cache, layer)`` -> (attention output, cache) with q, k
-    not yet rotated. Returns (logits, cache)."""
+    not yet rotated. Returns (logits, cache); with ``last`` (B,) only the logits at those positions
+    (the output projection is the largest matmul of a prefill)."""
     b, t = tokens.shape
     hd = cfg.head_dim  # head counts come from the weights: a device holding some heads runs this unchanged
     x = ops.embedding(params["embed"], tokens, cache["k"].dtype)  # (B, T, dim)
@@ -186,17 +187,22 @@ def _run_layers(params, cfg: LlamaConfig, ops: Ops, tokens, cache, attend):
     else:  # the stacked weights are closed over and indexed, never sliced into the loop's inputs
         carry, _ = jax.lax.scan(layer, carry, np.arange(cfg.n_layers, dtype=np.int32))
     h, delta, cache = carry
+    if last is not None:
+        pick = lambda a: jnp.take_along_axis(a, last[:, None, None], axis=1)
+        h, delta = pick(h), pick(delta)
     return _logits(params, cfg, ops, h, delta), cache
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "path"), donate_argnames=("cache",))
-def prefill(params: dict, tokens: jax.Array, cache: dict, *, cfg: LlamaConfig, path: str = "xla"):
-    """Run a prompt (B, T) from position 0 into an empty cache -> (logits (B, T, vocab), cache).
+def prefill(params: dict, tokens: jax.Array, cache: dict, *, cfg: LlamaConfig, path: str = "xla",
+            lengths: jax.Array | None = None):
+    """Run a prompt (B, T) from position 0 into an empty cache -> (logits (B, T, vocab), cache); with
+    ``lengths`` (B,), only each row's last logits (B, 1, vocab).
 
     Rows shorter than T may be right-padded: causal attention keeps padding from reaching real tokens,
     and decode overwrites the padded cache slots.
     """
-    return run_prefill(ops_for(path), params, tokens, cache, cfg)
+    return run_prefill(ops_for(path), params, tokens, cache, cfg, lengths)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "path"), donate_argnames=("cache",))
@@ -206,12 +212,14 @@ def decode(params: dict, tokens: jax.Array, positions: jax.Array, cache: dict, *
     return run_decode(ops_for(path), params, tokens, positions, cache, cfg)
 
 
-def run_prefill(ops: Ops, params: dict, tokens: jax.Array, cache: dict, cfg: LlamaConfig):
+def run_prefill(ops: Ops, params: dict, tokens: jax.Array, cache: dict, cfg: LlamaConfig,
+                lengths: jax.Array | None = None):
     """``prefill``'s body over any ops table (traced inside a jit or a ``shard_map``)."""
     def attend(q, k, v, cache, i):
         return ops.prefill_attention(q, k, v, cache, i, rotary_of(cfg))
 
-    return _run_layers(params, cfg, ops, tokens, cache, attend)
+    last = None if lengths is None else (lengths - 1).astype(jnp.int32)
+    return _run_layers(params, cfg, ops, tokens, cache, attend, last)
 
 
 def run_decode(ops: Ops, params: dict, tokens: jax.Array, positions: jax.Array, cache: dict, cfg: LlamaConfig):

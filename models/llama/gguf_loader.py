@@ -260,8 +260,9 @@ def expected_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def _tensor_to_weight(t: TensorInfo, data: np.ndarray, row_perm: np.ndarray | None, dtype):
-    """One GGUF tensor -> a dense (K, N) array / 1-D vector, or a packed QuantizedWeight (numpy)."""
+def _tensor_to_weight(t: TensorInfo, data: np.ndarray, row_perm: np.ndarray | None, dtype, blocks: bool = False):
+    """One GGUF tensor -> a dense (K, N) array / 1-D vector, or a packed QuantizedWeight (numpy); with
+    ``blocks``, quantized tensors stay in the file's own row-block layout (``kernels.cpu.qmatmul.BlockWeight``)."""
     kind = t.type_name
     if kind not in SUPPORTED_TYPES:
         raise ValueError(f"tensor {t.name!r} has type {kind}, which is not supported (supported: "
@@ -281,6 +282,11 @@ def _tensor_to_weight(t: TensorInfo, data: np.ndarray, row_perm: np.ndarray | No
             w = w[row_perm]
         return np.ascontiguousarray(w.T, dtype)
     _, _, nbytes = GGML_TYPES[t.type_id]
+    if blocks:
+        from kernels.cpu.qmatmul import BlockWeight
+
+        rows = data.reshape(n, k // 32 * nbytes)
+        return BlockWeight(np.array(rows if row_perm is None else rows[row_perm]), kind.lower())
     blocks = data.reshape(n, k // 32, nbytes)
     if row_perm is not None:
         blocks = blocks[row_perm]
@@ -303,9 +309,10 @@ def rope_unpermute(n_heads: int, head_dim: int) -> np.ndarray:
     return np.arange(n_heads * head_dim).reshape(n_heads, head_dim // 2, 2).transpose(0, 2, 1).reshape(-1)
 
 
-def load_gguf(path: str | pathlib.Path, *, dtype=np.float32) -> GGUFModel:
+def load_gguf(path: str | pathlib.Path, *, dtype=np.float32, blocks: bool = False) -> GGUFModel:
     """Read a LLaMA GGUF file. ``dtype`` is the type of dense weights (quantized ones stay packed).
-    Weights are host (numpy) arrays in the per-layer form of ``models.llama.params``."""
+    Weights are host (numpy) arrays in the per-layer form of ``models.llama.params``; ``blocks``
+    keeps quantized ones in the file's row-block layout (the cpu path's; one copy, no re-striding)."""
     gguf = read_gguf(path)
     path, tensors = gguf.path, gguf.tensors
     cfg = config_from_metadata(gguf.metadata, has_output="output.weight" in tensors)
@@ -328,7 +335,7 @@ def load_gguf(path: str | pathlib.Path, *, dtype=np.float32) -> GGUFModel:
     def tensor(name, row_perm=None):
         t = tensors[name]
         try:
-            return _tensor_to_weight(t, gguf.data(t), row_perm, dtype)
+            return _tensor_to_weight(t, gguf.data(t), row_perm, dtype, blocks)
         except ValueError:
             raise
         except Exception as e:  # noqa: BLE001  (numpy errors on a malformed buffer)

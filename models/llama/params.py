@@ -37,8 +37,14 @@ def fuse_qkv(layer: dict, dtype=jnp.float32) -> dict:
     in different forms are dequantized to ``dtype`` first: exact, at the cost of memory for that file.
     """
     parts = [layer[name] for name in ("wq", "wk", "wv")]
-    forms = {(w.bits, w.group, w.mins is None) if isinstance(w, QuantizedWeight) else "dense" for w in parts}
     rest = {name: w for name, w in layer.items() if name not in ("wq", "wk", "wv")}
+    if all(type(w).__name__ == "BlockWeight" for w in parts):  # row blocks: N is the leading axis
+        if len({w.format for w in parts}) == 1:
+            return {"wqkv": type(parts[0])(np.concatenate([w.blocks for w in parts]), parts[0].format), **rest}
+        from kernels.cpu.qmatmul import dequantize as block_dequantize
+
+        parts = [np.asarray(block_dequantize(w)).astype(dtype) for w in parts]
+    forms = {(w.bits, w.group, w.mins is None) if isinstance(w, QuantizedWeight) else "dense" for w in parts}
     xp = np if all(isinstance(x, np.ndarray) for x in jax.tree.leaves(parts)) else jnp  # host arrays stay on host
     if len(forms) == 1 and forms != {"dense"}:
         fused = QuantizedWeight(

@@ -12,7 +12,7 @@ import multiprocessing
 import pathlib
 import signal
 import time
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 
@@ -67,7 +67,7 @@ class Peer:
                 self._proc.join(5)
         self._conn.close()
 
-    def __enter__(self) -> Peer:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -169,6 +169,25 @@ class LlamaCpp:
         self.llm.reset()
         self.llm.eval(ids)
         return np.array(self.llm.scores[: len(ids)])
+
+    def timed_decode(self, prompt_ids: list[int], *, warmup: int = 3, repeats: int = 32) -> dict:
+        """Seconds per decoded token after ``prompt_ids``, timed here in the child with the project's
+        protocol (``autotune.measure.time_callable``: warm-up apart, median and spread of samples)."""
+        from autotune.measure import time_callable
+
+        self.llm.reset()
+        self.llm.eval(prompt_ids)
+        return time_callable(lambda: self.llm.eval([1]), warmup=warmup, repeats=repeats).as_dict()
+
+    def timed_prefill(self, prompt_ids: list[int], *, warmup: int = 1, repeats: int = 5) -> dict:
+        """Seconds to evaluate ``prompt_ids`` from an empty cache (same protocol as ``timed_decode``)."""
+        from autotune.measure import time_callable
+
+        def run():
+            self.llm.reset()
+            self.llm.eval(prompt_ids)
+
+        return time_callable(run, warmup=warmup, repeats=repeats).as_dict()
 
     def greedy(self, ids: list[int], n: int) -> list[int]:
         out = []

@@ -13,7 +13,7 @@ import numpy as np
 
 from kernels.llm.w4a16 import quantize
 from models.llama.config import LlamaConfig
-from models.llama.params import fuse_qkv
+from models.llama.params import fuse_qkv, matrix_shapes
 
 _LAYER_TENSORS = {
     "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "wq": "self_attn.q_proj",
@@ -29,9 +29,17 @@ def config_from_hf(hf: dict) -> LlamaConfig:
     # transformers < 5 writes rope_theta + rope_scaling; 5.x writes rope_parameters.
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     kind = rope.get("rope_type", rope.get("type", "default")) or "default"
-    if kind not in ("default", "linear"):
-        raise ValueError(f"RoPE scaling {kind!r} is not supported (only linear)")
+    if kind not in ("default", "linear", "llama3"):
+        raise ValueError(f"RoPE scaling {kind!r} is not supported (default, linear and llama3 are)")
     theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    llama3 = None
+    if kind == "llama3":
+        keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+        if any(not isinstance(rope.get(k), (int, float)) for k in keys):
+            raise ValueError(f"llama3 RoPE scaling needs numeric {', '.join(keys)}; config.json has {rope}")
+        llama3 = tuple(float(rope[k]) for k in keys)
+        if llama3[2] <= llama3[1] or min(llama3) <= 0:
+            raise ValueError(f"llama3 RoPE scaling needs 0 < low_freq_factor < high_freq_factor; got {rope}")
     n_heads = hf["num_attention_heads"]
     if hf.get("head_dim", hf["hidden_size"] // n_heads) != hf["hidden_size"] // n_heads:
         raise ValueError("head_dim != hidden_size / num_attention_heads is not supported")
@@ -41,7 +49,18 @@ def config_from_hf(hf: dict) -> LlamaConfig:
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)), rope_theta=theta,
         rope_scaling=float(rope.get("factor", 1.0)) if kind == "linear" else 1.0,
         max_seq_len=int(hf.get("max_position_embeddings", 2048)),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)), rope_llama3=llama3)
+
+
+def expected_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> its shape in the checkpoint (Hugging Face stores matrices as (out, in))."""
+    out = {"model.embed_tokens.weight": (cfg.vocab_size, cfg.dim), "model.norm.weight": (cfg.dim,),
+           "lm_head.weight": (cfg.vocab_size, cfg.dim)}
+    for i in range(cfg.n_layers):
+        for ours, theirs in _LAYER_TENSORS.items():
+            k, n = matrix_shapes(cfg)[ours] if not ours.endswith("norm") else (cfg.dim, None)
+            out[f"model.layers.{i}.{theirs}.weight"] = (cfg.dim,) if n is None else (n, k)
+    return out
 
 
 def _open_tensors(folder: pathlib.Path) -> dict:
@@ -80,13 +99,25 @@ def load_safetensors(folder: str | pathlib.Path, *, dtype=jnp.float32, bits: int
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
         raise ValueError(f"{folder} has no config.json; expected a Hugging Face LlamaForCausalLM folder")
-    cfg = config_from_hf(json.loads(cfg_path.read_text()))
+    try:
+        hf = json.loads(cfg_path.read_text())
+        cfg = config_from_hf(hf)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{cfg_path} is not valid JSON ({e})") from None
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{cfg_path} lacks or mistypes a field a LlamaForCausalLM config needs ({e})") from None
     tensors = _open_tensors(folder)
+    shapes = expected_shapes(cfg)
 
     def get(name):
         if name not in tensors:
             raise ValueError(f"checkpoint {folder} lacks tensor {name!r}")
-        return tensors[name]()
+        w = tensors[name]()
+        want = shapes.get(name)
+        if want is not None and tuple(w.shape) != want:
+            raise ValueError(f"tensor {name!r} has shape {list(w.shape)}, but config.json needs {list(want)}; "
+                             "the checkpoint and its config do not match")
+        return w
 
     def matrix(name):  # HF stores (out, in); we use (in, out)
         w = get(name).T

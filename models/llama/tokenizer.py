@@ -68,17 +68,21 @@ class Tokenizer:
             raise ValueError(f"chat template error: {message}")
 
         env.globals["raise_exception"] = raise_exception
-        return env.from_string(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token="" if self.bos_id is None else self.decode([self.bos_id], skip_special=False),
-            eos_token="" if self.eos_id is None else self.decode([self.eos_id], skip_special=False))
+        try:
+            return env.from_string(self.chat_template).render(
+                messages=messages, add_generation_prompt=add_generation_prompt,
+                bos_token="" if self.bos_id is None else self.decode([self.bos_id], skip_special=False),
+                eos_token="" if self.eos_id is None else self.decode([self.eos_id], skip_special=False))
+        except jinja2.TemplateError as e:
+            raise ValueError(f"the model's chat template does not render ({type(e).__name__}: {e}); "
+                             "pass --no-chat to use the prompt as raw text") from None
 
 
 def _bpe_gpt2(tokens: list[str], merges: list[str], pre: str):
     from tokenizers import Regex, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as HFTokenizer
 
-    if pre not in PRE_TOKENIZERS:
+    if not isinstance(pre, str) or pre not in PRE_TOKENIZERS:
         raise ValueError(f"GGUF pre-tokenizer {pre!r} is not supported; supported: {sorted(PRE_TOKENIZERS)}")
     regexes, ignore_merges = PRE_TOKENIZERS[pre]
     vocab = {t: i for i, t in enumerate(tokens)}
@@ -118,45 +122,74 @@ def _bpe_spm(tokens: list[str], scores: list[float], types: list[int], add_space
     return tok
 
 
+def _list_of(meta: dict, key: str, kinds, length: int | None = None, default=None) -> list:
+    """``meta[key]`` checked to be a list of ``kinds`` (of ``length``), else one ValueError naming it."""
+    v = meta.get(key, default)
+    if v is None:
+        raise ValueError(f"GGUF metadata has no {key}; the file carries no usable tokenizer")
+    if not isinstance(v, list) or not all(isinstance(x, kinds) and not isinstance(x, bool) for x in v):
+        raise ValueError(f"GGUF metadata {key} is not a list of {kinds.__name__ if isinstance(kinds, type) else 'numbers'}; "
+                         "the file is corrupt")
+    if length is not None and len(v) != length:
+        raise ValueError(f"GGUF metadata {key} has {len(v)} entries for {length} tokens; the file is corrupt")
+    return v
+
+
 def from_gguf_metadata(meta: dict) -> Tokenizer:
-    """Build the tokenizer from a GGUF file's metadata (``models.llama.gguf_loader.read_metadata``)."""
+    """Build the tokenizer from a GGUF file's metadata (``models.llama.gguf_loader.read_metadata``).
+    Malformed metadata is one ValueError naming the key."""
     from tokenizers import AddedToken
 
     model = meta.get("tokenizer.ggml.model")
-    tokens = meta.get("tokenizer.ggml.tokens")
-    if tokens is None:
-        raise ValueError("GGUF metadata has no tokenizer.ggml.tokens; the file carries no tokenizer")
-    types = list(meta.get("tokenizer.ggml.token_type", [NORMAL] * len(tokens)))
+    tokens = _list_of(meta, "tokenizer.ggml.tokens", str)
+    if not tokens:
+        raise ValueError("GGUF metadata tokenizer.ggml.tokens is empty; the file carries no usable tokenizer")
+    types = _list_of(meta, "tokenizer.ggml.token_type", int, len(tokens), [NORMAL] * len(tokens))
     if model == "gpt2":
-        build = lambda: _bpe_gpt2(tokens, meta["tokenizer.ggml.merges"], meta.get("tokenizer.ggml.pre", "default"))
+        merges = _list_of(meta, "tokenizer.ggml.merges", str, default=[])
+        pre = meta.get("tokenizer.ggml.pre", "default")
+        build = lambda: _bpe_gpt2(tokens, merges, pre)
         add_bos_default = False
     elif model == "llama":
-        scores = meta.get("tokenizer.ggml.scores", [0.0] * len(tokens))
+        scores = _list_of(meta, "tokenizer.ggml.scores", (int, float), len(tokens), [0.0] * len(tokens))
         space = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
         build = lambda: _bpe_spm(tokens, scores, types, space)
         add_bos_default = True
     else:
-        raise ValueError(f"tokenizer model {model!r} is not supported (supported: 'gpt2' BPE, 'llama' SentencePiece)")
-    plain, special = build(), build()
-    user = [AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == USER_DEFINED]
-    control = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == CONTROL]
-    if user:
-        plain.add_tokens(user)
-        special.add_tokens(user)
-    if control:
-        special.add_special_tokens(control)
+        raise ValueError(f"tokenizer model {model!r:.80} is not supported (supported: 'gpt2' BPE, 'llama' SentencePiece)")
+    try:
+        plain, special = build(), build()
+        user = [AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == USER_DEFINED]
+        control = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == CONTROL]
+        if user:
+            plain.add_tokens(user)
+            special.add_tokens(user)
+        if control:
+            special.add_special_tokens(control)
+    except ValueError:
+        raise
+    except Exception as e:  # noqa: BLE001  (the tokenizers library raises its own error types)
+        raise ValueError(f"the GGUF tokenizer metadata could not be built into a tokenizer ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200] if str(e) else ''}); the file is corrupt") from None
 
     def opt_id(key):
         v = meta.get(key)
-        return None if v is None or int(v) < 0 else int(v)
+        if v is None:
+            return None
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise ValueError(f"GGUF metadata {key} = {v!r:.40} is not a token id; the file is corrupt")  # noqa: TRY004
+        if v >= len(tokens):
+            raise ValueError(f"GGUF metadata {key} = {v} is past the vocabulary of {len(tokens)} tokens")
+        return None if v < 0 else v
 
     eos = opt_id("tokenizer.ggml.eos_token_id")
     stops = {i for i in (eos, opt_id("tokenizer.ggml.eot_token_id"), opt_id("tokenizer.ggml.eom_token_id"))
              if i is not None}
+    template = meta.get("tokenizer.chat_template")
     return Tokenizer(
         _plain=plain, _special=special, bos_id=opt_id("tokenizer.ggml.bos_token_id"), eos_id=eos,
         add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", add_bos_default)), stop_ids=frozenset(stops),
-        chat_template=meta.get("tokenizer.chat_template"),
+        chat_template=template if isinstance(template, str) else None,
         control_ids=frozenset(i for i, ty in enumerate(types) if ty == CONTROL))
 
 
@@ -171,9 +204,15 @@ def from_hf_folder(folder) -> Tokenizer:
     path = folder / "tokenizer.json"
     if not path.is_file():
         raise ValueError(f"{folder} has no tokenizer.json; copy it from the model's repository")
-    tok = HFTokenizer.from_file(str(path))
     conf_path = folder / "tokenizer_config.json"
-    conf = json.loads(conf_path.read_text()) if conf_path.is_file() else {}
+    try:
+        tok = HFTokenizer.from_file(str(path))
+        conf = json.loads(conf_path.read_text()) if conf_path.is_file() else {}
+    except Exception as e:  # noqa: BLE001  (tokenizers raises its own exception type)
+        raise ValueError(f"the tokenizer files in {folder} are unreadable ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+    if not isinstance(conf, dict):
+        raise ValueError(f"{conf_path} is not a JSON object")  # noqa: TRY004  (bad input: ValueError)
 
     def token_id(name):
         v = conf.get(name)
@@ -183,6 +222,10 @@ def from_hf_folder(folder) -> Tokenizer:
 
     control = frozenset(tok.token_to_id(t.content) for t in tok.get_added_tokens_decoder().values() if t.special)
     eos = token_id("eos_token")
+    # transformers >= 4.43 may write the template beside the config instead of inside it (5.x always does)
+    template = conf.get("chat_template")
+    if not template and (folder / "chat_template.jinja").is_file():
+        template = (folder / "chat_template.jinja").read_text()
     return Tokenizer(_plain=tok, _special=tok, bos_id=token_id("bos_token"), eos_id=eos,
                      add_bos=bool(conf.get("add_bos_token", False)), stop_ids=frozenset({eos} - {None}),
-                     chat_template=conf.get("chat_template"), control_ids=control)
+                     chat_template=template if isinstance(template, str) else None, control_ids=control)

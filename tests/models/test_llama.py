@@ -11,10 +11,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from kernels.cpu import build as cpu_build
 from kernels.llm import w4a16
 from models.llama import config as llama_config
 from models.llama import forward, generate, gguf_loader
 from models.llama import params as llama_params
+
+KERNEL_CACHE = cpu_build.cache_dir()  # resolved before the per-test cache folder is set
+
+
+@pytest.fixture(autouse=True)
+def _shared_kernel_builds(monkeypatch):
+    """The compiled CPU kernels are content-addressed: one build serves every test and child process."""
+    monkeypatch.setenv("TINYPALLAS_KERNEL_CACHE", str(KERNEL_CACHE))
 
 
 def _tiny(bits, tie=False):
@@ -28,13 +37,58 @@ def test_pallas_path_matches_xla_path_prefill_and_decode(bits, tie):
     cfg, params = _tiny(bits, tie)
     tokens = jnp.array([[5, 17, 200, 3, 9, 44, 81, 100, 2, 7, 1, 0, 250, 33, 12, 90, 18, 6, 4]])
     out = {}
-    for path in forward.PATHS:
+    for path in ("xla", "pallas"):
         cache = forward.init_cache(cfg, 1, 64)
         logits, cache = forward.prefill(params, tokens, cache, cfg=cfg, path=path)
         step, _ = forward.decode(params, jnp.array([11]), jnp.array([tokens.shape[1]]), cache, cfg=cfg, path=path)
         out[path] = (logits, step)
     np.testing.assert_allclose(out["pallas"][0], out["xla"][0], atol=2e-4)
     np.testing.assert_allclose(out["pallas"][1], out["xla"][1], atol=2e-4)
+
+
+NEEDS_CPU_KERNELS = pytest.mark.skipif(cpu_build.availability() is not None,
+                                       reason=f"the CPU kernels do not build here: {cpu_build.availability()}")
+
+
+@NEEDS_CPU_KERNELS
+@pytest.mark.parametrize("bits, tie", [(4, True), (8, False), (None, False)])
+def test_cpu_path_matches_xla_path_prefill_and_decode(bits, tie):
+    """The cpu path quantizes activations to 8 bits per block (as llama.cpp does), so its logits
+    differ from the f32 xla path by about 1% of their range; dense weights run through XLA there."""
+    cfg, params = _tiny(bits, tie)
+    tokens = jnp.array([[5, 17, 200, 3, 9, 44, 81, 100, 2, 7, 1, 0, 250, 33, 12, 90, 18, 6, 4],
+                        [9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 11, 12, 13, 14, 15, 16, 17, 18, 19]])
+    out = {}
+    for path in ("xla", "cpu"):
+        p = forward.prepare(params, cfg, path)
+        logits, cache = forward.prefill(p, tokens, forward.init_cache(cfg, 2, 64), cfg=cfg, path=path)
+        step, _ = forward.decode(p, jnp.array([11, 3]), jnp.array([19, 19]), cache, cfg=cfg, path=path)
+        out[path] = (logits, step)
+    for a, b in zip(out["cpu"], out["xla"]):
+        scale = float(jnp.max(jnp.abs(b)))
+        np.testing.assert_allclose(a, b, atol=(1e-5 if bits is None else 0.03) * scale, rtol=0)
+
+
+@NEEDS_CPU_KERNELS
+def test_cpu_path_decode_with_kv_cache_equals_full_prefill():
+    """Each token's row is quantized on its own, so decode equals prefill up to f32 summation order."""
+    cfg, params = _tiny(4)
+    params = forward.prepare(params, cfg, "cpu")
+    tokens = jnp.array([[3, 1, 4, 1, 5, 9, 2, 6], [2, 7, 1, 8, 2, 8, 1, 8]])
+    full, _ = forward.prefill(params, tokens, forward.init_cache(cfg, 2, 64), cfg=cfg, path="cpu")
+    _, cache = forward.prefill(params, tokens[:, :5], forward.init_cache(cfg, 2, 64), cfg=cfg, path="cpu")
+    for t in range(5, 8):
+        step, cache = forward.decode(params, tokens[:, t], jnp.array([t, t]), cache, cfg=cfg, path="cpu")
+        np.testing.assert_allclose(step, full[:, t], atol=1e-4)
+
+
+def test_weights_laid_out_for_the_cpu_path_are_refused_elsewhere():
+    cfg, params = _tiny(4)
+    if cpu_build.availability() is not None:
+        pytest.skip("needs the CPU kernels")
+    prepared = forward.prepare(params, cfg, "cpu")
+    with pytest.raises(ValueError, match="laid out for the cpu path"):
+        forward.prepare(prepared, cfg, "xla")
 
 
 def test_decode_with_kv_cache_equals_full_prefill():

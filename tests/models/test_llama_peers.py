@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from kernels.cpu import build as cpu_build
 from models.llama import __main__ as cli
 from models.llama import forward, generate, gguf_loader, load, peers
 
@@ -27,9 +28,27 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, i
            "The three primary colors are", "Water boils at", "import numpy as np\n"]
 
 
+KERNEL_CACHE = cpu_build.cache_dir()  # resolved before the per-test cache folder is set
+
+
+@pytest.fixture(autouse=True)
+def _shared_kernel_builds(monkeypatch):
+    """The compiled CPU kernels are content-addressed: one build serves every test and child process."""
+    monkeypatch.setenv("TINYPALLAS_KERNEL_CACHE", str(KERNEL_CACHE))
+
+
 @pytest.fixture(scope="module")
 def model():
     return load()
+
+
+@pytest.fixture(scope="module")
+def cpu_model():
+    from kernels.cpu import build
+
+    if build.availability() is not None:
+        pytest.skip(f"the CPU kernels do not build here: {build.availability()}")
+    return load(execution="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -57,17 +76,45 @@ def test_chat_template_renders_and_tokenizes_like_llama_cpp(model, llm):
     assert ids.count(1) == 3  # <|im_start|> parsed as one control token, three turns
 
 
-def test_logits_close_to_llama_cpp(model, llm):
-    """Tolerance: llama.cpp's 8-bit activations move logits by ~0.3 on average (logit std ~6);
-    we require mean |diff| < 0.6, max < 3, and the same argmax at >= 95% of positions."""
-    ids = model.tokenizer.encode("The capital of France is Paris. The capital of Germany is Berlin, and Italy's is")
-    logits, _ = forward.prefill(model.params, jnp.array([ids]), forward.init_cache(model.config, 1, 256),
-                                cfg=model.config)
+@pytest.mark.parametrize("path", ["xla", "cpu"])
+def test_logits_close_to_llama_cpp(path, model, llm, request):
+    """Tolerance: llama.cpp's 8-bit activations (and f16 KV cache) move logits by ~0.3 on average
+    (logit std ~6); we require mean |diff| < 0.6, max < 3, and the same argmax at >= 95% of positions.
+    The cpu path quantizes activations as llama.cpp does."""
+    m = model if path == "xla" else request.getfixturevalue("cpu_model")
+    ids = m.tokenizer.encode("The capital of France is Paris. The capital of Germany is Berlin, and Italy's is")
+    logits, _ = forward.prefill(m.params, jnp.array([ids]), forward.init_cache(m.config, 1, 256), cfg=m.config,
+                                path=path)
     ours = np.asarray(logits[0])
     theirs = llm.call("logits", ids)
     diff = np.abs(ours - theirs)
     assert diff.mean() < 0.6 and diff.max() < 3.0, (diff.mean(), diff.max())
     assert (ours.argmax(-1) == theirs.argmax(-1)).mean() >= 0.95
+
+
+VARIED = PROMPTS + ["12 + 35 =", "Le chat est", "<|im_start|>user\nWhat is a GPU?<|im_end|>\n<|im_start|>assistant\n",
+                    "List three fruits:\n1."]
+
+
+def test_cpu_path_greedy_tokens_equal_xla_path(model, cpu_model):
+    """Token for token, until the two paths meet a near tie: there, the xla path's own logits for its
+    token and the cpu path's differ by less than 0.5 (the size of the 8-bit activation error, as
+    against llama.cpp). A broken kernel diverges at once, on confident tokens."""
+    prompts = [model.tokenizer.encode(p, parse_special=True) for p in VARIED]
+    n = 16
+    ours = generate.generate(model.params, model.config, prompts, max_tokens=n, path="xla").tokens
+    theirs = generate.generate(cpu_model.params, cpu_model.config, prompts, max_tokens=n, path="cpu").tokens
+    exact = 0
+    for ids, a, b in zip(prompts, ours, theirs):
+        if a == b:
+            exact += 1
+            continue
+        first = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+        logits, _ = forward.prefill(model.params, jnp.array([ids + a[:first]]),
+                                    forward.init_cache(model.config, 1, 256), cfg=model.config)
+        last = np.asarray(logits[0, -1])
+        assert last[a[first]] - last[b[first]] < 0.5, (first, model.tokenizer.decode(a), model.tokenizer.decode(b))
+    assert exact >= len(VARIED) // 4, f"only {exact} of {len(VARIED)} continuations equal the xla path's"
 
 
 def test_greedy_continuations_equal_llama_cpp(model, llm):
@@ -170,7 +217,6 @@ def _write_spm_vocab_gguf(path):
 
 @NEEDS_LLAMA_CPP
 def test_sentencepiece_vocabulary_tokenizes_like_llama_cpp(tmp_path):
-    import gguf
 
     from models.llama import tokenizer
 
