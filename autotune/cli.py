@@ -115,7 +115,7 @@ def cmd_sweep(args) -> int:
         if not (args.target and args.model):
             raise SystemExit("--target and --model go together: --target stm32f746 --model PATH.tflite")
         args.kernel = "mcu"
-    args.kernel = args.kernel or _default_kernel()
+    args.kernel = args.kernel or ("matmul" if args.shape or args.layer else _default_kernel())
     module = registry.kernel_module(args.kernel)
     if args.kernel == "mcu":
         problems = [module.parse_shape(f"{args.model}@{args.target}")]
@@ -181,7 +181,8 @@ def cmd_sweep(args) -> int:
 
 
 def _default_kernel() -> str:
-    """matmul on a GPU; on a CPU the compiled CPU kernels (real timings), where they build."""
+    """The main job (no --kernel, --shape or --layer): matmul on a GPU; on a CPU the compiled CPU
+    kernels (real timings), where they build."""
     from kernels import platform
 
     if platform.backend() == "gpu":

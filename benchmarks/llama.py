@@ -197,26 +197,25 @@ def gemv_sweep(args) -> list[dict]:
     return rows
 
 
-def bootstrap_interval(values, *, level: float = 0.9, draws: int = 2000, seed: int = 0) -> tuple[float, float, float]:
-    """(median, lo, hi): the median of ``values`` and a bootstrap ``level`` interval of it."""
-    values = np.asarray(values, float)
-    rng = np.random.default_rng(seed)
-    medians = np.median(rng.choice(values, (draws, len(values))), axis=1)
-    lo, hi = np.quantile(medians, [(1 - level) / 2, (1 + level) / 2])
-    return float(np.median(values)), float(lo), float(hi)
-
-
 def _summary(name: str, values) -> dict:
-    med, lo, hi = bootstrap_interval(values)
-    return {f"{name}": med, f"{name}_lo": lo, f"{name}_hi": hi, f"{name}_rounds": list(map(float, values))}
+    low, high = measure.bootstrap_interval(values)
+    return {name: float(np.median(values)), f"{name}_lo": low, f"{name}_hi": high,
+            f"{name}_rounds": [float(v) for v in values]}
+
+
+def _ratio(name: str, ours_seconds, theirs_seconds) -> dict:
+    """Speed-up of ours over theirs: median(theirs) / median(ours), the rounds resampled in pairs."""
+    low, high = measure.ratio_interval(theirs_seconds, ours_seconds)
+    return {name: float(np.median(theirs_seconds) / np.median(ours_seconds)), f"{name}_lo": low,
+            f"{name}_hi": high}
 
 
 def cpu_benchmark(args) -> dict:
     """SmolLM2 Q4_1 decode and prefill, ours (``--path``, the compiled cpu kernels by default) against
     llama.cpp in a child process, same thread count, in interleaved rounds: each round times ours,
     then theirs, with the same protocol (``autotune.measure.time_callable``; llama.cpp is timed
-    inside its child). Ratios are per round; the report gives medians with 90% bootstrap intervals
-    over rounds (a shared CPU makes single rounds noisy)."""
+    inside its child). The report gives medians over rounds with 95% bootstrap intervals, the ratio's
+    interval resampling rounds in pairs (a shared CPU makes single rounds noisy)."""
     from kernels.cpu import build
     from models.llama import load, peers
     from models.llama.generate import CACHE_MULTIPLE
@@ -280,8 +279,8 @@ def cpu_benchmark(args) -> dict:
     if theirs_dec and len(theirs_dec) == len(ours_dec):
         result.update(_summary("llama_cpp_decode_tok_s", [1 / t for t in theirs_dec]))
         result.update(_summary("llama_cpp_prefill_tok_s", [len(prefill_ids) / t for t in theirs_pre]))
-        result.update(_summary("decode_ratio", [t / o for o, t in zip(ours_dec, theirs_dec)]))
-        result.update(_summary("prefill_ratio", [t / o for o, t in zip(ours_pre, theirs_pre)]))
+        result.update(_ratio("decode_ratio", ours_dec, theirs_dec))
+        result.update(_ratio("prefill_ratio", ours_pre, theirs_pre))
     if args.layout is not None:  # the xla path (the cpu path runs unsharded); host devices share the cores
         xla_model = model if path == "xla" else load(execution="xla")
         result["sharded"] = sharded_decode(xla_model.params, cfg, "xla", args.layout, context=len(context),
@@ -350,7 +349,7 @@ def main(argv=None) -> int:
             print(text)
 
         print(f"SmolLM2-135M Q4_1 on {report['threads']} threads ({report['cpu']}), medians of {report['rounds']} "
-              "interleaved rounds [90% bootstrap interval]:")
+              "interleaved rounds [95% bootstrap interval]:")
         line("decode", "decode_tok_s", "llama_cpp_decode_tok_s", "decode_ratio")
         line("prefill", "prefill_tok_s", "llama_cpp_prefill_tok_s", "prefill_ratio")
         if "llama_cpp_error" in report:

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kernels import tuned
 from kernels.cpu import build
 from kernels.llm import common, rope
 from kernels.space import Knob, SearchSpace
@@ -89,8 +90,8 @@ def attention(q, k_new, v_new, k_cache, v_cache, layer, starts, *, rotary: rope.
                          f"caches {k_cache.shape}")
     if v_cache.shape != k_cache.shape:
         raise ValueError(f"k cache {k_cache.shape} and v cache {v_cache.shape} differ")
-    cfg = common.resolve_config("cpu_attention", problem_key(b, t, s, hq, hkv, d), config, Config,
-                                lambda: heuristic_config(b, hkv, s))
+    cfg = tuned.resolve("cpu_attention", problem_key(b, t, s, hq, hkv, d), config, config_type=Config,
+                       heuristic=lambda: heuristic_config(b, hkv, s))
     cos, sin = rope_table(s, d, rotary)
     shapes = (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct(k_cache.shape, jnp.float32),
               jax.ShapeDtypeStruct(v_cache.shape, jnp.float32))
@@ -131,21 +132,22 @@ def search_space(problem: dict) -> SearchSpace:
     b, t, s, hq, hkv, d = (problem[k] for k in ("batch", "tokens", "seq", "heads", "kv_heads", "head_dim"))
     start = s - t  # the worst case: the cache full after this call
 
-    def runner(cfg: Config):
-        ks = jax.random.split(jax.random.key(0), 5)
-        q = jax.random.normal(ks[0], (b, t, hq, d), jnp.float32)
-        kn = jax.random.normal(ks[1], (b, t, hkv, d), jnp.float32)
-        vn = jax.random.normal(ks[2], (b, t, hkv, d), jnp.float32)
-        kc = jax.random.normal(ks[3], (1, b, hkv, s, d), jnp.float32)
-        vc = jax.random.normal(ks[4], (1, b, hkv, s, d), jnp.float32)
-        fn = jax.jit(functools.partial(attention, rotary=rope.Rotary(), config=cfg))
-        starts = jnp.full((b,), start, jnp.int32)
-        return lambda: fn(q, kn, vn, kc, vc, 0, starts)[0]
+    def make_inputs(seed):
+        ks = jax.random.split(jax.random.key(seed), 5)
+        return (jax.random.normal(ks[0], (b, t, hq, d), jnp.float32),
+                jax.random.normal(ks[1], (b, t, hkv, d), jnp.float32),
+                jax.random.normal(ks[2], (b, t, hkv, d), jnp.float32),
+                jax.random.normal(ks[3], (1, b, hkv, s, d), jnp.float32),
+                jax.random.normal(ks[4], (1, b, hkv, s, d), jnp.float32), jnp.full((b,), start, jnp.int32))
+
+    def fn(cfg: Config):
+        return lambda q, kn, vn, kc, vc, starts: attention(q, kn, vn, kc, vc, 0, starts, rotary=rope.Rotary(),
+                                                           config=cfg)[0]
 
     threads = tuple(n for n in (1, 2, 4, 8, 16) if n <= build.default_threads())
     return SearchSpace(kernel="cpu_attention", problem=problem,
                        knobs=(Knob("isa", build.supported_isas()), Knob("threads", threads),
                               Knob("splits", tuple(n for n in (1, 2, 4, 8, 16) if n <= max(1, s // 32)))),
-                       violations=lambda p: [], runner=runner,
+                       violations=lambda p: [], fn=fn, make_inputs=make_inputs,
                        to_config=lambda p: Config(**{**heuristic_config(b, hkv, s).params(), **p}),
                        default=heuristic_config(b, hkv, s).params())

@@ -35,7 +35,7 @@ ISAS = tuple(ISA_FLAGS)
 COMMON_FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp-simd", "-fno-math-errno", "-pthread", "-w"]
 HANDLERS = {  # registered name -> exported symbol
     "qmatmul": "TpQMatmul", "rmsnorm": "TpRmsnorm", "attention": "TpAttention", "matmul_f32": "TpMatmulF32",
-    "fma_peak": "TpFmaPeak", "stream_read": "TpStreamRead",
+    "fma_peak": "TpFmaPeak",
 }
 
 _lock = threading.Lock()

@@ -7,8 +7,8 @@ C (M, N) = A (M, K) @ B (K, N) as ``variant``:
   unrolled tiled, the inner loop unrolled by ``unroll``
   simd     tiled, a 4-row register tile of C accumulated in vector registers
 The first four are compiled without auto-vectorization, so each step shows what it alone buys;
-``threads`` splits rows of C. ``peak_flops`` and ``read_bandwidth`` measure the ceilings a kernel
-is judged against (independent vector FMA chains; a streaming read of a buffer larger than cache).
+``threads`` splits rows of C. ``peak_flops`` measures the ceiling a compute-bound kernel is judged
+against (independent vector FMA chains); ``autotune.measure.read_bandwidth`` the memory one.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from autotune.measure import time_callable
+from kernels import tuned
 from kernels.cpu import build
 from kernels.llm import common
 from kernels.space import Knob, SearchSpace
@@ -71,7 +72,8 @@ def matmul(a: jax.Array, b: jax.Array, *, config: Config | None = None) -> jax.A
         raise ValueError(f"the lesson matmul takes float32; got {a.dtype} and {b.dtype}")
     m, k = a.shape
     n = b.shape[1]
-    cfg = common.resolve_config("cpu_matmul", problem_key(m, n, k), config, Config, lambda: heuristic_config(m, n, k))
+    cfg = tuned.resolve("cpu_matmul", problem_key(m, n, k), config, config_type=Config,
+                       heuristic=lambda: heuristic_config(m, n, k))
     return jax.ffi.ffi_call(build.target("matmul_f32", cfg.isa), jax.ShapeDtypeStruct((m, n), jnp.float32))(
         a, b, variant=np.int64(VARIANTS.index(cfg.variant)), tile_m=np.int64(cfg.tile_m),
         tile_n=np.int64(cfg.tile_n), tile_k=np.int64(cfg.tile_k), unroll=np.int64(cfg.unroll),
@@ -88,15 +90,6 @@ def peak_flops(*, isa: str | None = None, threads: int | None = None, iterations
     seed = jnp.zeros((1,), jnp.float32)
     # a ceiling: the fastest tenth of the samples (others ran beside whatever else shares the machine)
     return flops / time_callable(lambda: fn(seed), warmup=1, repeats=9).p10_seconds
-
-
-def read_bandwidth(*, isa: str | None = None, threads: int | None = None, nbytes: int = 256 * 2**20) -> float:
-    """Measured read bandwidth (bytes/s) streaming a buffer much larger than the caches."""
-    isa, threads = isa or build.best_isa(), threads or build.default_threads()
-    x = jnp.ones((nbytes // 4,), jnp.float32)
-    fn = jax.jit(lambda v: jax.ffi.ffi_call(build.target("stream_read", isa), jax.ShapeDtypeStruct((1,), jnp.float32))(
-        v, threads=np.int64(threads)))
-    return nbytes / time_callable(lambda: fn(x), warmup=1, repeats=9).p10_seconds
 
 
 DEFAULT_PROBLEMS = [problem_key(512, 512, 512)]
@@ -116,10 +109,12 @@ def parse_shape(text: str) -> dict:
 def search_space(problem: dict) -> SearchSpace:
     m, n, k = problem["m"], problem["n"], problem["k"]
 
-    def runner(cfg: Config):
-        a = jax.random.normal(jax.random.key(0), (m, k), jnp.float32)
-        b = jax.random.normal(jax.random.key(1), (k, n), jnp.float32)
-        return functools.partial(jax.jit(functools.partial(matmul, config=cfg)), a, b)
+    def make_inputs(seed):
+        ka, kb = jax.random.split(jax.random.key(seed))
+        return jax.random.normal(ka, (m, k), jnp.float32), jax.random.normal(kb, (k, n), jnp.float32)
+
+    def fn(cfg: Config):
+        return functools.partial(matmul, config=cfg)
 
     threads = tuple(t for t in (1, 2, 4, 8, 16) if t <= build.default_threads())
     knobs = (Knob("variant", ("tiled", "unrolled", "simd")), Knob("tile_m", (16, 32, 64, 128)),
@@ -127,5 +122,6 @@ def search_space(problem: dict) -> SearchSpace:
              Knob("unroll", (2, 4, 8), when={"variant": ("unrolled",)}),
              Knob("isa", build.supported_isas(), when={"variant": ("simd",)}), Knob("threads", threads))
     return SearchSpace(kernel="cpu_matmul", problem=problem, knobs=knobs, violations=lambda p: [],
-                       to_config=lambda p: Config(**{**heuristic_config(m, n, k).params(), **p}), runner=runner,
+                       to_config=lambda p: Config(**{**heuristic_config(m, n, k).params(), **p}), fn=fn,
+                       make_inputs=make_inputs,
                        default=heuristic_config(m, n, k).params())

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kernels import tuned
 from kernels.cpu import build
 from kernels.llm import common, w4a16
 from kernels.llm.w4a16 import QuantizedWeight
@@ -247,8 +248,8 @@ def quantized_matmul(x: jax.Array, w: BlockWeight, *, config: Config | None = No
     """x (..., K) f32 @ W (K, N) -> (..., N) f32 through the compiled kernel (8-bit activations)."""
     k, n = _check(x, w, "quantized_matmul")
     x2 = x.reshape(-1, k)
-    cfg = common.resolve_config("cpu_q4_gemv", problem_key(x2.shape[0], n, k, w.format), config, Config,
-                                lambda: heuristic_config(x2.shape[0], n))
+    cfg = tuned.resolve("cpu_q4_gemv", problem_key(x2.shape[0], n, k, w.format), config, config_type=Config,
+                       heuristic=lambda: heuristic_config(x2.shape[0], n))
     return _call(x2, w, None, cfg).reshape(*x.shape[:-1], n)
 
 
@@ -259,8 +260,8 @@ def swiglu(x: jax.Array, w_gate: BlockWeight, w_up: BlockWeight, *, config: Conf
     if _check(x, w_up, "swiglu") != (k, n):
         raise ValueError(f"swiglu: gate {w_gate.shape} and up {w_up.shape} weights differ in shape")
     x2 = x.reshape(-1, k)
-    cfg = common.resolve_config("cpu_swiglu", problem_key(x2.shape[0], n, k, w_gate.format), config, Config,
-                                lambda: heuristic_config(x2.shape[0], n))
+    cfg = tuned.resolve("cpu_swiglu", problem_key(x2.shape[0], n, k, w_gate.format), config, config_type=Config,
+                       heuristic=lambda: heuristic_config(x2.shape[0], n))
     return _call(x2, w_gate, w_up, cfg).reshape(*x.shape[:-1], n)
 
 
@@ -296,7 +297,8 @@ def embedding_lookup(w, ids: jax.Array, dtype=jnp.float32) -> jax.Array:
 
 def select_layer(layers: dict, i) -> dict:
     """Layer ``i`` of stacked weights: packed weights as views into the stack, the rest sliced."""
-    return {name: w.at(i) if isinstance(w, BlockWeight) else w[i] for name, w in layers.items()}
+    return {name: w.at(i) if isinstance(w, BlockWeight) else jax.tree.map(lambda a, i=i: a[i], w)
+            for name, w in layers.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,12 +348,14 @@ def search_space(problem: dict, *, kernel: str = "cpu_q4_gemv") -> SearchSpace:
     m, n, k, fmt = problem["m"], problem["n"], problem["k"], problem["format"]
     op = quantized_matmul if kernel == "cpu_q4_gemv" else swiglu
 
-    def runner(cfg: Config):
-        x = jax.random.normal(jax.random.key(2), (m, k), jnp.float32)
-        weights = [random_weight(k, n, fmt, seed) for seed in ((0,) if op is quantized_matmul else (0, 1))]
-        fn = jax.jit(functools.partial(op, config=cfg))
-        return functools.partial(fn, x, *weights)
+    def make_inputs(seed):  # the measurement rotates sets past the last-level cache, as a decode step streams
+        x = jax.random.normal(jax.random.key(seed), (m, k), jnp.float32)
+        n_weights = 1 if op is quantized_matmul else 2
+        return (x, *[random_weight(k, n, fmt, 2 * seed + i) for i in range(n_weights)])
+
+    def fn(cfg: Config):
+        return functools.partial(op, config=cfg)
 
     return SearchSpace(kernel=kernel, problem=problem, knobs=tuple(config_knobs(m, n)),
                        violations=lambda p: [], to_config=lambda p: Config(**{**heuristic_config(m, n).params(), **p}),
-                       runner=runner, default=heuristic_config(m, n).params())
+                       fn=fn, make_inputs=make_inputs, default=heuristic_config(m, n).params())

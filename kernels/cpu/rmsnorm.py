@@ -5,12 +5,12 @@ Same contract as ``kernels.llm.rmsnorm.reference`` (which is this op's reference
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kernels import tuned
 from kernels.cpu import build
 from kernels.llm import common
 from kernels.llm.rmsnorm import reference
@@ -58,8 +58,8 @@ def rmsnorm(x: jax.Array, weight: jax.Array, *, eps: float, residual: jax.Array 
         raise ValueError(f"residual shape {residual.shape} differs from x shape {x.shape}")
     x2 = x.reshape(-1, dim)
     r2 = jnp.zeros_like(x2) if residual is None else residual.reshape(-1, dim).astype(jnp.float32)
-    cfg = common.resolve_config("cpu_rmsnorm", problem_key(x2.shape[0], dim), config, Config,
-                                lambda: heuristic_config(x2.shape[0], dim))
+    cfg = tuned.resolve("cpu_rmsnorm", problem_key(x2.shape[0], dim), config, config_type=Config,
+                       heuristic=lambda: heuristic_config(x2.shape[0], dim))
     out = jax.ShapeDtypeStruct(x2.shape, jnp.float32)
     y, h = jax.ffi.ffi_call(build.target("rmsnorm", cfg.isa), (out, out))(
         x2, r2, weight.astype(jnp.float32), eps=np.float32(eps), threads=np.int64(cfg.threads))
@@ -81,15 +81,16 @@ def parse_shape(text: str) -> dict:
 def search_space(problem: dict) -> SearchSpace:
     rows, dim = problem["rows"], problem["dim"]
 
-    def runner(cfg: Config):
-        kx, kr = jax.random.split(jax.random.key(0))
-        x = jax.random.normal(kx, (rows, dim), jnp.float32)
-        r = jax.random.normal(kr, (rows, dim), jnp.float32)
-        fn = jax.jit(functools.partial(rmsnorm, eps=1e-5, config=cfg))
-        return functools.partial(fn, x, jnp.ones((dim,), jnp.float32), residual=r)
+    def make_inputs(seed):
+        kx, kr = jax.random.split(jax.random.key(seed))
+        return (jax.random.normal(kx, (rows, dim), jnp.float32), jnp.ones((dim,), jnp.float32),
+                jax.random.normal(kr, (rows, dim), jnp.float32))
+
+    def fn(cfg: Config):
+        return lambda x, weight, residual: rmsnorm(x, weight, eps=1e-5, residual=residual, config=cfg)
 
     threads = tuple(t for t in (1, 2, 4, 8, 16) if t <= build.default_threads())
     return SearchSpace(kernel="cpu_rmsnorm", problem=problem,
                        knobs=(Knob("isa", build.supported_isas()), Knob("threads", threads)),
                        violations=lambda p: [], to_config=lambda p: Config(**{**heuristic_config(rows, dim).params(), **p}),
-                       runner=runner, default=heuristic_config(rows, dim).params())
+                       fn=fn, make_inputs=make_inputs, default=heuristic_config(rows, dim).params())

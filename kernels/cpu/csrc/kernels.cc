@@ -486,27 +486,6 @@ float fma_peak(int64_t iterations, int threads) {
 }
 constexpr int kPeakChains = 12;
 
-// Read bandwidth: sum a buffer (split across threads) once.
-float stream_read(const float* x, int64_t n, int threads) {
-  const int64_t chunk = (n + threads - 1) / threads;
-  std::vector<float> partial(std::max(1, threads), 0.0f);
-  parallel_for(threads, threads, [&](int64_t t) {
-    const int64_t i0 = t * chunk, i1 = std::min(n, i0 + chunk);
-    vfloat acc[4] = {vfloat{}, vfloat{}, vfloat{}, vfloat{}};
-    int64_t i = i0;
-    for (; i + 4 * kLanes <= i1; i += 4 * kLanes)
-      for (int v = 0; v < 4; ++v) acc[v] += vload(x + i + v * kLanes);
-    float s = 0.0f;
-    for (; i < i1; ++i) s += x[i];
-    for (int v = 0; v < 4; ++v)
-      for (int l = 0; l < kLanes; ++l) s += acc[v][l];
-    partial[t] = s;
-  });
-  float s = 0.0f;
-  for (float p : partial) s += p;
-  return s;
-}
-
 }  // namespace tp
 
 // ---------------------------------------------------------------------------------------------
@@ -691,15 +670,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(TpFmaPeak, FmaPeakImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("iterations")
                                   .Attr<int64_t>("threads"));
-
-static ffi::Error StreamReadImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> out, int64_t threads) {
-  out->typed_data()[0] = tp::stream_read(x.typed_data(), (int64_t)x.element_count(), (int)std::max<int64_t>(1, threads));
-  return ffi::Error::Success();
-}
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(TpStreamRead, StreamReadImpl,
-                              ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>().Attr<int64_t>(
-                                  "threads"));
 
 // Vector width and FMA chains of fma_peak, so Python can count its flops.
 extern "C" int tp_vector_lanes() { return tp::kLanes; }

@@ -6,6 +6,9 @@ dot products are exact integers in the kernel and in the reference, so only the 
 blocks differ in order (1e-5 relative to the output's scale); attention and RMSNorm are f32 with
 reordered sums (2e-5 absolute on O(1) values).
 """
+import shutil
+import subprocess
+
 import gguf
 import jax
 import jax.numpy as jnp
@@ -158,3 +161,15 @@ def test_bad_inputs_are_clear_errors():
     if unsupported:
         with pytest.raises(build.BuildError, match=f"does not run the {unsupported} kernels"):
             qmatmul.quantized_matmul(jnp.ones((1, 64)), w, config=qmatmul.Config(isa=unsupported))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("aarch64-linux-gnu-g++") is None,
+                    reason="needs a cross compiler: apt-get install g++-aarch64-linux-gnu")
+@pytest.mark.parametrize("march", ["armv8.2-a+dotprod", "armv8-a"])
+def test_neon_bodies_compile_for_aarch64(tmp_path, march):
+    """This machine cannot run the NEON bodies; it can at least compile both (sdot, and without it)."""
+    cmd = build._command("aarch64-linux-gnu-g++", "neon", tmp_path / "libneon.so")
+    cmd = [f"-march={march}" if a.startswith("-march=") else a for a in cmd]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=600)
+    assert (tmp_path / "libneon.so").stat().st_size > 0
