@@ -1,182 +1,639 @@
-"""``python -m autotune``: sweep, show, plot, export, import.
+"""``python -m autotune``: sweep, list, show, plot, export, import.
 
     python -m autotune sweep                       # matmul on a few shapes, on the device present
     python -m autotune sweep --kernel matmul --shape 4096x4096x4096 --dtype bfloat16 --trials 60
-    python -m autotune show                        # best configs in the cache
+    python -m autotune sweep --workers 4 --storage postgresql://tune@db/tune --study-name lab
+    python -m autotune list kernels|layers|boards|studies
+    python -m autotune show [--format table|csv|json]   # best configs in the cache
     python -m autotune plot --study-name NAME      # PNGs of one study (all studies without a name)
     python -m autotune export FILE / import FILE   # move tuned configs between machines
     python -m autotune report BUNDLE_OR_JSON... --format md|latex|csv   # tables from results alone
     python -m autotune replay BUNDLE               # re-measure a bundle's best configs here
+
+Every mistake in the arguments is one line, ``error: ...``, and exit status 2 (``--debug``
+shows the traceback).
 """
 from __future__ import annotations
 
 import argparse
+import csv
 import datetime
+import io
 import json
+import math
+import os
 import pathlib
+import re
+import signal
+import socket
+import subprocess
 import sys
+import threading
+import time
+import traceback
 
 DEFAULT_RESULTS = pathlib.Path("results")
+EXPORT_FORMAT = "tinypallas-best-configs/1"
+MAX_LOCAL_WORKERS = 64
+BUNDLE_EVERY_SECONDS = 30.0  # a running sweep rewrites its bundle at most this often (and at the end)
+FORMATS = ("table", "csv", "json")
+
+
+class UsageError(Exception):
+    """A mistake in the command line or its inputs: reported as one ``error:`` line, exit 2."""
 
 
 def default_storage() -> str:
     return f"sqlite:///{(DEFAULT_RESULTS / 'autotune.sqlite3').resolve()}"
 
 
+# ----------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a mistake is one line (``error: ...``) rather than usage + message."""
+
+    def error(self, message: str):
+        print(f"error: {message}; see `{self.prog} --help`", file=sys.stderr)
+        raise SystemExit(2)
+
+    def format_help(self) -> str:
+        lazy = getattr(self, "lazy_epilog", None)
+        if lazy is not None:
+            self.epilog = lazy()
+        return super().format_help()
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
+def _whole_number(low: int, high: int | None = None):
+    """An argparse type: a whole number in [low, high]."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low or (high is not None and value > high):
+            bound = f"{low} or more" if high is None else f"between {low} and {high}"
+            raise argparse.ArgumentTypeError(f"{value} must be {bound}")
+        return value
+
+    return parse
+
+
+_positive_int = _whole_number(1)
+_seed = _whole_number(0, 2**31 - 1)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number of seconds > 0")
+    return value
+
+
+def _name(text: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", text):
+        raise argparse.ArgumentTypeError(f"{text!r} must be 1-100 letters, digits, '.', '_' or '-'")
+    return text
+
+
+def _sweep_epilog() -> str:
+    """The kernels with their --shape syntax, dtypes and presets (imports every kernel module)."""
+    from autotune import registry
+
+    lines = ["kernels (--kernel), their --shape syntax, --dtype values and --layer presets:"]
+    for name, entry in registry.KERNELS.items():
+        try:
+            module = registry.kernel_module(name)
+        except Exception as e:  # noqa: BLE001 - help must print even when an optional dependency is missing
+            lines.append(f"  {name:18s} (unavailable here: {type(e).__name__}: {e})")
+            continue
+        doc = (getattr(module, "parse_shape", None).__doc__ or "").strip().splitlines()
+        lines.append(f"  {name:18s} --shape {doc[0] if doc else '(default problems only)'}")
+        if entry.dtypes:
+            lines.append(f"  {'':18s} --dtype {', '.join(entry.dtypes)}")
+        presets = getattr(module, "PRESETS", {})
+        if presets:
+            lines.append(f"  {'':18s} --layer {', '.join(f'{k} ({len(v)} problems)' for k, v in presets.items())}")
+    lines.append("MCU boards (--target/--board): `python -m autotune list boards`.")
+    lines.append("Several workers share one study and one --trials budget: --workers N here, or one "
+                 "`sweep` per host on one PostgreSQL --storage (examples/slurm_sweep.sbatch).")
+    return "\n".join(lines)
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m autotune", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the traceback of an error")
+    p = _Parser(prog="python -m autotune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                allow_abbrev=False)
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    s = sub.add_parser("sweep", help="tune kernels with Optuna (the default command)")
-    s.add_argument("--kernel", default=None,
-                   help="kernel to tune (default: matmul on a GPU; cpu, the compiled CPU kernels, on a CPU "
-                        "where they build; matmul then tunes the Pallas interpreter)")
+    s = sub.add_parser("sweep", help="tune kernels with Optuna", parents=[common], formatter_class=_Formatter,
+                       allow_abbrev=False, description="Tune one kernel on one or more problems; one Optuna study "
+                       "per problem, resumed when run again.")
+    s.lazy_epilog = _sweep_epilog
+    s.add_argument("--kernel", default=None, help="kernel to tune (default: matmul on a GPU; cpu, the compiled CPU kernels, "
+                   "on a CPU where they build; `list kernels`)")
     s.add_argument("--shape", action="append", default=[],
-                   help="problem shape, repeatable; matmul: MxNxK (default: a few representative shapes)")
-    s.add_argument("--layer", help="a named list of problems the kernel offers, e.g. mobilenetv2")
-    s.add_argument("--dtype", help="operand dtype: float32, bfloat16, float16, int8")
-    s.add_argument("--target", help="MCU board to tune a model's schedule for, e.g. stm32f746")
-    s.add_argument("--model", help="the .tflite model whose MCU schedule --target tunes")
-    s.add_argument("--trials", type=int, default=None,
-                   help="finished trials per problem (default: 12 on CPU, 40 on GPU); a re-run resumes")
-    s.add_argument("--timeout", type=float, default=None, help="seconds per problem")
+                   help="problem shape, repeatable, in the kernel's syntax below (default: its default problems)")
+    s.add_argument("--layer", help="a named list of problems the kernel offers (below), e.g. mobilenetv2")
+    s.add_argument("--dtype", help="operand dtype, among the kernel's (below)")
+    s.add_argument("--target", "--board", dest="target", help="MCU board whose schedule for --model is tuned "
+                   "(`list boards`)")
+    s.add_argument("--model", help="the int8 .tflite model whose MCU schedule --target tunes")
+    s.add_argument("--trials", type=_positive_int, default=None,
+                   help="COMPLETE trials per problem, counted over every worker of the study "
+                        "(default: 12 on CPU, 40 on GPU); a re-run resumes")
+    s.add_argument("--timeout", type=_seconds, default=None, help="seconds per problem and worker")
     s.add_argument("--storage", default=None,
-                   help="Optuna storage URL shared by workers (default: sqlite file under ./results)")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--study-name", default=None, help="prefix of the study names (one study per problem)")
-    s.add_argument("--results", default=None, help="folder for the results bundle (default: ./results/sweeps/...)")
-    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+                   help="Optuna storage URL shared by workers: sqlite:///PATH.db or postgresql://USER@HOST/DB "
+                        "(default: results/autotune.sqlite3)")
+    s.add_argument("--seed", type=_seed, default=0, help="sampler seed (worker i of --workers uses seed + i)")
+    s.add_argument("--no-warm-start", action="store_true",
+                   help="new studies start from the heuristic default only, not from the nearest tuned problems")
+    s.add_argument("--study-name", type=_name, default=None, help="prefix of the study names (one study per problem)")
+    s.add_argument("--results", default=None,
+                   help="folder for the results bundle (default: results/sweeps/TIME-KERNEL-HOST-PID)")
+    s.add_argument("--workers", type=_positive_int, default=1,
+                   help="local worker processes sharing the studies and the --trials budget "
+                        "(one per GPU where there are several)")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar (lines per trial are still "
+                   "printed when stdout is not a terminal)")
+    s.add_argument("--dry-run", action="store_true", help="check the arguments, print the plan, run nothing")
+    s.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
 
-    sh = sub.add_parser("show", help="table of the best configs in the cache")
+    ls = sub.add_parser("list", help="kernels, layer presets, MCU boards or stored studies", parents=[common],
+                        formatter_class=_Formatter, allow_abbrev=False)
+    ls.add_argument("what", choices=("kernels", "layers", "boards", "studies"))
+    ls.add_argument("--storage", default=None, help="for studies (default: results/autotune.sqlite3)")
+    ls.add_argument("--format", choices=FORMATS, default="table")
+
+    sh = sub.add_parser("show", help="the best configs in the cache", parents=[common], formatter_class=_Formatter,
+                        allow_abbrev=False)
     sh.add_argument("--kernel", default=None)
     sh.add_argument("--all-devices", action="store_true", help="also entries tuned on other devices / jax versions")
+    sh.add_argument("--format", choices=FORMATS, default="table")
 
-    pl = sub.add_parser("plot", help="PNG plots (history, importance, time vs tile) of stored studies")
-    pl.add_argument("--storage", default=None)
+    pl = sub.add_parser("plot", help="PNG plots (history, importance, slices, Pareto front) of stored studies",
+                        parents=[common], formatter_class=_Formatter, allow_abbrev=False)
+    pl.add_argument("--storage", default=None, help="(default: results/autotune.sqlite3)")
     pl.add_argument("--study-name", default=None, help="one study (default: every study in the storage)")
     pl.add_argument("-o", "--output", default=str(DEFAULT_RESULTS / "plots"))
 
-    ex = sub.add_parser("export", help="write the best-config cache to FILE")
+    ex = sub.add_parser("export", help="write the best-config cache to FILE", parents=[common],
+                        formatter_class=_Formatter, allow_abbrev=False)
     ex.add_argument("file")
     ex.add_argument("--kernel", default=None)
-    im = sub.add_parser("import", help="merge a file written by `export` into the best-config cache")
+    im = sub.add_parser("import", help="merge a file written by `export` into the best-config cache (for one "
+                        "key, the faster config wins)", parents=[common], formatter_class=_Formatter,
+                        allow_abbrev=False)
     im.add_argument("file")
 
-    rp = sub.add_parser("report", help="tables (md, latex, csv) from sweep bundles and benchmark JSONs")
+    rp = sub.add_parser("report", help="tables (md, latex, csv) from sweep bundles and benchmark JSONs",
+                        parents=[common], formatter_class=_Formatter, allow_abbrev=False)
     rp.add_argument("paths", nargs="+", metavar="BUNDLE_OR_JSON")
     rp.add_argument("--format", default="md", choices=("md", "latex", "csv"))
     rp.add_argument("-o", "--output", default=None, help="write to FILE (default: print)")
-    rl = sub.add_parser("replay", help="re-measure a bundle's best configs here: old against new with intervals")
+    rl = sub.add_parser("replay", help="re-measure a bundle's best configs here: old against new with intervals",
+                        parents=[common], formatter_class=_Formatter, allow_abbrev=False)
     rl.add_argument("bundle")
     rl.add_argument("--repeats", type=int, default=None, help="samples per config (default and minimum: 10)")
     rl.add_argument("--format", default="md", choices=("md", "latex", "csv"))
     return p
 
 
-def _problems(args, module) -> list[dict]:
-    if args.layer:
+# ----------------------------------------------------------------------------------------------
+# Tables: one printer for show, list and the sweep summary
+# ----------------------------------------------------------------------------------------------
+
+def print_rows(title: str, columns: list[str], rows: list[list], fmt: str = "table", out=None) -> None:
+    """``rows`` as a table (a rich table on a terminal, plain aligned text otherwise: never cut),
+    CSV or JSON (a list of objects)."""
+    out = out or sys.stdout
+    if fmt == "json":
+        print(json.dumps([dict(zip(columns, row)) for row in rows], indent=1, default=str), file=out)
+        return
+    text_rows = [[_cell(v) for v in row] for row in rows]
+    if fmt == "csv":
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(columns)
+        writer.writerows(text_rows)
+        out.write(buffer.getvalue())
+        return
+    if out.isatty():
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=title)
+        for col in columns:
+            table.add_column(col, overflow="fold")
+        for row in text_rows:
+            table.add_row(*row)
+        Console(file=out).print(table)
+        return
+    widths = [max([len(c)] + [len(r[i]) for r in text_rows]) for i, c in enumerate(columns)]
+    print(title, file=out)
+    for row in [columns, ["-" * w for w in widths]] + text_rows:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip(), file=out)
+    out.flush()
+
+
+def _cell(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, sort_keys=True)
+    return str(value)
+
+
+def _problem_text(problem: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in problem.items())
+
+
+# ----------------------------------------------------------------------------------------------
+# sweep
+# ----------------------------------------------------------------------------------------------
+
+def _plan(args) -> tuple[list, int, str]:
+    """Everything a sweep checks before it touches a study: (search spaces, trials, storage URL).
+
+    Raises UsageError / ValueError naming the argument and its valid values.
+    """
+    from autotune import registry, tuner
+    from kernels import platform, tuned
+
+    if (args.target or args.model) and args.kernel not in (None, "mcu"):
+        raise UsageError(f"--target/--model tune the MCU schedule (--kernel mcu); drop --kernel {args.kernel}")
+    if args.target or args.model:
+        from mcu import boards
+
+        if not (args.target and args.model):
+            raise UsageError("--target and --model go together: --target stm32f746 --model PATH.tflite")
+        if args.target not in boards.BOARDS:
+            raise UsageError(f"unknown board {args.target!r} for --target; choose one of: {', '.join(boards.BOARDS)}")
+        if args.shape or args.layer:
+            raise UsageError("--model/--target name the problem; drop --shape/--layer")
+        args.kernel = "mcu"
+    args.kernel = args.kernel or ("matmul" if args.shape or args.layer else _default_kernel())
+    entry = registry.entry(args.kernel)
+    if args.dtype is not None and args.dtype not in entry.dtypes:
+        valid = f"choose one of: {', '.join(entry.dtypes)}" if entry.dtypes else "it takes none"
+        raise UsageError(f"--dtype {args.dtype!r} is not a dtype of --kernel {args.kernel}; {valid}")
+    if args.layer and args.shape:
+        raise UsageError("--layer and --shape both name the problems; give one of them")
+    module = registry.kernel_module(args.kernel)
+    if args.kernel == "mcu" and args.model:
+        problems = [module.parse_shape(f"{args.model}@{args.target}")]
+    elif args.layer:
         presets = getattr(module, "PRESETS", {})
         if args.layer not in presets:
-            raise SystemExit(f"--layer {args.layer!r} is not offered by --kernel {args.kernel}; "
-                             f"choose one of: {', '.join(sorted(presets)) or 'none'}")
+            raise UsageError(f"--layer {args.layer!r} is not offered by --kernel {args.kernel}; "
+                             f"choose one of: {', '.join(sorted(presets)) or 'none (use --shape)'}")
         problems = list(presets[args.layer])
     elif args.shape:
-        try:
-            problems = [module.parse_shape(s) for s in args.shape]
-        except ValueError as e:
-            raise SystemExit(str(e)) from None
+        problems = [module.parse_shape(s) for s in args.shape]
     else:
-        from kernels import platform
-
         gpu_problems = getattr(module, "GPU_PROBLEMS", None)
         problems = list(gpu_problems if platform.backend() == "gpu" and gpu_problems else module.DEFAULT_PROBLEMS)
     if args.dtype:
         problems = [{**p, "dtype": args.dtype} for p in problems]
-    return problems
+    spaces = []
+    for problem in problems:
+        space = module.search_space(problem)
+        tuner.check_fits(space)
+        spaces.append(space)
+    trials = args.trials or (12 if platform.interpret_default() else 40)
+    storage = args.storage or default_storage()
+    if args.dry_run:
+        _existing_storage(storage)  # a dry run creates no database
+    else:
+        tuner.make_storage(storage)  # reachable, a database, the schema in place
+    tuned.load()  # a damaged best-config cache is reported now, not after the sweep
+    return spaces, trials, storage
+
+
+def _bundle_dir(args) -> pathlib.Path:
+    if args.results:
+        return pathlib.Path(args.results)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    host = re.sub(r"[^A-Za-z0-9.-]+", "_", socket.gethostname())[:40] or "host"
+    return DEFAULT_RESULTS / "sweeps" / f"{stamp}-{args.kernel}-{host}-{os.getpid()}"
+
+
+def _make_dir(path: pathlib.Path, what: str) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"{what} {path}: cannot create the folder ({e.strerror or e}); choose another path") from None
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _stored_study(name: str, storage: str):
+    """The study ``name`` if the storage holds it already (a resumed sweep), else None."""
+    import optuna
+
+    from autotune import tuner
+
+    try:
+        return optuna.load_study(study_name=name, storage=tuner.make_storage(storage))
+    except KeyError:
+        return None
 
 
 def cmd_sweep(args) -> int:
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-    )
-    from rich.table import Table
-
-    from autotune import registry, results, tuner
+    if args.workers > MAX_LOCAL_WORKERS:
+        raise UsageError(f"--workers {args.workers}: at most {MAX_LOCAL_WORKERS} on one machine; for more, run "
+                         "one sweep per host on a shared PostgreSQL --storage (examples/slurm_sweep.sbatch)")
+    if args.workers > 1 and args.worker_index is None:
+        # The coordinating process queries the device too: it must not take the GPU's memory.
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     from kernels import platform
 
-    console = Console(width=None if sys.stdout.isatty() else 140)
-    if args.target or args.model:
-        if not (args.target and args.model):
-            raise SystemExit("--target and --model go together: --target stm32f746 --model PATH.tflite")
-        args.kernel = "mcu"
-    args.kernel = args.kernel or ("matmul" if args.shape or args.layer else _default_kernel())
-    module = registry.kernel_module(args.kernel)
-    if args.kernel == "mcu":
-        problems = [module.parse_shape(f"{args.model}@{args.target}")]
-    else:
-        problems = _problems(args, module)
-    n_trials = args.trials or (12 if platform.interpret_default() else 40)
-    storage = args.storage or default_storage()
-    if storage.startswith("sqlite:///"):
-        pathlib.Path(storage[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    bundle = pathlib.Path(args.results) if args.results else DEFAULT_RESULTS / "sweeps" / f"{stamp}-{args.kernel}"
-
-    console.print(f"[bold]tinypallas autotune[/] kernel={args.kernel} device={platform.device_kind()} "
-                  f"problems={len(problems)} trials/problem={n_trials} seed={args.seed}")
-    console.print(f"storage: {storage}")
-    if platform.interpret_default() and args.kernel != "mcu" and not args.kernel.startswith("cpu"):
-        console.print("[yellow]CPU: Pallas runs in interpret mode; the timings are of the interpreter, "
-                      "not of compiled kernels.[/]")
-    out = []
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, disable=args.no_progress) as progress:
-        for problem in problems:
-            space = module.search_space(problem)
-            name = tuner.study_name_for(space, args.study_name)
-            task = progress.add_task(name[:60], total=n_trials)
-            progress.update(task, completed=0)
-            result = tuner.tune(space, storage=storage, n_trials=n_trials, timeout=args.timeout,
-                                study_name=name, seed=args.seed,
-                                on_trial=lambda task=task: progress.advance(task))
-            progress.update(task, completed=n_trials)
-            out.append(result)
-
+    spaces, n_trials, storage = _plan(args)
+    bundle = _bundle_dir(args)
+    worker = args.worker_index is not None
+    seed = args.seed + (args.worker_index or 0)
     interpreted = platform.interpret_default() and args.kernel != "mcu" and not args.kernel.startswith("cpu")
-    table = Table(title="best configs" + (" (interpreted: not kernel speed)" if interpreted else ""))
+    if not worker:
+        print(f"tinypallas autotune: kernel={args.kernel} device={platform.device_kind()} problems={len(spaces)} "
+              f"trials/problem={n_trials} seed={args.seed} workers={args.workers}", flush=True)
+        print(f"storage: {storage}", flush=True)
+        if interpreted:
+            print("CPU: Pallas runs in interpret mode; the timings are of the interpreter, not of compiled "
+                  "kernels.", flush=True)
+    if args.dry_run:
+        from autotune import registry, tuner
+
+        rows = [[tuner.study_name_for(s, args.study_name), _problem_text(s.problem),
+                 _bytes_text(registry.problem_bytes(s.kernel, s.problem)), len(s.knobs)] for s in spaces]
+        print_rows("plan (dry run: nothing ran)", ["study", "problem", "operands", "knobs"], rows)
+        return 0
+    if not worker:
+        _make_dir(bundle, "--results")
+    if args.workers > 1 and not worker:
+        return _run_workers(args, spaces, n_trials, storage, bundle)
+    return _run_sweep(args, spaces, n_trials, storage, bundle, seed, worker, interpreted)
+
+
+def _bytes_text(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
+def _run_sweep(args, spaces, n_trials, storage, bundle, seed, worker, interpreted) -> int:
+    from autotune import results, tuner
+    from autotune.progress import SweepProgress
+
+    done: list = []
+    current: dict = {}
+    last_write = [time.monotonic()]
+    env = results.environment(seed=seed)
+
+    progress = SweepProgress(len(spaces), n_trials, bar=None if not args.no_progress else False,
+                             lines=True if worker else None)
+
+    def bundle_results():
+        out = list(done)
+        if current and not any(r.study.study_name == current["study"].study_name for r in out):
+            study, space = current["study"], current["space"]
+            out.append(tuner.TuneResult(study, space, *tuner.best_of(study, space)))
+        return out
+
+    def write_bundle(final: bool = False):
+        if worker:
+            return
+        out = bundle_results()
+        env["warm_start_sources"] = {r.study.study_name: r.study.user_attrs.get("warm_start") for r in out}
+        try:
+            results.write_bundle(bundle, out, env)
+            if final and args.layer and len(out) > 1:
+                from autotune import plots
+
+                plots.plot_layers(out, bundle / "layers.png", title=f"{args.kernel} --layer {args.layer}")
+        except (OSError, ValueError) as e:
+            progress.write(f"warning: the results bundle {bundle} could not be written: {e}")
+        last_write[0] = time.monotonic()
+
+    def on_trial(study, trial):
+        current["study"] = study
+        if not worker and time.monotonic() - last_write[0] > BUNDLE_EVERY_SECONDS:
+            write_bundle()
+
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM,)}
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        for i, space in enumerate(spaces):
+            name = tuner.study_name_for(space, args.study_name)
+            current.clear()
+            current["space"] = space
+            progress.start_problem(i, name, _stored_study(name, storage))
+            result = tuner.tune(space, storage=storage, n_trials=n_trials, timeout=args.timeout, study_name=name,
+                                seed=seed, warm_start=not args.no_warm_start, write_cache=not worker,
+                                callbacks=[on_trial, progress.trial_done])
+            done.append(result)
+            if result.stopped:
+                progress.write(f"{name}: {result.stopped}")
+            progress.update((i + 1) * n_trials)
+    except KeyboardInterrupt:
+        progress.close()
+        print("interrupted: every finished trial is kept in the storage; run the same command again to resume",
+              file=sys.stderr, flush=True)
+        if not worker:
+            write_bundle(final=True)
+            print(f"results bundle (partial): {bundle.resolve()}", flush=True)
+        return 130
+    finally:
+        progress.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if worker:
+        return 0
+    _print_summary(done, interpreted)
+    write_bundle(final=True)
+    print(f"results bundle: {bundle.resolve()}", flush=True)
+    return 0
+
+
+def _print_summary(out: list, interpreted: bool) -> None:
+    from autotune.progress import format_value
+
     columns = ["problem", "best", "default", "speed-up", "params"]
-    if any(k.name == "algorithm" for r in out for k in r.space.knobs):
+    with_algorithm = any(k.name == "algorithm" for r in out for k in r.space.knobs)
+    if with_algorithm:
         columns.insert(1, "algorithm")  # which algorithm won on each layer
-    for col in columns:
-        table.add_column(col)
+    rows = []
     for r in out:
-        problem = " ".join(f"{k}={v}" for k, v in r.space.problem.items())
+        problem = _problem_text(r.space.problem)
         if r.best_values is None:
-            table.add_row(problem, *[""] * (len(columns) - 2), "no feasible trial")
+            rows.append([problem] + [""] * (len(columns) - 2) + ["no feasible trial"])
             continue
-        default = r.default_values
         name0 = r.space.objectives[0].name
+        default = r.default_values
         best_v = r.best_values[name0]
         default_v = default[name0] if default else None
         ratio = f"{default_v / best_v:.2f}x" if default_v and best_v else "-"
         knobs = {k.name: r.best_params[k.name] for k in r.space.knobs if k.active(r.best_params)}
-        best_text = ", ".join(f"{o.name}={_fmt(r.best_values[o.name], o.name)}" for o in r.space.objectives) \
-            if len(r.space.objectives) > 1 else _fmt(best_v, name0)
-        row = [problem, best_text, _fmt(default_v, name0), ratio,
-               ", ".join(f"{k}={v}" for k, v in knobs.items())]
-        if "algorithm" in columns:
+        best_text = ", ".join(f"{o.name}={format_value(r.best_values[o.name], o.name)}" for o in r.space.objectives) \
+            if len(r.space.objectives) > 1 else format_value(best_v, name0)
+        row = [problem, best_text, format_value(default_v, name0), ratio, " ".join(f"{k}={v}" for k, v in knobs.items())]
+        if with_algorithm:
             row.insert(1, str(r.best_params.get("algorithm", "-")))
-        table.add_row(*row)
-    console.print(table)
+        rows.append(row)
+    print_rows("best configs" + (" (interpreted: not kernel speed)" if interpreted else ""), columns, rows)
+
+
+def _worker_devices(workers: int) -> tuple[list[dict], str]:
+    """Environment of each local worker, and a line saying where they run.
+
+    On several GPUs each worker gets one (``CUDA_VISIBLE_DEVICES``, round robin); workers that share
+    a GPU each get a share of its memory instead of JAX's default 75 % (which would leave the
+    second one none)."""
+    from kernels import platform
+
+    if platform.backend() != "gpu":
+        return [{} for _ in range(workers)], (f"{workers} workers on the CPU; they share its cores, so their "
+                                               "timings disturb each other")
+    import jax
+
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [v.strip() for v in visible.split(",") if v.strip()] if visible else [str(i) for i in range(jax.device_count())]
+    per_gpu = -(-workers // len(ids))
+    envs = []
+    for i in range(workers):
+        env = {"CUDA_VISIBLE_DEVICES": ids[i % len(ids)]}
+        if per_gpu > 1:
+            env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{0.9 / per_gpu:.3f}"
+        envs.append(env)
+    where = f"{workers} workers on GPUs {', '.join(e['CUDA_VISIBLE_DEVICES'] for e in envs)}"
+    if per_gpu > 1:
+        where += (f"; {per_gpu} share each GPU, so their timings disturb each other: use one worker per GPU "
+                  "for figures to cite")
+    return envs, where
+
+
+def _worker_argv(args, index: int) -> list[str]:
+    argv = [sys.executable, "-m", "autotune", "sweep", "--kernel", args.kernel, "--seed", str(args.seed),
+            "--worker-index", str(index), "--no-progress"]
+    if args.kernel == "mcu" and args.model:
+        argv += ["--target", args.target, "--model", args.model]
+    for shape in args.shape:
+        argv += ["--shape", shape]
+    for flag, value in (("--layer", args.layer), ("--dtype", args.dtype), ("--trials", args.trials),
+                        ("--timeout", args.timeout), ("--storage", args.storage or default_storage()),
+                        ("--study-name", args.study_name)):
+        if value is not None:
+            argv += [flag, str(value)]
+    if args.no_warm_start:
+        argv.append("--no-warm-start")
+    return argv
+
+
+def _run_workers(args, spaces, n_trials, storage, bundle) -> int:
+    """``--workers N``: N processes on the same studies, one per GPU where there are several."""
+    import optuna
+
+    from autotune import results, tuner
+    from autotune.progress import SweepProgress, complete_trials
+    from kernels import platform, tuned
+
+    devices, where = _worker_devices(args.workers)
+    names = [tuner.study_name_for(s, args.study_name) for s in spaces]
+    progress = SweepProgress(len(spaces), n_trials, bar=None if not args.no_progress else False, lines=False)
+    procs = []
+    for i in range(args.workers):
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **devices[i]}
+        procs.append(subprocess.Popen(_worker_argv(args, i), env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, bufsize=1))
+    print(f"{where} (pids {', '.join(str(p.pid) for p in procs)})", flush=True)
+    tails: list[list[str]] = [[] for _ in procs]
+
+    def relay(i, proc):
+        for line in proc.stdout:
+            tails[i] = (tails[i] + [line.rstrip()])[-20:]
+            progress.write(f"[worker {i}] {line.rstrip()}")
+
+    threads = [threading.Thread(target=relay, args=(i, p), daemon=True) for i, p in enumerate(procs)]
+    for t in threads:
+        t.start()
+    storage_obj = tuner.make_storage(storage)
+
+    def poll_progress():
+        total = 0
+        for name in names:
+            try:
+                total += min(complete_trials(optuna.load_study(study_name=name, storage=storage_obj)), n_trials)
+            except KeyError:  # not created yet
+                pass
+        progress.update(total)
+
+    interrupted = False
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        while any(p.poll() is None for p in procs):
+            poll_progress()
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        interrupted = True
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        for t in threads:
+            t.join(timeout=5)
+        poll_progress()
+        progress.close()
+    out = []
+    for space, name in zip(spaces, names):
+        try:
+            study = optuna.load_study(study_name=name, storage=storage_obj)
+        except KeyError:
+            continue
+        best_params, best_values = tuner.best_of(study, space)
+        if best_params is not None:
+            tuned.store(space.kernel, space.problem, best_params, **best_values, study=name,
+                        objective=space.objectives[0].name, interpreted=platform.interpret_default())
+        out.append(tuner.TuneResult(study, space, best_params, best_values))
     env = results.environment(seed=args.seed)
-    results.write_bundle(bundle, out, env)
-    console.print(f"results bundle: {bundle.resolve()}")
+    env["workers"] = args.workers
+    env["warm_start_sources"] = {r.study.study_name: r.study.user_attrs.get("warm_start") for r in out}
+    if out:
+        results.write_bundle(bundle, out, env)
+    if interrupted:
+        print("interrupted: every finished trial is kept in the storage; run the same command again to resume",
+              file=sys.stderr)
+        print(f"results bundle (partial): {bundle.resolve()}")
+        return 130
+    failed = [(i, p.returncode) for i, p in enumerate(procs) if p.returncode != 0]
+    if failed:
+        i, code = failed[0]
+        last = next((line for line in reversed(tails[i]) if line.startswith("error:")), tails[i][-1] if tails[i] else "")
+        raise UsageError(f"worker {i} exited with status {code}: {last.removeprefix('error: ')}")
+    _print_summary(out, platform.interpret_default() and args.kernel != "mcu" and not args.kernel.startswith("cpu"))
+    print(f"results bundle: {bundle.resolve()}")
     return 0
 
 
@@ -192,38 +649,108 @@ def _default_kernel() -> str:
     return "cpu" if build.availability() is None else "matmul"
 
 
-def _fmt(value, objective: str) -> str:
-    if value is None:
-        return "-"
-    if objective == "seconds":
-        return f"{value * 1e3:.3f} ms"
-    return f"{value:,.0f}"
+# ----------------------------------------------------------------------------------------------
+# list, show, plot, export, import
+# ----------------------------------------------------------------------------------------------
+
+def _existing_storage(url: str | None):
+    """The storage of ``url`` for reading; a SQLite file that does not exist is not created."""
+    from sqlalchemy.engine import make_url
+
+    from autotune import tuner
+
+    url = url or default_storage()
+    engine_url = tuner.storage_url(url)
+    parsed = make_url(engine_url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database and not pathlib.Path(parsed.database).exists():
+        return url, None
+    return url, tuner.make_storage(url)
+
+
+def cmd_list(args) -> int:
+    from autotune import registry
+
+    if args.what == "kernels":
+        rows = []
+        for name, entry in registry.KERNELS.items():
+            module = registry.kernel_module(name)
+            doc = (getattr(module, "parse_shape", None).__doc__ or "").strip().splitlines()
+            rows.append([name, entry.module, ", ".join(entry.dtypes) or "-", ", ".join(getattr(module, "PRESETS", {})),
+                         doc[0] if doc else ""])
+        print_rows("kernels (--kernel)", ["kernel", "module", "dtypes", "layers", "shape"], rows, args.format)
+    elif args.what == "layers":
+        rows = []
+        for name in registry.KERNELS:
+            for layer, problems in getattr(registry.kernel_module(name), "PRESETS", {}).items():
+                rows.append([name, layer, len(problems)])
+        print_rows("layer presets (--kernel K --layer L)", ["kernel", "layer", "problems"], rows, args.format)
+    elif args.what == "boards":
+        from mcu import boards
+
+        rows = [[b.name, b.cpu, b.sram_bytes // 1024, b.flash_bytes // 1024, b.clock_hz // 1_000_000]
+                for b in boards.BOARDS.values()]
+        print_rows("MCU boards (--target)", ["board", "cpu", "sram_kib", "flash_kib", "mhz"], rows, args.format)
+    else:
+        return _list_studies(args)
+    return 0
+
+
+def _list_studies(args) -> int:
+    import optuna
+    from optuna.trial import TrialState
+
+    from autotune.progress import format_value
+
+    url, storage = _existing_storage(args.storage)
+    summaries = optuna.get_all_study_summaries(storage, include_best_trial=False) if storage else []
+    rows = []
+    for summary in summaries:
+        study = optuna.load_study(study_name=summary.study_name, storage=storage)
+        trials = study.get_trials(deepcopy=False)
+        count = {state: sum(t.state == state for t in trials) for state in
+                 (TrialState.COMPLETE, TrialState.FAIL, TrialState.RUNNING)}
+        feasible = [t for t in trials if t.state == TrialState.COMPLETE and t.values
+                    and not t.user_attrs.get("violations") and all(math.isfinite(v) for v in t.values)]
+        best = ""
+        if feasible:
+            sign = 1 if study.directions[0] == optuna.study.StudyDirection.MINIMIZE else -1
+            metric = (study.metric_names or ["value"])[0]
+            best = format_value(min(t.values[0] * sign for t in feasible) * sign, metric)
+        attrs = summary.user_attrs
+        rows.append([summary.study_name, attrs.get("kernel", ""), attrs.get("problem", ""), attrs.get("device", ""),
+                     count[TrialState.COMPLETE], count[TrialState.FAIL], count[TrialState.RUNNING], best])
+    print_rows(f"studies in {url}", ["study", "kernel", "problem", "device", "complete", "fail", "running", "best"],
+               rows, args.format)
+    if not rows and args.format == "table":
+        print("no studies yet; `python -m autotune sweep` makes some")
+    return 0
 
 
 def cmd_show(args) -> int:
     import jax
-    from rich.console import Console
-    from rich.table import Table
 
+    from autotune.progress import format_value
     from kernels import platform, tuned
 
-    table = Table(title=f"best-config cache: {tuned.cache_path()}")
-    for col in ("kernel", "problem", "device", "jax", "params", "value"):
-        table.add_column(col)
-    rows = 0
+    rows = []
     for key, entry in sorted(tuned.load().items()):
         k = json.loads(key)
         if args.kernel and k["kernel"] != args.kernel:
             continue
         if not args.all_devices and (k["device"] != platform.device_kind() or k["jax"] != jax.__version__):
             continue
-        value = entry.get("seconds")
-        table.add_row(k["kernel"], json.dumps(k["problem"]), k["device"], k["jax"],
-                      ", ".join(f"{a}={b}" for a, b in entry["params"].items()),
-                      _fmt(value, "seconds") if value is not None else "")
-        rows += 1
-    Console().print(table)
-    if not rows:
+        objective = entry.get("objective") or ("seconds" if "seconds" in entry else None)
+        value = entry.get(objective) if objective else None
+        value_text = format_value(value, objective) if isinstance(value, (int, float)) else ""
+        if args.format == "table":
+            rows.append([k["kernel"], json.dumps(k["problem"]), k["device"], k["jax"],
+                         " ".join(f"{a}={b}" for a, b in entry["params"].items()), value_text])
+        else:
+            rows.append([k["kernel"], k["problem"], k["device"], k["jax"], entry["params"], objective, value])
+    columns = ["kernel", "problem", "device", "jax", "params", "value"] if args.format == "table" else \
+        ["kernel", "problem", "device", "jax", "params", "objective", "value"]
+    print_rows(f"best-config cache: {tuned.cache_path()}", columns, rows, args.format)
+    if not rows and args.format == "table":
         print("no tuned configs for this device and jax version; run `python -m autotune sweep` "
               "(or `show --all-devices`)")
     return 0
@@ -232,68 +759,107 @@ def cmd_show(args) -> int:
 def cmd_plot(args) -> int:
     import optuna
 
-    from autotune import plots, tuner
+    from autotune import plots
 
-    storage = args.storage or default_storage()
+    url, storage = _existing_storage(args.storage)
+    if storage is None:
+        raise UsageError(f"no storage at {url}; run a sweep first or pass --storage")
     names = [args.study_name] if args.study_name else [s.study_name for s in optuna.get_all_study_summaries(
-        tuner.make_storage(storage))]
+        storage, include_best_trial=False)]
     if not names:
-        print(f"no studies in {storage}")
-        return 1
+        print(f"no studies in {url}")
+        return 0
+    output = pathlib.Path(args.output)
+    _make_dir(output, "-o")
     written = []
     for name in names:
         try:
-            study = optuna.load_study(study_name=name, storage=tuner.make_storage(storage))
+            study = optuna.load_study(study_name=name, storage=storage)
         except KeyError:
-            raise SystemExit(f"no study named {name!r} in {storage}; `python -m autotune plot` lists all") from None
-        written += plots.plot_study(study, pathlib.Path(args.output))
+            raise UsageError(f"no study named {name!r} in {url}; `python -m autotune list studies"
+                             f"{'' if args.storage is None else ' --storage ' + args.storage}` lists them") from None
+        written += plots.plot_study(study, output)
     for path in written:
         print(path)
     return 0
 
 
+def _output_file(path_text: str) -> pathlib.Path:
+    path = pathlib.Path(path_text)
+    if path.is_dir():
+        raise UsageError(f"{path} is a folder; give a file name, e.g. {path / 'configs.json'}")
+    if not path.parent.is_dir():
+        raise UsageError(f"folder {path.parent} does not exist; create it or write elsewhere")
+    return path
+
+
 def cmd_export(args) -> int:
     from kernels import tuned
 
+    path = _output_file(args.file)
     entries = {key: e for key, e in tuned.load().items()
                if not args.kernel or json.loads(key)["kernel"] == args.kernel}
-    pathlib.Path(args.file).write_text(json.dumps({"format": "tinypallas-best-configs/1", "entries": entries},
-                                                  indent=1, sort_keys=True))
-    print(f"exported {len(entries)} configs to {args.file}")
+    path.write_text(json.dumps({"format": EXPORT_FORMAT, "entries": entries}, indent=1, sort_keys=True))
+    print(f"exported {len(entries)} configs to {path}")
     return 0
+
+
+def _measured(entry: dict) -> tuple[str, float] | None:
+    """(objective, value) an entry was chosen by: what two entries for one key are compared on."""
+    objective = entry.get("objective") or ("seconds" if "seconds" in entry else None)
+    value = entry.get(objective) if objective else None
+    return (objective, float(value)) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def merge_entries(current: dict, incoming: dict) -> tuple[dict, dict]:
+    """Merge cache entries; for one key (kernel, problem, device kind, jax version) the faster
+    measured config wins (entries without a comparable measurement: the incoming one).
+    Returns (merged, counts of added/replaced/kept)."""
+    merged = dict(current)
+    counts = {"added": 0, "replaced": 0, "kept": 0}
+    for key, entry in incoming.items():
+        if key not in merged:
+            merged[key] = entry
+            counts["added"] += 1
+            continue
+        mine, theirs = _measured(merged[key]), _measured(entry)
+        as_fast = bool(mine and theirs and mine[0] == theirs[0] and mine[1] <= theirs[1])
+        if as_fast or merged[key] == entry:
+            counts["kept"] += 1
+        else:
+            merged[key] = entry
+            counts["replaced"] += 1
+    return merged, counts
 
 
 def cmd_import(args) -> int:
     from kernels import tuned
 
+    path = pathlib.Path(args.file)
+    fix = "re-export it with `python -m autotune export FILE`"
     try:
-        doc = json.loads(pathlib.Path(args.file).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise SystemExit(f"cannot read {args.file}: {e}") from None
-    if not isinstance(doc, dict) or doc.get("format") != "tinypallas-best-configs/1":
-        raise SystemExit(f"{args.file} is not a file written by `python -m autotune export`")
-    entries = doc["entries"]
-    for key, entry in entries.items():
-        k = json.loads(key)
-        if not {"kernel", "problem", "device", "jax"} <= set(k) or "params" not in entry:
-            raise SystemExit(f"{args.file}: malformed entry {key!r}")
-    merged = dict(tuned.load())
-    merged.update(entries)
+        doc = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{path} is not JSON ({e}); {fix}") from None
+    if not isinstance(doc, dict) or doc.get("format") != EXPORT_FORMAT or "entries" not in doc:
+        raise UsageError(f"{path} is not a file written by `python -m autotune export` "
+                         f"(a JSON object with format {EXPORT_FORMAT!r} and entries)")
+    entries = tuned.validate_entries(doc["entries"], str(path), fix)
+    merged, counts = merge_entries(tuned.load(), entries)
     tuned.save_all(merged)
-    print(f"imported {len(entries)} configs into {tuned.cache_path()}")
+    print(f"imported {path} into {tuned.cache_path()}: added {counts['added']}, replaced {counts['replaced']} "
+          f"(the file's config measured faster), kept {counts['kept']} (the cache's was as fast or faster)")
     return 0
 
 
 def cmd_report(args) -> int:
     from autotune import report
 
-    try:
-        text = report.report(args.paths, args.format)
-        if args.output:
-            pathlib.Path(args.output).write_text(text)
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    text = report.report(args.paths, args.format)  # a ValueError/OSError is one error line (main)
+    if args.output:
+        pathlib.Path(args.output).write_text(text)
     print(text if not args.output else f"wrote {args.output}")
     return 0
 
@@ -302,21 +868,50 @@ def cmd_replay(args) -> int:
     from autotune import replay, report
 
     if args.repeats is not None and args.repeats < 10:
-        print(f"error: --repeats {args.repeats}: intervals need at least 10 samples", file=sys.stderr)
-        return 2
-    try:
-        table, _ = replay.replay(args.bundle, repeats=args.repeats)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise UsageError(f"--repeats {args.repeats}: intervals need at least 10 samples")
+    table, _ = replay.replay(args.bundle, repeats=args.repeats)  # a ValueError is one error line (main)
     print(report.render([table], args.format))
     return 0
 
 
-def main(argv=None) -> int:
+COMMANDS = {"sweep": cmd_sweep, "list": cmd_list, "show": cmd_show, "plot": cmd_plot, "export": cmd_export,
+            "import": cmd_import, "report": cmd_report, "replay": cmd_replay}
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    import sqlalchemy.exc
+
+    return UsageError, ValueError, OSError, sqlalchemy.exc.SQLAlchemyError
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status (2 for every mistake in the arguments)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
-        argv = ["sweep"] + argv
-    args = _parser().parse_args(argv)
-    return {"sweep": cmd_sweep, "show": cmd_show, "plot": cmd_plot, "export": cmd_export,
-            "import": cmd_import, "report": cmd_report, "replay": cmd_replay}[args.command](args)
+    parser = _parser()
+    if not argv:
+        parser.print_help()
+        return 0
+    debug = "--debug" in argv
+    try:
+        args = parser.parse_args(argv)
+        if args.command in ("sweep", "list", "plot"):
+            import optuna
+
+            optuna.logging.set_verbosity(optuna.logging.ERROR)  # trials are reported one line each
+        if args.command is None:
+            parser.print_help()
+            return 0
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - every error ends in one line; --debug shows where it came from
+        if debug:
+            traceback.print_exc()
+        message = " ".join(str(e).split()) or type(e).__name__
+        if isinstance(e, _user_errors()):
+            print(f"error: {message}", file=sys.stderr)
+            return 2
+        print(f"error: unexpected {type(e).__name__}: {message[:500]} (a bug: please report it with the output "
+              "of --debug)", file=sys.stderr)
+        return 1

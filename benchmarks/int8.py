@@ -14,7 +14,6 @@ the last-level cache, interleaved rounds, device-side kernel time on a GPU) and 
 from __future__ import annotations
 
 import argparse
-import os
 import pathlib
 import sys
 
@@ -24,9 +23,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from autotune import measure, report, results
 from kernels import platform
-from models import diff, execute, tflite_import
+from models import diff, execute, tflite_import, zoo
 
-MODELS = pathlib.Path(__file__).resolve().parents[2] / "shared" / "tflite"
 SMALL = ["mlperf_tiny_ad01_fc_autoencoder_int8", "mlperf_tiny_kws01_dscnn_int8", "mlperf_tiny_ic01_resnet8_cifar10_int8"]
 
 
@@ -70,8 +68,9 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (>= 10; default 10 CPU, 30 GPU)")
     parser.add_argument("--all", action="store_true", help="all nine models (default on GPU)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N models")
-    parser.add_argument("--models", default=os.environ.get("TINYPALLAS_MODELS", str(MODELS)),
-                        help="folder of .tflite files (default: $TINYPALLAS_MODELS, else ../shared/tflite)")
+    parser.add_argument("--models", default=None,
+                        help="folder of .tflite files (default: the reference models found through models.zoo: "
+                             "$TINYPALLAS_MODELS, else ../shared/tflite)")
     parser.add_argument("--out", default="results/benchmark_int8.json", help="JSON output path")
     args = parser.parse_args(argv)
     on_gpu = platform.backend() == "gpu"
@@ -85,13 +84,14 @@ def main(argv=None) -> int:
     quick = args.quick or not on_gpu
     batch = args.batch or (4 if quick else 256)
     rounds = args.rounds or (30 if on_gpu else measure.MIN_ROUNDS)
-    paths = sorted(pathlib.Path(args.models).glob("*.tflite"))
+    paths = (sorted(pathlib.Path(args.models).glob("*.tflite")) if args.models
+             else [zoo.reference(name) for name in zoo.references()])
     if quick and not args.all:
         paths = [p for p in paths if p.stem in SMALL]
     paths = paths[:args.limit]
     if not paths:
-        print(f"error: no .tflite models found in {args.models}; pass --models DIR or set $TINYPALLAS_MODELS",
-              file=sys.stderr)
+        where = args.models or ", ".join(map(str, zoo.search_path()))
+        print(f"error: no .tflite models found in {where}; pass --models DIR, or {zoo.HOW_TO_GET}", file=sys.stderr)
         return 2
     out = pathlib.Path(args.out)
     doc = results.benchmark_document("int8", {"batch": batch, "rounds": rounds, "models": [p.stem for p in paths]})

@@ -2,13 +2,16 @@
 .tflite size, executed Cortex-M7 instructions under QEMU (portable kernels; CMSIS-NN when
 $CMSIS_NN_ROOT is set), and whether it fits the board. Schedules: ``default`` (whole tensors,
 in-place overlap), ``min_sram`` (the patch-based schedule with the smallest peak SRAM) and
-``cmsis-nn``.
+``cmsis-nn``. Models: the reference models found through ``models.zoo`` ($TINYPALLAS_MODELS, then
+../shared/tflite beside the repository; README.md, "Reference models"), or, where there are none,
+the stand-ins it builds (named ``standin_...``: their figures are not the reference models').
 
     python benchmarks/mcu.py [--board stm32f746] [--models GLOB] [--out results/mcu.json] [--no-qemu] [--layers]
 """
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import os
 import pathlib
@@ -24,7 +27,7 @@ sys.path.insert(0, str(REPO))
 import mcu
 from autotune import results
 from mcu import build, codegen, tflm
-from models import tflite_import
+from models import tflite_import, zoo
 
 
 def _version(cmd: list[str]) -> str:
@@ -71,14 +74,22 @@ def bench(path: pathlib.Path, board: mcu.Board, qemu: bool, layers: bool = False
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--board", default="stm32f746")
-    ap.add_argument("--models", default="*.tflite", help="glob in ../shared/tflite")
+    ap.add_argument("--models", default="*", help="glob over model names, e.g. 'mlperf_tiny_*'")
     ap.add_argument("--out", default="results/benchmark_mcu.json")
     ap.add_argument("--no-qemu", action="store_true", help="skip the Cortex-M build and instruction counts")
     ap.add_argument("--layers", action="store_true", help="also record per-layer instruction counts in the JSON")
     args = ap.parse_args()
     board = mcu.board(args.board)
     qemu = not args.no_qemu and bool(shutil.which("qemu-system-arm") and shutil.which("arm-none-eabi-gcc"))
-    rows = [bench(p, board, qemu, args.layers) for p in sorted((REPO.parent / "shared" / "tflite").glob(args.models))]
+    if not zoo.references():
+        print(f"no reference models in {', '.join(map(str, zoo.search_path()))}: benchmarking the stand-ins "
+              f"models.zoo builds instead (to use the reference models: {zoo.HOW_TO_GET})", file=sys.stderr)
+    names = [n for n in zoo.suite_models() if fnmatch.fnmatch(n, args.models) or fnmatch.fnmatch(f"{n}.tflite", args.models)]
+    if not names:
+        print(f"error: no model matches --models {args.models!r}; the models are: {', '.join(zoo.suite_models())}",
+              file=sys.stderr)
+        sys.exit(2)
+    rows = [bench(zoo.model(n), board, qemu, args.layers) for n in names]
 
     def cell(r, sched, key, fmt="{:d}"):
         v = r["schedules"].get(sched, {}).get(key)

@@ -115,11 +115,20 @@ def gemm_requant(a, b, bias, multiplier, shift, *, output_offset: int, act_min: 
     the input-offset correction, see ``fold_input_offset``). ``pallas=False`` computes the same
     with XLA's integer dot (``gemm_requant_reference``).
     """
-    if not pallas:
-        return gemm_requant_reference(a, b, bias, multiplier, shift, output_offset=output_offset, act_min=act_min,
-                                      act_max=act_max)
+    a, b, bias, multiplier, shift = (jnp.asarray(v) for v in (a, b, bias, multiplier, shift))
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
+        raise ValueError(f"gemm_requant expects a (M, K) and b (K, N), got a{a.shape} and b{b.shape}")
+    if a.dtype != jnp.int8 or b.dtype != jnp.int8:
+        raise ValueError(f"gemm_requant multiplies int8 by int8, got {a.dtype} and {b.dtype}")
     m, k = a.shape
     n = b.shape[1]
+    for name, v in (("bias", bias), ("multiplier", multiplier), ("shift", shift)):
+        if v.shape != (n,):
+            raise ValueError(f"{name} must have shape ({n},) (one per output channel), got {v.shape}")
+        mm.check_bias_dtype(v, jnp.int32, "gemm_requant", name)  # int32, or narrower integers
+    if not pallas or 0 in (m, n, k):  # XLA's integer dot; also the empty (or K = 0) result, which has no tile
+        return gemm_requant_reference(a, b, bias, multiplier, shift, output_offset=output_offset, act_min=act_min,
+                                      act_max=act_max)
     cfg = resolve_config(problem_key(m, n, k), config)
     epilogue = functools.partial(_requant_epilogue, output_offset=int(output_offset), act_min=int(act_min),
                                  act_max=int(act_max))
@@ -130,6 +139,9 @@ def gemm_requant(a, b, bias, multiplier, shift, *, output_offset: int, act_min: 
 def fold_input_offset(weights_kn: np.ndarray, bias: np.ndarray | None, input_offset: int) -> np.ndarray:
     """Bias that makes ``x @ w`` equal TFLite's ``(x + input_offset) @ w``: bias + offset * sum_k w."""
     n = weights_kn.shape[1]
+    if bias is not None and not np.issubdtype(np.asarray(bias).dtype, np.integer):
+        raise ValueError(f"bias is {np.asarray(bias).dtype} but int8 kernels accumulate in int32; pass an int32 bias "
+                         "(quantized at input scale * weight scale, zero point 0)")
     b = np.zeros(n, np.int64) if bias is None else bias.astype(np.int64)
     folded = b + int(input_offset) * weights_kn.astype(np.int64).sum(axis=0)
     if np.abs(folded).max(initial=0) >= 2**31:
@@ -190,6 +202,10 @@ def depthwise_conv2d(x, w: np.ndarray, bias: np.ndarray | None, *, stride, dilat
                      act_min: int, act_max: int, config: Config | None = None, interpret: bool | None = None):
     """Int8 DEPTHWISE_CONV_2D (filter (1, kh, kw, C*mult)) as a Pallas tap-reduction kernel."""
     _, kh, kw, n = w.shape
+    if min(kh, kw) < 1:
+        raise ValueError(f"depthwise filter {w.shape} has a {kh}x{kw} kernel; it needs at least one tap")
+    if 0 in (x.shape[0], *out_hw, n):  # nothing to compute: the empty output
+        return jnp.zeros((x.shape[0], *out_hw, n), jnp.int8)
     x = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)), constant_values=-input_offset)
     b_ = x.shape[0]
     taps = _patches(x, kh, kw, stride, dilation, out_hw)  # (B, Ho, Wo, T, C)

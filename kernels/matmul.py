@@ -301,6 +301,21 @@ def heuristic_config(m: int, n: int, k: int, dtype, backend: str | None = None) 
                   group_m=8, num_warps=8 if jnp.dtype(dtype).itemsize <= 2 else 4, num_stages=3)
 
 
+def check_bias_dtype(bias, accumulator, op: str, name: str = "bias") -> None:
+    """Refuse a bias that would not survive the cast to the accumulator: a float bias for an integer
+    kernel (0.7 would silently become 0), an integer one for a float kernel, a too-wide integer."""
+    acc = jnp.dtype(accumulator)
+    dtype = jnp.dtype(bias.dtype)
+    if jnp.issubdtype(acc, jnp.integer):
+        fits = jnp.issubdtype(dtype, jnp.integer) and jnp.can_cast(dtype, acc, casting="safe")
+        hint = "quantize it first (bias scale = input scale * weight scale, zero point 0)"
+    else:
+        fits = jnp.issubdtype(dtype, jnp.floating)
+        hint = "cast it to a float dtype"
+    if not fits:
+        raise ValueError(f"{op}: {name} is {dtype} but the kernel accumulates in {acc}; pass {name} as {acc} ({hint})")
+
+
 def matmul(a, b, *, bias=None, activation: str | None = None, out_dtype=None,
            epilogue: Callable | None = None, epilogue_operands: Sequence = (),
            config: Config | None = None, pad: bool = True, interpret: bool | None = None):
@@ -332,12 +347,17 @@ def matmul(a, b, *, bias=None, activation: str | None = None, out_dtype=None,
         bias = jnp.asarray(bias)
         if bias.shape != (n,):
             raise ValueError(f"bias must have shape ({n},) to match b{b.shape}, got {bias.shape}")
+        check_bias_dtype(bias, _accumulator_dtype(a.dtype), "matmul")
     epilogue_operands = tuple(jnp.asarray(op) for op in epilogue_operands)
     for i, op in enumerate(epilogue_operands):
         if op.shape != (n,):
             raise ValueError(f"epilogue_operands[{i}] must have shape ({n},), got {op.shape}")
     if epilogue_operands and epilogue is None:
         raise ValueError("epilogue_operands were given without an epilogue function")
+    if 0 in (m, n, k):  # no tile to run: jnp.dot's answer (empty, or for K = 0 the epilogue of zeros)
+        return reference(a, b, bias=bias, activation=activation, out_dtype=out_dtype, epilogue=epilogue,
+                         epilogue_operands=epilogue_operands)
+
     if interpret is None:
         interpret = platform.interpret_default()
     cfg = tuned.resolve("matmul", problem_key(m, n, k, a.dtype), config, config_type=Config,

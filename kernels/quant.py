@@ -205,7 +205,15 @@ def round_half_away(x):
 def affine_quantize(x, scale: float, zero_point: int, dtype: str = "int8"):
     """TFLite ``AffineQuantize``: float32 ``round(x / scale) + zero_point``, clamped."""
     xp = _xp(x)
-    q = round_half_away(xp.asarray(x, dtype=xp.float32) / xp.float32(scale))
+    x = xp.asarray(x, dtype=xp.float32)
+    divisor = xp.float32(scale)
+    if xp is not np:
+        # XLA rewrites division by a (broadcast) scalar as multiplication by its float32
+        # reciprocal, which rounds differently: -3.7434509 / 0.03919844 is -95.5 (-> -96) but
+        # * 25.511219 gives -95.49999 (-> -95). Behind the barrier the divisor is a full array
+        # of unknown values, so the division stays a division.
+        divisor = jax.lax.optimization_barrier(jnp.full(x.shape, divisor, jnp.float32))
+    q = round_half_away(x / divisor)
     info = np.iinfo(dtype)
     q = xp.clip(q, float(INT32_MIN) + 128, float(INT32_MAX) - 128).astype(xp.int32) + xp.int32(zero_point)
     return xp.clip(q, int(info.min), int(info.max)).astype(dtype)

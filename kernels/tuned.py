@@ -11,6 +11,7 @@ import json
 import os
 import pathlib
 import tempfile
+import time
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -20,6 +21,11 @@ from kernels import platform
 
 _loaded: tuple[float, dict] | None = None  # (mtime, entries)
 C = TypeVar("C")
+
+# Temp files of a cache write that was killed before its rename are removed by the next write
+# once they are this old (a younger one may belong to a write in progress in another process).
+STALE_TEMP_SECONDS = 300
+KEY_FIELDS = ("kernel", "problem", "device", "jax")
 
 
 def cache_path() -> pathlib.Path:
@@ -41,6 +47,29 @@ def cache_key(kernel: str, problem: dict, device: str | None = None, jax_version
     )
 
 
+_FIX = ("delete the file (the kernels fall back to their heuristic configs) or restore it with "
+        "`python -m autotune import FILE` from an export")
+
+
+def validate_entries(entries, source: str, fix: str = _FIX) -> dict:
+    """``entries`` if it has the cache's shape (``{key JSON: {"params": {...}, ...}}``), else a
+    ValueError naming ``source``, what is wrong with it and ``fix``."""
+    if not isinstance(entries, dict):
+        raise ValueError(f"{source} holds a JSON {type(entries).__name__}, not the object of "  # noqa: TRY004
+                         "best configs it should; " + fix)
+    for key, entry in entries.items():
+        try:
+            fields = json.loads(key)
+        except json.JSONDecodeError:
+            fields = None
+        if not isinstance(fields, dict) or not set(KEY_FIELDS) <= set(fields):
+            raise ValueError(f"{source}: key {key[:80]!r} is not a cache key (JSON with "
+                             f"{', '.join(KEY_FIELDS)}); " + fix)
+        if not isinstance(entry, dict) or not isinstance(entry.get("params"), dict):
+            raise ValueError(f"{source}: entry {key[:80]!r} has no params object; " + fix)  # noqa: TRY004
+    return entries
+
+
 def load() -> dict:
     """All entries: ``{key: {"params": {...}, "seconds": float, ...}}``."""
     global _loaded
@@ -49,15 +78,17 @@ def load() -> dict:
         mtime = path.stat().st_mtime
     except FileNotFoundError:
         return {}
+    except OSError as e:
+        raise ValueError(f"best-config cache {path} cannot be read ({e}); set TINYPALLAS_CACHE to "
+                         "a file path") from None
     if _loaded is None or _loaded[0] != mtime:
         try:
             entries = json.loads(path.read_text())
         except json.JSONDecodeError as e:
-            raise ValueError(
-                f"best-config cache {path} is not valid JSON ({e}); delete it or re-import it with "
-                "`python -m autotune import FILE`"
-            ) from None
-        _loaded = (mtime, entries)
+            raise ValueError(f"best-config cache {path} is not valid JSON ({e}); " + _FIX) from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"best-config cache {path} cannot be read ({e}); " + _FIX) from None
+        _loaded = (mtime, validate_entries(entries, f"best-config cache {path}"))
     return _loaded[1]
 
 
@@ -87,13 +118,39 @@ def resolve(kernel: str, problem: dict, config: C | None, *, config_type: Callab
 
 
 def save_all(entries: dict) -> None:
-    """Atomically replace the cache file's contents."""
+    """Atomically replace the cache file's contents (a temp file renamed over it).
+
+    The temp file is removed whatever stops the write (an error, Ctrl-C); temp files that a killed
+    process left behind are swept here once they are ``STALE_TEMP_SECONDS`` old.
+    """
     path = cache_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot create the folder of the best-config cache {path} ({e}); set "
+                         "TINYPALLAS_CACHE to a writable file path") from None
+    _sweep_stale_temp_files(path.parent)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".best_configs.", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(entries, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(entries, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _sweep_stale_temp_files(folder: pathlib.Path) -> None:
+    cutoff = time.time() - STALE_TEMP_SECONDS
+    for tmp in folder.glob(".best_configs.*.json"):
+        try:
+            if tmp.stat().st_mtime < cutoff:
+                tmp.unlink()
+        except OSError:  # removed by another process meanwhile, or not ours to remove
+            pass
 
 
 def store(kernel: str, problem: dict, params: dict, **meta) -> None:

@@ -1,19 +1,26 @@
-"""``python -m mcu export MODEL.tflite --board stm32f746 --backend portable -o DIR``."""
+"""``python -m mcu export MODEL.tflite --board stm32f746 --backend portable -o DIR``.
+
+A mistake in the arguments or the model is one line, ``error: ...``, and exit status 2
+(``--debug`` shows the traceback); a model that does not fit the board exits with status 1.
+"""
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 
-from mcu import boards, codegen, tune
-from models import tflite_import
+from mcu import boards, cmsis_nn, codegen, tune
+from models import cli, tflite_import
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mcu", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    return cli.run(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
+    parser = cli.ArgumentParser(prog="python -m mcu", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=cli.ArgumentParser)
     ex = sub.add_parser("export", help="lower a .tflite model to C for a board")
-    ex.add_argument("model", help="int8 .tflite file")
+    ex.add_argument("model", type=cli.input_file, help="int8 .tflite file")
     ex.add_argument("--board", default="stm32f746", choices=sorted(boards.BOARDS))
     ex.add_argument("--backend", default="portable",
                     help=f"one of {codegen.BACKENDS}; cmsis-nn needs $CMSIS_NN_ROOT (a CMSIS-NN checkout)")
@@ -23,35 +30,42 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("--patch", metavar="SPLIT,GRID", help="run ops 0..SPLIT patch by patch on a GRIDxGRID grid")
     ex.add_argument("--min-sram", action="store_true", help="pick the patch schedule with the smallest peak SRAM")
     ex.add_argument("--untuned", action="store_true", help="ignore the schedule the autotuner chose")
-    ex.add_argument("-o", "--output", required=True, help="output directory")
+    ex.add_argument("-o", "--output", required=True, type=cli.output_dir,
+                    help="output folder (created with its parents if missing)")
+    cli.add_debug(ex)
     args = parser.parse_args(argv)
 
+    # Everything that can be checked without the model is checked first.
+    if args.backend not in codegen.BACKENDS:
+        ex.error(f"--backend {args.backend!r} is not available; choose one of: {', '.join(codegen.BACKENDS)}")
+    if args.backend == "cmsis-nn":
+        cmsis_nn.root()  # names $CMSIS_NN_ROOT and what it must point at
+    overrides = {}
+    if args.patch:
+        try:
+            split, grid = (int(v) for v in args.patch.split(","))
+        except ValueError:
+            ex.error(f"--patch {args.patch!r}: expected SPLIT,GRID, e.g. --patch 7,4")
+        overrides.update(patch_split=split, patch_grid=grid)
+    if args.no_in_place:
+        overrides["in_place"] = False
+    if args.conv1x1:
+        overrides.update(conv1x1=args.conv1x1, layer_variants=())
+    if args.depthwise:
+        overrides["depthwise"] = args.depthwise
+
+    graph = tflite_import.load(args.model)
+    board = boards.board(args.board)
+    config = None if args.untuned else tune.tuned_config(str(args.model), board.name)
+    if config is None or args.backend != config.backend:
+        config = codegen.Config(backend=args.backend)
+    config = dataclasses.replace(config, **overrides)
+    if args.min_sram:
+        config = codegen.min_sram_config(graph, config)
     try:
-        graph = tflite_import.load(args.model)
-        board = boards.board(args.board)
-        config = None if args.untuned else tune.tuned_config(args.model, board.name)
-        overrides = {}
-        if args.no_in_place:
-            overrides["in_place"] = False
-        if args.conv1x1:
-            overrides.update(conv1x1=args.conv1x1, layer_variants=())
-        if args.depthwise:
-            overrides["depthwise"] = args.depthwise
-        if args.patch:
-            try:
-                split, grid = (int(v) for v in args.patch.split(","))
-            except ValueError:
-                raise ValueError(f"--patch {args.patch!r}: expected SPLIT,GRID, e.g. --patch 7,4") from None
-            overrides.update(patch_split=split, patch_grid=grid)
-        if config is None or args.backend != config.backend:
-            config = codegen.Config(backend=args.backend)
-        config = dataclasses.replace(config, **overrides)
-        if args.min_sram:
-            config = codegen.min_sram_config(graph, config)
         lowered = codegen.export(graph, args.output, config)
-    except (ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except OSError as e:
+        raise OSError(f"cannot write to {args.output}: {e.strerror or e}; choose another output folder (-o)") from e
     problems = board.check_fit(lowered.peak_sram_bytes, lowered.flash_bytes)
     print(f"{args.model}: {len(graph.ops)} ops -> {args.output}/model.c")
     print(f"  peak SRAM (arena) {lowered.peak_sram_bytes} B, const data {lowered.flash_bytes} B, board {board.name}")

@@ -2,7 +2,8 @@
 building for the board and counting executed instructions under QEMU, plus the planned peak
 SRAM; configurations that overflow the board are rejected before anything is built.
 
-Problem: ``{"model": PATH.tflite, "target": BOARD}``. It is keyed in the autotuner's studies and
+Problem: ``{"model": PATH.tflite, "target": BOARD}`` (or a reference model's name, found through
+``models.zoo``: ``$TINYPALLAS_MODELS``, then ``../shared/tflite`` beside the repository). It is keyed in the autotuner's studies and
 cache by the model's content (file name and SHA-256), not its path, so a schedule tuned here is
 found again from any working directory or machine; the cache entry (kernel name ``"mcu"``) is the
 schedule ``python -m mcu export`` uses by default.
@@ -18,10 +19,10 @@ import tempfile
 import mcu
 from kernels.space import Knob, Objective, SearchSpace
 from mcu import boards, build, cmsis_nn, codegen, patch
-from models import quantization, tflite_import
+from models import quantization, tflite_import, zoo
 
 KERNEL = "mcu"
-DEFAULT_PROBLEMS = [{"model": "../shared/tflite/mlperf_tiny_kws01_dscnn_int8.tflite", "target": "stm32f746"}]
+DEFAULT_PROBLEMS = [{"model": "mlperf_tiny_kws01_dscnn_int8", "target": "stm32f746"}]
 OBJECTIVES = (Objective("instructions"), Objective("peak_sram_bytes"))
 
 
@@ -73,9 +74,8 @@ def measure_config(path: str, board: boards.Board, config: codegen.Config, sampl
 
 
 def search_space(problem: dict) -> SearchSpace:
-    path, board = problem["model"], boards.board(problem.get("target", "stm32f746"))
-    if not pathlib.Path(path).is_file():
-        raise ValueError(f"model {path!r} not found; pass an int8 .tflite file")
+    board = boards.board(problem.get("target", "stm32f746"))
+    path = str(zoo.resolve(problem["model"]))  # a ValueError that says how to get a missing model
     graph = _graph(path)
     knobs = [
         Knob("in_place", (True, False)),

@@ -4,7 +4,7 @@
 weights; ``models.execute.float_forward`` runs (and differentiates) them, ``models.ptq``
 quantizes them to int8. Builders: MobileNetV2 (width multiplier, resolution), an MCUNet-style
 net (mixed kernel sizes and expansion ratios), ResNet-8 and DS-CNN (the MLPerf Tiny IC and KWS
-reference topologies), and the small CNN of the digits example.
+reference topologies), the FC autoencoder (MLPerf Tiny AD) and the small CNN of the digits example.
 """
 from __future__ import annotations
 
@@ -176,3 +176,13 @@ def digits_cnn(seed: int = 0) -> Graph:
     x = gb.conv(x, 32, 1, activation="RELU6")
     x = gb.flatten(gb.average_pool(x))
     return gb.build(gb.softmax(gb.dense(x, 10)))
+
+
+def fc_autoencoder(features: int = 640, hidden: int = 128, bottleneck: int = 8, seed: int = 0) -> Graph:
+    """The FC autoencoder of the MLPerf Tiny anomaly-detection benchmark: ten dense layers
+    640-128-128-128-128-8-128-128-128-128-640, ReLU on all but the last."""
+    gb = GraphBuilder(f"fc_autoencoder_{features}", (features,), seed)
+    x = gb.input
+    for width in (hidden,) * 4 + (bottleneck,) + (hidden,) * 4:
+        x = gb.dense(x, width, activation="RELU")
+    return gb.build(gb.dense(x, features))

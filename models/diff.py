@@ -9,14 +9,12 @@ the first differing element. Command line::
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import os
 
 import jax.numpy as jnp
 import numpy as np
 
-from models import execute, tflite_import
+from models import cli, execute, tflite_import
 from models.ir import Graph
 
 
@@ -129,15 +127,23 @@ def first_difference(graph: Graph, model: bytes, inputs: list[np.ndarray] | None
     return None
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("model", help="path to a .tflite file")
+def main(argv: list[str] | None = None) -> int:
+    """Exit status 0 when bit-exact, 1 at the first difference, 2 for a mistake in the arguments
+    or the model (one ``error:`` line; ``--debug`` shows the traceback)."""
+    return cli.run(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
+    parser = cli.ArgumentParser(prog="python -m models.diff", description=__doc__.split("\n\n")[0])
+    parser.add_argument("model", type=cli.input_file, help="path to a .tflite file")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random input")
     parser.add_argument("--xla", action="store_true", help="run conv/FC through XLA instead of the Pallas kernels")
+    cli.add_debug(parser)
     args = parser.parse_args(argv)
-    with open(args.model, "rb") as f:
-        model = f.read()
-    graph = tflite_import.from_bytes(model, name=os.path.basename(args.model))
+    if args.seed < 0:
+        parser.error(f"--seed {args.seed} is negative; use a whole number >= 0")
+    model = args.model.read_bytes()
+    graph = tflite_import.from_bytes(model, name=args.model.name)
     diff = first_difference(graph, model, pallas=not args.xla, seed=args.seed)
     if diff is None:
         print(f"{graph.name}: all {len(graph.ops)} op outputs bit-exact with TFLite Micro (seed {args.seed})")

@@ -53,20 +53,25 @@ def activation_quantization(lo: float, hi: float) -> Quantization:
     return Quantization(scale, zero_point)
 
 
-def quantize_weights(w: np.ndarray, axis: int) -> tuple[np.ndarray, Quantization]:
-    """Symmetric per-channel int8 (zero point 0, [-127, 127]) along ``axis``."""
+def quantize_weights(w: np.ndarray, axis: int | None) -> tuple[np.ndarray, Quantization]:
+    """Symmetric int8 (zero point 0, [-127, 127]): per channel along ``axis``, or per tensor
+    when ``axis`` is None."""
     reduce_axes = tuple(a for a in range(w.ndim) if a != axis)
-    max_abs = np.abs(w).max(axis=reduce_axes)
+    max_abs = np.atleast_1d(np.abs(w).max(axis=reduce_axes))
     scale = np.where(max_abs > 0, max_abs / 127.0, 1e-8).astype(np.float32)
     shape = [1] * w.ndim
-    shape[axis] = -1
+    if axis is not None:
+        shape[axis] = -1
     q = np.clip(np.vectorize(tflite_round)(w / scale.reshape(shape)), -127, 127).astype(np.int8)
-    return q, Quantization(scale, np.zeros(scale.size, np.int64), axis)
+    return q, Quantization(scale, np.zeros(scale.size, np.int64), 0 if axis is None else axis)
 
 
 def quantize(graph: Graph, calibration_inputs: list[np.ndarray], *, params: dict | None = None,
-             float_io: bool = True) -> Graph:
-    """The int8 IR of a float ``graph`` (weights from ``params`` if given, e.g. after training)."""
+             float_io: bool = True, per_channel_dense: bool = True) -> Graph:
+    """The int8 IR of a float ``graph`` (weights from ``params`` if given, e.g. after training).
+
+    ``per_channel_dense=False`` quantizes FULLY_CONNECTED weights per tensor, as TFLite's
+    converter writes them (and as every MLPerf Tiny reference model has them)."""
     graph.validate()
     params = execute.float_params(graph) if params is None else params
     ranges = calibrate(graph, calibration_inputs, params)
@@ -94,7 +99,8 @@ def quantize(graph: Graph, calibration_inputs: list[np.ndarray], *, params: dict
         if op.kind in WEIGHT_AXIS:
             w_name, b_name = op.inputs[1], (op.inputs[2] if len(op.inputs) > 2 else None)
             w = np.asarray(params[w_name], np.float32)
-            qw, wq = quantize_weights(w, WEIGHT_AXIS[op.kind])
+            axis = None if op.kind == "FULLY_CONNECTED" and not per_channel_dense else WEIGHT_AXIS[op.kind]
+            qw, wq = quantize_weights(w, axis)
             tensors[w_name] = Tensor(w_name, w.shape, "int8", wq, qw)
             if b_name is not None:
                 b = np.asarray(params[b_name], np.float64)
@@ -103,7 +109,7 @@ def quantize(graph: Graph, calibration_inputs: list[np.ndarray], *, params: dict
                 if np.abs(qb).max(initial=0) >= 2**31:
                     raise ValueError(f"op {op.kind} {op.name!r}: bias does not fit int32 at scale {bias_scale.min():.3g}")
                 tensors[b_name] = Tensor(b_name, b.shape, "int32",
-                                         Quantization(bias_scale.astype(np.float32), np.zeros(b.size, np.int64)),
+                                         Quantization(bias_scale.astype(np.float32), np.zeros(bias_scale.size, np.int64)),
                                          qb.astype(np.int32))
         ops.append(copy.deepcopy(op))
 

@@ -188,8 +188,10 @@ class _Reader:
                 raw = np.frombuffer(self.buf, np.uint8, size, start)
             else:
                 n = buffer.DataLength()
-                if n > len(self.buf):
-                    raise ValueError(f"{self.name}: buffer {b} claims {n} bytes, more than the file (corrupted file)")
+                start = buffer._tab.Vector(buffer._tab.Offset(4)) if n else 0
+                if start + n > len(self.buf):
+                    raise ValueError(f"{self.name}: buffer {b} at offset {start} (+{n} B) is past the end of the "
+                                     f"{len(self.buf)}-byte file (truncated or corrupted file)")
                 raw = buffer.DataAsNumpy() if n else None
             if raw is not None and len(raw):
                 expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize

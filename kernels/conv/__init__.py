@@ -278,6 +278,11 @@ def conv2d(x, w, *, stride: int | Sequence[int] = 1, padding: Padding = "SAME", 
         raise ValueError(f"activation={activation!r} is not supported; use one of {ACTIVATIONS}")
     if bias is not None and jnp.shape(bias) != (g.k,):
         raise ValueError(f"bias must have shape ({g.k},) (one per output channel), got {jnp.shape(bias)}")
+    if bias is not None:
+        mm.check_bias_dtype(jnp.asarray(bias), jnp.float32, "conv2d")
+    if 0 in (g.n, g.c, g.k):  # no tile to run: lax's answer (empty, or bias and activation alone for C = 0)
+        return reference(x, w, stride=stride, padding=padding, dilation=dilation, groups=groups, layout=layout,
+                         bias=None if bias is None else jnp.asarray(bias), activation=activation)
     if interpret is None:
         interpret = platform.interpret_default()
     if config is not None and algorithm is not None and algorithm != config.algorithm:

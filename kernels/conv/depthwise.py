@@ -177,6 +177,10 @@ def depthwise_conv_inplace(buf, w, bias, *, height: int, width: int, activation=
             f"buffer of shape {buf.shape} is not a halo_buffer of a {height}x{width}x{c} activation for a "
             f"{kh}x{kw} kernel; build it with halo_buffer(x, {kh})"
         )
+    if bias.shape != (c,) or not jnp.issubdtype(bias.dtype, jnp.floating):
+        raise ValueError(f"bias must be a float ({c},) array (one per channel), got {bias.dtype}{bias.shape}")
+    if 0 in (n, c, height, width):  # no pixel to compute: the buffer is already the (empty) output
+        return buf
     taps = jnp.pad(w.reshape(kh * kw, c), ((0, 0), (0, cp - c)))
     bp = jnp.pad(bias.astype(jnp.float32), (0, cp - c)).reshape(1, cp)
     body = functools.partial(_depthwise_inplace_body, kh=kh, kw=kw, height=height, width=width,

@@ -108,6 +108,8 @@ def make_geometry(x_shape, w_shape, *, stride, padding, dilation, groups, layout
     else:
         n, c, h, w = x_shape
     kh, kw, ci, k = w_shape
+    if min(kh, kw) < 1:
+        raise ValueError(f"w {tuple(w_shape)} has a {kh}x{kw} kernel; it needs at least one tap (kh, kw >= 1)")
     if groups < 1 or c % groups or k % groups:
         raise ValueError(f"groups={groups} must divide both input channels {c} and output channels {k}")
     if ci * groups != c:

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from kernels import matmul as mm
 from kernels import platform, tuned
 from kernels.conv.geometry import (
     activate,
@@ -228,7 +229,14 @@ def inverted_residual(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, *
     config: explicit knobs; ``None`` takes the tuned cache for this block, else a heuristic.
     """
     x = jnp.asarray(x)
+    if x.ndim != 4:
+        raise ValueError(f"x must be NHWC (4-D), got shape {x.shape}")
     _check_shapes(x, w_expand, w_dw, w_project, stride)
+    for name, bias in (("b_expand", b_expand), ("b_dw", b_dw), ("b_project", b_project)):
+        if bias is not None:
+            mm.check_bias_dtype(jnp.asarray(bias), jnp.float32, "inverted_residual", name)
+    if 0 in (*x.shape, w_dw.shape[3], w_project.shape[1]):  # no tile to run: the separate XLA ops' answer
+        return inverted_residual_reference(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride=stride)
     if interpret is None:
         interpret = platform.interpret_default()
     expansion = 1 if w_expand is None else w_dw.shape[3] // x.shape[3]

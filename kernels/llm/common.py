@@ -35,6 +35,8 @@ def parse_attention_shape(text: str, form: str, example: str) -> dict:
         b, s, hq, hkv, d = (int(v) for v in text.lower().split("x"))
     except ValueError:
         raise ValueError(f"shape {text!r} is not {form}, e.g. {example}") from None
+    if min(b, s, hq, hkv, d) < 1 or hq % hkv:
+        raise ValueError(f"shape {text!r}: sizes must be positive and HKV divide HQ, e.g. {example}")
     return attention_problem_key(b, s, hq, hkv, d, "bfloat16")
 
 

@@ -138,10 +138,17 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengt
                          f"{v_cache.shape}")
     b, hq, d = q.shape
     hkv, s = k_cache.shape[1], k_cache.shape[2]
-    if k_cache.shape[0] != b or k_cache.shape[3] != d or hq % hkv:
-        raise ValueError(f"cache shape {k_cache.shape} does not fit q shape {q.shape}")
+    if k_cache.shape[0] != b or k_cache.shape[3] != d or hkv == 0 or hq % hkv:
+        raise ValueError(f"cache shape {k_cache.shape} does not fit q shape {q.shape} (key/value heads must be >= 1 "
+                         "and divide the query heads)")
     if not common.is_pow2(d):
         raise ValueError(f"head_dim={d} must be a power of 2 for the Pallas attention kernels")
+    if lengths.shape != (b,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
+        raise ValueError(f"lengths must be integers of shape ({b},), got {lengths.dtype}{lengths.shape}")
+    if s == 0:
+        raise ValueError("the KV cache has length S=0; decode attention needs at least one cached position")
+    if 0 in (b, hq):  # an empty batch or head axis: the empty result
+        return jnp.zeros(q.shape, q.dtype)
     if interpret is None:
         interpret = platform.interpret_default()
     cfg = tuned.resolve("decode_attention", problem_key(b, s, hq, hkv, d, q.dtype), config, config_type=Config,

@@ -125,10 +125,12 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = 
     b, t, hq, d = q.shape
     if k.shape[0] != b or k.shape[1] != t or k.shape[3] != d:
         raise ValueError(f"k/v shape {k.shape} does not match q shape {q.shape} (prefill needs S == T)")
-    if hq % k.shape[2]:
-        raise ValueError(f"query heads {hq} must be a multiple of key/value heads {k.shape[2]}")
+    if k.shape[2] == 0 or hq % k.shape[2]:
+        raise ValueError(f"query heads {hq} must be a multiple of key/value heads {k.shape[2]} (at least one)")
     if not common.is_pow2(d):
         raise ValueError(f"head_dim={d} must be a power of 2 for the Pallas attention kernels")
+    if 0 in (b, t, hq):  # an empty batch, sequence or head axis: the empty result
+        return jnp.zeros(q.shape, q.dtype)
     if interpret is None:
         interpret = platform.interpret_default()
     cfg = tuned.resolve("flash_attention", problem_key(b, t, hq, k.shape[2], d, q.dtype), config,

@@ -80,6 +80,10 @@ def rmsnorm(x: jax.Array, weight: jax.Array, *, eps: float, residual: jax.Array 
         raise ValueError(f"weight has shape {weight.shape}, expected ({dim},)")
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"residual shape {residual.shape} differs from x shape {x.shape}")
+    if dim == 0:
+        raise ValueError(f"x {x.shape} has an empty last axis (dim=0); RMSNorm normalizes over at least one feature")
+    if x.size == 0:  # no row to normalize: the empty result
+        return reference(x, weight, eps=eps, residual=residual)
     x2 = x.reshape(-1, dim)
     rows = x2.shape[0]
     if interpret is None:
@@ -106,6 +110,8 @@ def parse_shape(text: str) -> dict:
         rows, dim = (int(v) for v in text.lower().split("x"))
     except ValueError:
         raise ValueError(f"shape {text!r} is not ROWSxDIM, e.g. 1x4096") from None
+    if min(rows, dim) < 1:
+        raise ValueError(f"shape {text!r}: sizes must be positive, e.g. 1x4096")
     return problem_key(rows, dim, "bfloat16")
 
 

@@ -144,7 +144,11 @@ def rope(x: jax.Array, positions: jax.Array, *, theta: float, scaling: float = 1
         raise ValueError(f"positions has shape {positions.shape}, expected (batch, seq) = {(b, t)}")
     if d % 2 or not common.is_pow2(d // 2):
         raise ValueError(f"head_dim={d} must be twice a power of 2 for the Pallas RoPE kernel")
+    if not jnp.issubdtype(positions.dtype, jnp.integer):
+        raise ValueError(f"positions are {positions.dtype}; pass integer token positions (e.g. int32)")
     rows = b * t * h
+    if rows == 0:  # an empty batch, sequence or head axis: nothing to rotate
+        return x
     if interpret is None:
         interpret = platform.interpret_default()
     cfg = tuned.resolve("rope", problem_key(rows, d, x.dtype), config, config_type=Config,
@@ -169,6 +173,8 @@ def parse_shape(text: str) -> dict:
         rows, d = (int(v) for v in text.lower().split("x"))
     except ValueError:
         raise ValueError(f"shape {text!r} is not ROWSxHEAD_DIM, e.g. 32x128") from None
+    if rows < 1 or d < 2 or d % 2:
+        raise ValueError(f"shape {text!r}: rows must be positive and HEAD_DIM even, e.g. 32x128")
     return problem_key(rows, d, "bfloat16")
 
 

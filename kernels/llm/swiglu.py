@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -104,8 +105,12 @@ def swiglu(x: jax.Array, w_gate: QuantizedWeight | jax.Array, w_up: QuantizedWei
     if x.shape[-1] != k:
         raise ValueError(f"x has K={x.shape[-1]} but the weights have K={k}")
     lead = x.shape[:-1]
+    m, n = math.prod(lead), gate_arrays[0].shape[-1]
+    if k == 0:
+        raise ValueError("the weights have K=0 input features; swiglu needs K >= 1")
+    if 0 in (m, n):  # no row or no output feature: the empty result
+        return jnp.zeros((*lead, n), x.dtype)
     x2 = x.reshape(-1, k)
-    m, n = x2.shape[0], gate_arrays[0].shape[-1]
     if interpret is None:
         interpret = platform.interpret_default()
     cfg = tuned.resolve("swiglu", w4a16.problem_key(m, n, k, bits, group, x.dtype), config, config_type=Config,

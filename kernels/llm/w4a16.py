@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -398,8 +399,12 @@ def quantized_matmul(x: jax.Array, w: QuantizedWeight | jax.Array, *, config: Co
     if x.shape[-1] != k:
         raise ValueError(f"x has K={x.shape[-1]} but the weight has K={k}")
     lead = x.shape[:-1]
+    m, n = math.prod(lead), arrays[0].shape[-1]
+    if k == 0:
+        raise ValueError("the weights have K=0 input features; quantized_matmul needs K >= 1")
+    if 0 in (m, n):  # no row or no output feature: the empty result
+        return jnp.zeros((*lead, n), x.dtype)
     x2 = x.reshape(-1, k)
-    m, n = x2.shape[0], arrays[0].shape[-1]
     if interpret is None:
         interpret = platform.interpret_default()
     cfg = tuned.resolve("w4a16", problem_key(m, n, k, bits, group, x.dtype), config, config_type=Config,
@@ -434,10 +439,13 @@ def parse_shape(text: str) -> dict:
         raise ValueError(f"shape {text!r} is not MxNxK[:gGROUP][:bBITS], e.g. 1x4096x4096:g128") from None
     group, bits = 32, 4
     for opt in opts:
-        if opt.startswith("g"):
-            group = int(opt[1:])
-        elif opt.startswith("b"):
-            bits = int(opt[1:])
+        if opt[:1] in ("g", "b") and opt[1:].isdigit():
+            group, bits = (int(opt[1:]), bits) if opt[0] == "g" else (group, int(opt[1:]))
+        else:
+            raise ValueError(f"shape {text!r}: option {opt!r} is not gGROUP or bBITS, e.g. 1x4096x4096:g128:b4")
+    if min(m, n, k) < 1 or bits not in (4, 8) or group < 1 or k % group:
+        raise ValueError(f"shape {text!r}: sizes must be positive, BITS 4 or 8 and GROUP divide K, "
+                         "e.g. 1x4096x4096:g128")
     return problem_key(m, n, k, bits, group, "bfloat16")
 
 

@@ -109,6 +109,19 @@ def test_affine_quantize_rounds_half_away_from_zero():
     np.testing.assert_array_equal(np.asarray(q.affine_quantize(jnp.asarray(x), 1.0, 0)), want)
 
 
+def test_affine_quantize_divides_under_jit_as_tflite_does():
+    """TFLite divides by the scale in float32; under jit XLA would multiply by the reciprocal of a
+    constant scale instead, which rounds this value to the other side of -95.5."""
+    import jax
+
+    x = np.array([0.0, -3.7434509, 1.0], np.float32)
+    scale = float(np.float32(0.03919844))
+    assert x[1] / np.float32(scale) == -95.5
+    want = np.array([-1, -97, 25], np.int8)  # round(-95.5) = -96, plus zero point -1
+    np.testing.assert_array_equal(q.affine_quantize(x, scale, -1), want)
+    np.testing.assert_array_equal(np.asarray(jax.jit(lambda v: q.affine_quantize(v, scale, -1))(jnp.asarray(x))), want)
+
+
 def test_softmax_int8_numpy_and_jnp_agree_and_sum_to_one():
     rng = np.random.default_rng(0)
     x = rng.integers(-128, 128, (64, 10)).astype(np.int8)

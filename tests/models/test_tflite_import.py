@@ -1,18 +1,14 @@
 """Importing the nine reference .tflite files, and clear errors for corrupted or unsupported ones."""
-import pathlib
-
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from models import tflite_import
+from models import tflite_import, zoo
 
-MODELS = pathlib.Path(__file__).resolve().parents[3] / "shared" / "tflite"
-FILES = sorted(MODELS.glob("*.tflite"))
-KWS = MODELS / "mlperf_tiny_kws01_dscnn_int8.tflite"
+KWS = "mlperf_tiny_kws01_dscnn_int8"  # where absent, its stand-in: the same ops and layer shapes
 
-# Op counts from ../shared/tflite/README.md.
+# Op counts from the reference models' README (../shared/tflite/README.md).
 EXPECTED_OPS = {
     "mlperf_tiny_vww01_mobilenetv1_0.25_96_int8": {"CONV_2D": 14, "DEPTHWISE_CONV_2D": 13, "AVERAGE_POOL_2D": 1,
                                                     "RESHAPE": 1, "FULLY_CONNECTED": 1, "SOFTMAX": 1},
@@ -37,13 +33,17 @@ EXPECTED_OPS = {
 
 
 def test_all_nine_reference_models_are_present():
-    assert {f.stem for f in FILES} == set(EXPECTED_OPS)
+    if not zoo.references():
+        pytest.skip(f"no reference models in {', '.join(map(str, zoo.search_path()))}; {zoo.HOW_TO_GET}")
+    assert set(EXPECTED_OPS) == set(zoo.REFERENCES)
+    missing = sorted(set(EXPECTED_OPS) - set(zoo.references()))
+    assert not missing, f"reference models missing: {missing}; {zoo.HOW_TO_GET}"
 
 
-@pytest.mark.parametrize("path", FILES, ids=lambda p: p.stem)
-def test_reference_model_imports_with_expected_ops(path):
-    g = tflite_import.load(path)
-    assert g.op_kinds() == EXPECTED_OPS[path.stem]
+@pytest.mark.parametrize("name", EXPECTED_OPS)
+def test_reference_model_imports_with_expected_ops(name, reference_model):
+    g = tflite_import.load(reference_model(name))
+    assert g.op_kinds() == EXPECTED_OPS[name]
     for op in g.ops:
         if op.kind in ("CONV_2D", "DEPTHWISE_CONV_2D"):
             w = g.tensors[op.inputs[1]]
@@ -53,8 +53,8 @@ def test_reference_model_imports_with_expected_ops(path):
             assert g.tensors[op.inputs[2]].dtype == "int32"
 
 
-def test_kws_input_quantization_matches_readme():
-    g = tflite_import.load(KWS)
+def test_kws_input_quantization_matches_readme(reference_model):
+    g = tflite_import.load(reference_model(KWS))
     x = g.tensors[g.inputs[0]]
     assert x.shape == (1, 49, 10, 1) and x.dtype == "int8"
     assert np.isclose(x.quantization.scalar_scale, 0.584702909) and x.quantization.scalar_zero_point == 83
@@ -71,8 +71,8 @@ def test_not_a_tflite_file_is_rejected():
 
 
 @pytest.mark.parametrize("keep", [0.02, 0.25, 0.5, 0.9, 0.999])
-def test_truncated_file_names_the_offset(keep):
-    data = KWS.read_bytes()
+def test_truncated_file_names_the_offset(keep, model_path):
+    data = model_path(KWS).read_bytes()
     with pytest.raises(ValueError, match=r"offset|truncated|corrupted|outside|past the end"):
         tflite_import.from_bytes(data[: int(len(data) * keep)])
 
@@ -95,8 +95,8 @@ def _patch_opcode(data: bytes, old: int, new: int) -> bytes:
     return bytes(buf)
 
 
-def test_unsupported_operator_is_named():
-    data = _patch_opcode(KWS.read_bytes(), old=25, new=14)  # SOFTMAX -> LOGISTIC
+def test_unsupported_operator_is_named(model_path):
+    data = _patch_opcode(model_path(KWS).read_bytes(), old=25, new=14)  # SOFTMAX -> LOGISTIC
     with pytest.raises(ValueError, match=r"operator 12 \(LOGISTIC\): unsupported operator LOGISTIC"):
         tflite_import.from_bytes(data, name="kws.tflite")
 
@@ -117,8 +117,8 @@ def _table_bytes(data: bytes) -> np.ndarray:
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.data())
-def test_corrupted_tables_give_value_error_or_valid_graph(data):
-    raw = bytearray(KWS.read_bytes())
+def test_corrupted_tables_give_value_error_or_valid_graph(model_path, data):
+    raw = bytearray(model_path(KWS).read_bytes())
     tables = _table_bytes(bytes(raw))
     for _ in range(data.draw(st.integers(1, 4))):
         pos = int(tables[data.draw(st.integers(0, len(tables) - 1))])
