@@ -122,6 +122,13 @@ def check_layout(cfg: LlamaConfig, layout: Layout, *, group: int | None = None) 
                          f"(--devices DxM with M among these)")
 
 
+def check_path(path: str) -> None:
+    """The execution paths that run sharded: ``xla`` and ``pallas``."""
+    if path == "cpu":
+        raise ValueError("the cpu path's compiled kernels run unsharded on the host (host devices of a sharded "
+                         "run share the same cores); drop --devices or choose --path xla or pallas")
+
+
 # ---------------------------------------------------------------------------------------------
 # Weight placement
 # ---------------------------------------------------------------------------------------------
@@ -185,9 +192,7 @@ def prepare(params: dict, cfg: LlamaConfig, path: str, mesh: Mesh) -> dict:
     """Lay the weights out for ``path`` and place them across ``mesh``: each device receives only
     its share (host arrays go straight to their devices). Idempotent for weights already placed."""
     layout = layout_of(mesh)
-    if path == "cpu":
-        raise ValueError("the cpu path's compiled kernels run unsharded on the host (host devices of a sharded "
-                         "run share the same cores); drop --devices or choose --path xla or pallas")
+    check_path(path)
     check_layout(cfg, layout, group=quantization_group(params))
     placed = _placed_layout(params)
     if placed is not None and placed.model != layout.model:
@@ -258,13 +263,21 @@ def _sharded(body, mesh: Mesh, params: dict, in_specs: tuple, out_specs):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "path", "mesh"), donate_argnames=("cache",))
-def prefill(params: dict, tokens: jax.Array, cache: dict, *, cfg: LlamaConfig, path: str, mesh: Mesh):
+def prefill(params: dict, tokens: jax.Array, cache: dict, *, cfg: LlamaConfig, path: str, mesh: Mesh,
+            lengths: jax.Array | None = None):
     """``forward.prefill`` with weights and cache placed by ``prepare``/``init_cache`` on ``mesh``;
     the logits come back split by vocabulary (XLA gathers what a consumer needs)."""
     cache_specs = {"k": CACHE_SPEC, "v": CACHE_SPEC}
-    body = functools.partial(forward.run_prefill, tensor_parallel_ops(path), cfg=cfg)
-    run = _sharded(body, mesh, params, (P(DATA, None), cache_specs), (P(DATA, None, MODEL), cache_specs))
-    return run(params, tokens, cache)
+    ops = tensor_parallel_ops(path)
+
+    def body(params, tokens, cache, lengths=None):
+        return forward.run_prefill(ops, params, tokens, cache, cfg, lengths)
+
+    if lengths is None:
+        run = _sharded(body, mesh, params, (P(DATA, None), cache_specs), (P(DATA, None, MODEL), cache_specs))
+        return run(params, tokens, cache)
+    run = _sharded(body, mesh, params, (P(DATA, None), cache_specs, P(DATA)), (P(DATA, None, MODEL), cache_specs))
+    return run(params, tokens, cache, lengths)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "path", "mesh"), donate_argnames=("cache",))

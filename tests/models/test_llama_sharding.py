@@ -105,7 +105,7 @@ def smollm2():
 
 
 @child_only
-@pytest.mark.parametrize("path", ["xla", pytest.param("pallas", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("path", ["xla", "pallas"])
 def test_smollm2_tensor_parallel_3_gives_the_logits_and_tokens_of_one_device(smollm2, path):
     """Prefill and two decode steps: logits within the tolerance, the same greedy token at every position."""
     model, prompts = smollm2
