@@ -8,6 +8,8 @@ Activations: an upper bound of one prefill of ``prompt`` tokens, the largest ste
 stream (3 x T x dim), the fused q/k/v output, the attention output, the MLP's gate, up and product
 (3 x T x ffn / M) and the f32 logits (T x vocab / M), plus on the ``xla`` path the attention scores
 it materializes (heads / M x T x T, f32). Fused kernels keep scores on chip.
+Weights are counted in the packed layout of the xla and pallas paths (a Q4_0 block carries its min,
+20 bytes per 32 weights); the cpu path keeps llama.cpp's 18-byte Q4_0 blocks.
 """
 from __future__ import annotations
 
