@@ -194,18 +194,25 @@ def _collectives(hlo: str) -> dict[str, list[str]]:
     return found
 
 
-@child_only
-@pytest.mark.parametrize("path", ["xla", "pallas"])
-def test_decode_step_all_reduces_activations_and_gathers_no_weight(path):
-    """Optimized HLO of one decode step on a 2x2 mesh: per layer, one all-reduce after the attention
-    block and one after the MLP, plus one for the vocabulary-split embedding; each over the model axis
-    ({0,1},{2,3}), each of the residual stream's (batch/2, 1, dim) shape; nothing gathered."""
+@functools.cache
+def _decode_step_on_2x2(path):
+    """(cfg, placed weights, cache, optimized HLO) of one decode step of the tiny 4-bit model on a 2x2 mesh."""
     cfg, params = _tiny(4)
     mesh = _mesh("2x2")
     placed = sharding.prepare(params, cfg, path, mesh)
     cache = sharding.init_cache(cfg, 2, 256, mesh)
     hlo = sharding.decode.lower(placed, jnp.array([1, 2]), jnp.array([3, 3]), cache, cfg=cfg, path=path,
                                 mesh=mesh).compile().as_text()
+    return cfg, placed, cache, hlo
+
+
+@child_only
+@pytest.mark.parametrize("path", ["xla", "pallas"])
+def test_decode_step_all_reduces_activations_and_gathers_no_weight(path):
+    """Optimized HLO of one decode step on a 2x2 mesh: per layer, one all-reduce after the attention
+    block and one after the MLP, plus one for the vocabulary-split embedding; each over the model axis
+    ({0,1},{2,3}), each of the residual stream's (batch/2, 1, dim) shape; nothing gathered."""
+    cfg, placed, _, hlo = _decode_step_on_2x2(path)
     found = _collectives(hlo)
     per_layer = 2 if isinstance(placed["layers"], dict) else 2 * cfg.n_layers  # a scanned body appears once
     assert len(found["all-reduce"]) == per_layer + 1, found["all-reduce"]
@@ -221,12 +228,7 @@ def test_sharded_decode_writes_each_devices_cache_only_inside_the_kernels(path):
     written in place by the fused q/k/v kernel and read by attention: in the optimized HLO of the
     pallas step every instruction of that shape that moves bytes belongs to a kernel. The xla path,
     which writes the cache with XLA's own updates, shows that the check finds such work."""
-    cfg, params = _tiny(4)
-    mesh = _mesh("2x2")
-    placed = sharding.prepare(params, cfg, path, mesh)
-    cache = sharding.init_cache(cfg, 2, 256, mesh)
-    hlo = sharding.decode.lower(placed, jnp.array([1, 2]), jnp.array([3, 3]), cache, cfg=cfg, path=path,
-                                mesh=mesh).compile().as_text()
+    cfg, _, cache, hlo = _decode_step_on_2x2(path)
     block = cache["k"].addressable_shards[0].data.shape
     assert block == (cfg.n_layers, 1, cfg.n_kv_heads // 2, 256, cfg.head_dim)
     moved = [(op, name) for op, name in _cache_shaped_ops(hlo, "f32[" + ",".join(map(str, block)) + "]")
