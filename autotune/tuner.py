@@ -333,6 +333,9 @@ def tune(space: SearchSpace, *, storage: str, n_trials: int, timeout: float | No
         if timing is not None:
             for key, value in timing.as_dict().items():
                 trial.set_user_attr(key, value)
+        for key, value in values.items():  # what the measure reports beside the objectives
+            if key not in {o.name for o in space.objectives}:
+                trial.set_user_attr(key, value)
         ordered = [values[o.name] for o in space.objectives]
         return ordered[0] if len(ordered) == 1 else ordered
 

@@ -23,7 +23,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from autotune import measure, report, results
 from kernels import platform
-from models import diff, execute, tflite_import, zoo
+from models import execute, tflite_import, tflm, zoo
 
 SMALL = ["mlperf_tiny_ad01_fc_autoencoder_int8", "mlperf_tiny_kws01_dscnn_int8", "mlperf_tiny_ic01_resnet8_cifar10_int8"]
 
@@ -33,11 +33,11 @@ def bench_model(path: pathlib.Path, batch: int, rounds: int | None) -> dict:
     float_graph = execute.dequantized_graph(graph)
 
     def int8_inputs(seed):
-        return tuple(jnp.asarray(x) for x in diff.random_inputs(graph, batch, seed=seed))
+        return tuple(jnp.asarray(x) for x in tflm.random_inputs(graph, batch, seed=seed))
 
     def float_inputs(seed):
         out = []
-        for name, x in zip(graph.inputs, diff.random_inputs(graph, batch, seed=seed)):
+        for name, x in zip(graph.inputs, tflm.random_inputs(graph, batch, seed=seed)):
             q = graph.tensors[name].quantization
             out.append(jnp.asarray(x if q is None else execute.quant.dequantize(x, q.scale[0], q.zero_point[0])))
         return tuple(out)

@@ -1,12 +1,18 @@
-"""MCU export benchmark: per model, peak SRAM against TFLite Micro's arena, flash against the
-.tflite size, executed Cortex-M7 instructions under QEMU (portable kernels; CMSIS-NN when
-$CMSIS_NN_ROOT is set), and whether it fits the board. Schedules: ``default`` (whole tensors,
-in-place overlap), ``min_sram`` (the patch-based schedule with the smallest peak SRAM) and
-``cmsis-nn``. Models: the reference models found through ``models.zoo`` ($TINYPALLAS_MODELS, then
-../shared/tflite beside the repository; README.md, "Reference models"), or, where there are none,
-the stand-ins it builds (named ``standin_...``: their figures are not the reference models').
+"""MCU export benchmark: per model and schedule, executed Cortex-M7 instructions under QEMU (and
+MACs per instruction), the ratio to CMSIS-NN's instructions, peak SRAM and its ratio to TFLite
+Micro's arena, and whether the image fits the board (SRAM with the stack, flash with the code).
+Models: the reference models found through ``models.zoo`` ($TINYPALLAS_MODELS, then ../shared/tflite
+beside the repository; README.md, "Reference models"), or, where there are none, the stand-ins it
+builds (named ``standin_...``: their figures are not the reference models').
 
-    python benchmarks/mcu.py [--board stm32f746] [--models GLOB] [--out results/mcu.json] [--no-qemu] [--layers]
+Schedules: ``portable`` (whole tensors, in-place overlap), ``portable min-SRAM`` (the patch
+schedule with the smallest peak), ``cmsis-nn`` and ``cmsis-nn min-SRAM`` (when $CMSIS_NN_ROOT
+is set; min-SRAM runs 1x1 convs through arm_convolve_s8 where that lets them run in place), and
+``specialized`` (the autotuner's schedule for the model and board when one is stored, else the
+default: int16 weights within the board's flash, peak SRAM at most the portable default's).
+Every run is checked bit-exact against TFLite Micro on the same input.
+
+    python benchmarks/mcu.py [--board stm32f746] [--models GLOB] [--out benchmarks/results/mcu.json] [--no-qemu] [--layers]
 """
 from __future__ import annotations
 
@@ -15,19 +21,20 @@ import fnmatch
 import json
 import os
 import pathlib
-import platform
 import shutil
 import subprocess
 import sys
 import tempfile
+
+import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import mcu
 from autotune import results
-from mcu import build, codegen, tflm
-from models import tflite_import, zoo
+from mcu import build, codegen, specialized, tune
+from models import tflite_import, tflm, zoo
 
 
 def _version(cmd: list[str]) -> str:
@@ -37,37 +44,92 @@ def _version(cmd: list[str]) -> str:
         return "missing"
 
 
+def schedules(path: pathlib.Path, graph, board: mcu.Board) -> dict[str, tuple[codegen.Config, str]]:
+    """name -> (config, where it came from)."""
+    out = {"portable": (codegen.Config(), "default"), "portable min-SRAM": (codegen.min_sram_config(graph), "min_sram_config")}
+    if os.environ.get("CMSIS_NN_ROOT"):
+        cmsis = codegen.Config(backend="cmsis-nn")
+        out["cmsis-nn"] = (cmsis, "default")
+        out["cmsis-nn min-SRAM"] = (codegen.min_sram_config(graph, cmsis), "min_sram_config")
+    tuned = tune.tuned_config(str(path), board.name)
+    if tuned is not None and tuned.backend == "specialized":
+        out["specialized"] = (tuned, "tuned (python -m autotune sweep)")
+    else:
+        out["specialized"] = (codegen.specialized_config(graph, flash_bytes=board.flash_bytes),
+                              "default (specialized_config)")
+    return out
+
+
+def describe(config: codegen.Config) -> str:
+    """A short label of a schedule for the table (the JSON holds the whole config)."""
+    parts = [config.backend]
+    if config.patch_split >= 0:
+        parts.append(f"patches 0..{config.patch_split} {config.patch_grid}x{config.patch_grid}")
+    knobs: dict[str, int] = {}
+    for _, knob, value in config.layer_options:
+        knobs[f"{knob}={value}"] = knobs.get(f"{knob}={value}", 0) + 1
+    parts += [f"{n}x {k}" for k, n in sorted(knobs.items())]
+    if config.flash_budget:
+        parts.append(f"flash {config.flash_budget // 1024} KB")
+    return ", ".join(parts)
+
+
+def marker_macs(graph, markers: list[str]) -> list[int]:
+    """MACs of what each per-layer marker measures: ``op I ...`` one op, ``ops 0..I ...`` a patched segment."""
+    out = []
+    for m in markers:
+        first, _, last = m.split()[1].partition("..")
+        ops = range(int(first), int(last or first) + 1)
+        out.append(sum(specialized.op_macs(graph, graph.ops[i]) for i in ops))
+    return out
+
+
 def bench(path: pathlib.Path, board: mcu.Board, qemu: bool, layers: bool = False) -> dict:
     graph = tflite_import.load(str(path))
     arena = tflm.arena_bytes(str(path))
+    macs = specialized.macs(graph)
     row = {"model": path.name, "tflite_bytes": path.stat().st_size, "tflm_arena_total": arena["total"],
-           "tflm_arena_head": arena["head"], "schedules": {}}
-    schedules = {"default": codegen.Config(), "min_sram": codegen.min_sram_config(graph)}
-    if os.environ.get("CMSIS_NN_ROOT"):
-        schedules["cmsis-nn"] = codegen.Config(backend="cmsis-nn")
-    x = mcu.pack_inputs(graph, mcu.random_inputs(graph, 1))
+           "tflm_arena_head": arena["head"], "macs": macs, "schedules": {}}
+    inputs = mcu.random_inputs(graph, 1, seed=0)
+    x = mcu.pack_inputs(graph, inputs)
+    want = tflm.run(str(path), *inputs)
     with tempfile.TemporaryDirectory() as tmp:
-        lowered = {name: codegen.export(graph, pathlib.Path(tmp) / name, c) for name, c in schedules.items()}
-        fits = {name: not board.check_fit(low.peak_sram_bytes, low.flash_bytes) for name, low in lowered.items()}
+        chosen = schedules(path, graph, board)
+        lowered = {name: codegen.export(graph, pathlib.Path(tmp) / name, config) for name, (config, _) in chosen.items()}
         # instruction counts do not depend on the memory size: what does not fit the chosen
         # board runs on the largest profile with the same core
-        run_board = board if all(fits.values()) else max(
-            (b for b in mcu.BOARDS.values() if b.cpu == board.cpu), key=lambda b: b.sram_bytes)
+        run_board = max((b for b in mcu.BOARDS.values() if b.cpu == board.cpu), key=lambda b: b.sram_bytes)
         row["qemu_board"] = run_board.name if qemu else None
         for name, low in lowered.items():
-            entry = {"config": repr(schedules[name]), "peak_sram": low.peak_sram_bytes, "fits": fits[name],
-                     "sram_ratio_vs_tflm": round(low.peak_sram_bytes / arena["total"], 3), "const_bytes": low.flash_bytes}
+            config, origin = chosen[name]
+            entry = {"config": repr(config), "schedule": describe(config), "origin": origin,
+                     "peak_sram": low.peak_sram_bytes, "sram_ratio_vs_tflm": round(low.peak_sram_bytes / arena["total"], 3),
+                     "const_bytes": low.flash_bytes, "kernels": sorted({layer["kernel"].split()[0] for layer in low.layers})}
+            problems = board.check_fit(low.peak_sram_bytes, low.flash_bytes)
             if qemu:
                 elf = build.build_target(pathlib.Path(tmp) / name, run_board)
                 sizes = build.section_sizes(elf)
                 entry["flash_bytes"] = sizes["text"] + sizes["data"]
                 entry["flash_ratio_vs_tflite"] = round(entry["flash_bytes"] / row["tflite_bytes"], 3)
-                entry["instructions"] = build.run_qemu(elf, run_board, x, timeout=900).instructions[0]
+                problems = board.check_fit(low.peak_sram_bytes, entry["flash_bytes"])
+                run = build.run_qemu(elf, run_board, x, timeout=1800)
+                got = mcu.unpack_outputs(graph, run.outputs)
+                entry["bit_exact_vs_tflm"] = all(np.array_equal(a, b) for a, b in zip(got, want, strict=True))
+                entry["instructions"] = run.instructions[0]
+                entry["macs_per_instruction"] = round(macs / run.instructions[0], 3)
                 if layers:
                     elf = build.build_target(pathlib.Path(tmp) / name, run_board, profile_layers=True)
-                    counts = build.run_qemu(elf, run_board, x, timeout=900).layer_instructions
-                    entry["layers"] = [{"layer": m, "instructions": n} for m, n in zip(low.markers, counts)]
+                    counts = build.run_qemu(elf, run_board, x, timeout=1800).layer_instructions
+                    entry["layers"] = [{"layer": m, "instructions": n, "macs": k,
+                                        "macs_per_instruction": round(k / n, 3) if n else None}
+                                       for m, n, k in zip(low.markers, counts, marker_macs(graph, low.markers), strict=True)]
+            entry["fits"] = not problems
+            entry["does_not_fit"] = problems
             row["schedules"][name] = entry
+    reference = row["schedules"].get("cmsis-nn", {}).get("instructions")
+    for entry in row["schedules"].values():
+        if reference and entry.get("instructions"):
+            entry["instructions_ratio_vs_cmsis_nn"] = round(entry["instructions"] / reference, 3)
     return row
 
 
@@ -77,7 +139,9 @@ def main() -> None:
     ap.add_argument("--models", default="*", help="glob over model names, e.g. 'mlperf_tiny_*'")
     ap.add_argument("--out", default="results/benchmark_mcu.json")
     ap.add_argument("--no-qemu", action="store_true", help="skip the Cortex-M build and instruction counts")
-    ap.add_argument("--layers", action="store_true", help="also record per-layer instruction counts in the JSON")
+    ap.add_argument("--layers", action="store_true",
+                    help="also record per-layer instruction counts and MACs per instruction in the JSON (a profiled "
+                         "build per schedule: each layer in every backend's form, side by side)")
     args = ap.parse_args()
     board = mcu.board(args.board)
     qemu = not args.no_qemu and bool(shutil.which("qemu-system-arm") and shutil.which("arm-none-eabi-gcc"))
@@ -89,24 +153,33 @@ def main() -> None:
         print(f"error: no model matches --models {args.models!r}; the models are: {', '.join(zoo.suite_models())}",
               file=sys.stderr)
         sys.exit(2)
-    rows = [bench(zoo.model(n), board, qemu, args.layers) for n in names]
+    rows = []
+    for name in names:
+        rows.append(bench(zoo.model(name), board, qemu, args.layers))
+        print(f"done {name}", file=sys.stderr, flush=True)
 
-    def cell(r, sched, key, fmt="{:d}"):
-        v = r["schedules"].get(sched, {}).get(key)
+    def cell(entry, key, fmt="{:d}"):
+        v = entry.get(key)
         return "-" if v is None else fmt.format(v)
 
-    print(f"board {board.name}; instructions on {rows[0]['qemu_board'] if rows else '-'} (QEMU {board.qemu_machine})")
-    print(f"{'model':52s} {'TFLM B':>7s} {'default':>8s} {'min-SRAM':>8s} {'ratio':>5s} {'flash/tfl':>9s} "
-          f"{'instr default':>13s} {'instr min-SRAM':>14s} {'instr CMSIS-NN':>14s} {'CMSIS B':>8s} fits")
+    print(f"board {board.name}; instructions on QEMU {board.qemu_machine} ({rows[0]['qemu_board'] if rows else '-'} "
+          "memory map), one inference; ratio = instructions / CMSIS-NN's; fits = SRAM (+stack) and flash (+code)")
+    print(f"{'model':44s} {'schedule':18s} {'instructions':>12s} {'MAC/instr':>9s} {'vs CMSIS':>8s} {'peak SRAM':>9s} "
+          f"{'vs TFLM':>7s} {'fits':>4s} {'exact':>5s}  schedule used")
     for r in rows:
-        print(f"{r['model'][:52]:52s} {r['tflm_arena_total']:7d} {cell(r, 'default', 'peak_sram'):>8s} "
-              f"{cell(r, 'min_sram', 'peak_sram'):>8s} {cell(r, 'min_sram', 'sram_ratio_vs_tflm', '{:.3f}'):>5s} "
-              f"{cell(r, 'default', 'flash_ratio_vs_tflite', '{:.3f}'):>9s} {cell(r, 'default', 'instructions'):>13s} "
-              f"{cell(r, 'min_sram', 'instructions'):>14s} {cell(r, 'cmsis-nn', 'instructions'):>14s} "
-              f"{cell(r, 'cmsis-nn', 'peak_sram'):>8s} {'yes' if r['schedules']['min_sram']['fits'] else 'NO'}")
-    env = {**results.environment(), "board": board.name, "qemu_machine": board.qemu_machine, "cmsis_nn_root": os.environ.get("CMSIS_NN_ROOT"),
-           "python": platform.python_version(), "gcc_arm": _version(["arm-none-eabi-gcc", "--version"]),
-           "qemu": _version(["qemu-system-arm", "--version"]), "host": platform.platform()}
+        for name, e in r["schedules"].items():
+            exact = {True: "yes", False: "NO", None: "-"}[e.get("bit_exact_vs_tflm")]
+            print(f"{r['model'][:44]:44s} {name:18s} {cell(e, 'instructions'):>12s} {cell(e, 'macs_per_instruction', '{:.3f}'):>9s} "
+                  f"{cell(e, 'instructions_ratio_vs_cmsis_nn', '{:.3f}'):>8s} {e['peak_sram']:9d} "
+                  f"{e['sram_ratio_vs_tflm']:7.3f} {'yes' if e['fits'] else 'NO':>4s} {exact:>5s}  {e['schedule']} [{e['origin']}]")
+    env = {**results.environment(), "board": board.name, "qemu_machine": board.qemu_machine,
+           "cmsis_nn_root": os.environ.get("CMSIS_NN_ROOT"), "gcc_arm": _version(["arm-none-eabi-gcc", "--version"]),
+           "qemu": _version(["qemu-system-arm", "--version"])}
+    if os.environ.get("CMSIS_NN_ROOT"):
+        from mcu import cmsis_nn
+
+        env["cmsis_nn_content_sha256"] = cmsis_nn.content_key(cmsis_nn.root())
+        env["cmsis_nn_commit"] = _version(["git", "-C", os.environ["CMSIS_NN_ROOT"], "rev-parse", "HEAD"])
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"env": env, "rows": rows}, indent=2))

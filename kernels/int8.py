@@ -3,8 +3,9 @@
 Conv and fully connected run as one int8 x int8 -> int32 GEMM (``kernels.matmul``) whose epilogue
 adds the bias, requantizes per output channel (``kernels.quant``) and clamps, inside the kernel.
 Depthwise conv is its own Pallas kernel: a reduction over the kernel taps with the same epilogue.
-Pooling, ADD, MUL, MEAN and softmax are memory-bound elementwise/reduction ops: they are plain
-``jnp`` on the same integer math (XLA fuses them; a Pallas kernel would only add launch cost).
+Pooling, MEAN and softmax are memory-bound reductions: they are plain ``jnp`` on the same integer
+math (XLA fuses them; a Pallas kernel would only add launch cost); elementwise ADD/SUB/MUL/PRELU
+are ``kernels.quant``'s functions on jnp arrays, and unary int8 ops a 256-entry table lookup.
 
 Every function takes int8 activations (NHWC, any batch) and the integer parameters TFLite Micro
 prepares (``models.quantization.op_params``); results are bit-exact with TFLite Micro's
@@ -257,20 +258,11 @@ def depthwise_conv2d_reference(x, w, bias, *, stride, dilation, padding, out_hw,
     return quant.requantize(acc + folded, multiplier, shift, output_offset, act_min, act_max)
 
 
-def add(a, b, *, input1_offset, input2_offset, output_offset, left_shift, input1_multiplier, input1_shift,
-        input2_multiplier, input2_shift, output_multiplier, output_shift, act_min, act_max):
-    """Int8 ADD (TFLite: both inputs rescaled to a common 2**20-scaled sum, then requantized)."""
-    a = (a.astype(jnp.int32) + input1_offset) << left_shift
-    b = (b.astype(jnp.int32) + input2_offset) << left_shift
-    total = (quant.multiply_by_quantized_multiplier(a, input1_multiplier, input1_shift)
-             + quant.multiply_by_quantized_multiplier(b, input2_multiplier, input2_shift))
-    return quant.requantize(total, output_multiplier, output_shift, output_offset, act_min, act_max)
-
-
-def mul(a, b, *, input1_offset, input2_offset, output_offset, output_multiplier, output_shift, act_min, act_max):
-    """Int8 MUL: requantize ``(a + off1) * (b + off2)``."""
-    prod = (a.astype(jnp.int32) + input1_offset) * (b.astype(jnp.int32) + input2_offset)
-    return quant.requantize(prod, output_multiplier, output_shift, output_offset, act_min, act_max)
+def lookup(x, table: np.ndarray):
+    """An int8 -> int8 op through its 256-entry table (entry ``i`` holds the result for ``i - 128``):
+    the unary activations (HARD_SWISH, LOGISTIC, TANH, RELU, RELU6, LEAKY_RELU) and int8
+    requantization, whose TFLite-exact integer math (``kernels.quant``) fills the table once."""
+    return jnp.take(jnp.asarray(table, jnp.int8), x.astype(jnp.int32) + 128)
 
 
 def _window_sum_and_count(x, filt, stride, padding, out_hw, init, reducer):

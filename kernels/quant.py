@@ -337,3 +337,226 @@ def softmax_int8(x, input_multiplier: int, input_left_shift: int, diff_min: int,
     unsat = rounding_divide_by_pot(saturating_rounding_doubling_high_mul(shifted_scale, exp_q0), exponent)
     out = xp.clip(unsat - 128, -128, 127)
     return xp.where(valid, out, -128).astype(xp.int8)
+
+
+# ----------------------------------------------------------------------------------------
+# Unary int8 activations. Every function maps int8 values to int8 values with TFLite Micro's
+# integer arithmetic; an int8 input has only 256 values, so the runtimes evaluate each once
+# per op into a lookup table (``unary_table``) and gather.
+# ----------------------------------------------------------------------------------------
+
+
+def _wrap16(xp, v):
+    """int16 wrap-around of an int32 value (C++ conversion of an int to ``int16_t``)."""
+    return ((v + 32768) & 0xFFFF) - 32768
+
+
+def _srdhm16(xp, a, b):
+    """gemmlowp ``SaturatingRoundingDoublingHighMul`` on int16 (values held in int32)."""
+    ab = a * b
+    nudge = xp.where(ab >= 0, 1 << 14, 1 - (1 << 14))
+    q = (ab + nudge) // 32768
+    q = xp.where(((ab + nudge) < 0) & ((ab + nudge) % 32768 != 0), q + 1, q)  # C++ division truncates
+    return xp.where((a == -32768) & (b == -32768), 32767, _wrap16(xp, q))
+
+
+def _rdbpot16(xp, x, exponent: int):
+    """gemmlowp ``RoundingDivideByPOT`` on int16: the mask is ``(1 << exponent) - 1`` cast to int16."""
+    mask = ((1 << exponent) - 1 + 32768) % 65536 - 32768
+    remainder = x & mask
+    threshold = (mask >> 1) + (x < 0).astype(xp.int32)
+    return (x >> exponent) + (remainder > threshold).astype(xp.int32)
+
+
+def downscale_multiplier_to_int16(multiplier: int) -> int:
+    """TFLite ``DownScaleInt32ToInt16Multiplier`` (kernels/internal/common.h)."""
+    if multiplier >= INT32_MAX - (1 << 15):
+        return 32767
+    return (int(multiplier) + (1 << 15)) >> 16
+
+
+@_wrapping
+def hard_swish_int8(x, *, input_zero_point: int, output_zero_point: int, reluish_multiplier: int,
+                    reluish_exponent: int, output_multiplier: int, output_exponent: int):
+    """TFLite ``reference_ops::HardSwish<int8_t>`` (reference/hard_swish.h): int16 fixed point.
+
+    ``*_multiplier`` are the int16 multipliers of ``DownScaleInt32ToInt16Multiplier``; the
+    intermediate int16 values wrap and saturate exactly where the C++ does.
+    """
+    xp = _xp(x)
+    v = xp.asarray(x).astype(xp.int32) - input_zero_point
+    hires = _wrap16(xp, v * 128)
+    preshift = _srdhm16(xp, hires, xp.int32(output_multiplier))
+    reluish = hires
+    if reluish_exponent > 0:  # SaturatingLeftShift by exponent - 1, then by 1 after the multiply
+        # (shifting an int16 by 16 or more saturates every non-zero value: cap it there)
+        reluish = xp.clip(reluish * (1 << min(reluish_exponent - 1, 16)), -32768, 32767)
+    reluish = _srdhm16(xp, reluish, xp.int32(reluish_multiplier))
+    if reluish_exponent > 0:
+        reluish = xp.clip(reluish * 2, -32768, 32767)
+    if reluish_exponent < 0:
+        reluish = _rdbpot16(xp, reluish, -reluish_exponent)
+    reluish = _wrap16(xp, (reluish + (1 << 15)) >> 1)
+    # SaturatingDoublingHighMul (hard_swish.h): no rounding nudge, C++ truncating division.
+    ab = reluish * preshift
+    high = xp.where(ab < 0, -((-ab) // 32768), ab // 32768)
+    preshift_output = xp.where((reluish == -32768) & (preshift == -32768), 32767, _wrap16(xp, high))
+    out = _wrap16(xp, _rdbpot16(xp, preshift_output, -output_exponent) + output_zero_point)
+    return xp.clip(out, -128, 127).astype(xp.int8)
+
+
+@_wrapping
+def _rounding_half_sum_with_one(a):
+    """gemmlowp ``RoundingHalfSum(a, One)`` for a Q0.31 ``a`` in [0, 2**31): floor(a/2) + 2**30."""
+    xp = _xp(a)
+    return (a >> 1) + xp.int32(1 << 30)
+
+
+@_wrapping
+def one_minus_x_over_one_plus_x_for_x_in_0_1(a):
+    """gemmlowp (fixedpoint.h): (1 - a) / (1 + a) for a in [0, 1), Q0.31 in and out."""
+    xp = _xp(a)
+    a = xp.asarray(a, dtype=xp.int32)
+    half_denominator = _rounding_half_sum_with_one(a)
+    x = xp.int32(1515870810) + _fixed_mul(half_denominator, xp.int32(-1010580540))  # Q2.29
+    for _ in range(3):
+        one_minus = xp.int32(1 << 29) - _fixed_mul(half_denominator, x)
+        x = x + saturating_rounding_multiply_by_pot(_fixed_mul(x, one_minus), 2)
+    return saturating_rounding_multiply_by_pot(x - xp.int32(1 << 29), 2)  # Rescale<0>(x - F2::One())
+
+
+@_wrapping
+def logistic_q4(a):
+    """gemmlowp ``logistic`` of a FixedPoint<int32, 4>; Q0.31 out."""
+    xp = _xp(a)
+    a = xp.asarray(a, dtype=xp.int32)
+    positive = a > 0
+    abs_input = xp.where(positive, a, -a)
+    result_if_positive = one_over_one_plus_x_for_x_in_0_1(exp_on_negative_values(-abs_input, 4))
+    result_if_negative = xp.int32(INT32_MAX) - result_if_positive
+    out = xp.where(positive, result_if_positive, result_if_negative)
+    return xp.where(a == 0, xp.int32(1 << 30), out)
+
+
+@_wrapping
+def tanh_q4(a):
+    """gemmlowp ``tanh`` of a FixedPoint<int32, 4>; Q0.31 out (ExactMulByPot<1> makes it Q5.26)."""
+    xp = _xp(a)
+    a = xp.asarray(a, dtype=xp.int32)
+    negative = a < 0
+    n = xp.where(negative, a, -a)
+    t = one_minus_x_over_one_plus_x_for_x_in_0_1(exp_on_negative_values(n, 5))
+    out = xp.where(negative, -t, t)
+    return xp.where(a == 0, xp.int32(0), out)
+
+
+def input_radius(integer_bits: int, left_shift: int, total_signed_bits: int = 31) -> int:
+    """TFLite ``CalculateInputRadius`` (quantization_util.cc)."""
+    rescaled = 1.0 * ((1 << integer_bits) - 1) * (1 << (total_signed_bits - integer_bits)) / 2.0**left_shift
+    return math.floor(rescaled)
+
+
+@_wrapping
+def logistic_int8(x, *, input_zero_point: int, input_range_radius: int, input_multiplier: int,
+                  input_left_shift: int):
+    """TFLite ``reference_integer_ops::Logistic`` (integer_ops/logistic.h); output scale 1/256, zp -128."""
+    xp = _xp(x)
+    v = xp.asarray(x).astype(xp.int32) - input_zero_point
+    q4 = multiply_by_quantized_multiplier(v, input_multiplier, input_left_shift)
+    out = rounding_divide_by_pot(logistic_q4(q4), 31 - 8) - 128
+    out = xp.clip(out, -128, 127)
+    out = xp.where(v <= -input_range_radius, -128, xp.where(v >= input_range_radius, 127, out))
+    return out.astype(xp.int8)
+
+
+@_wrapping
+def tanh_int8(x, *, input_zero_point: int, input_range_radius: int, input_multiplier: int, input_left_shift: int):
+    """TFLite ``reference_integer_ops::Tanh`` (integer_ops/tanh.h); output scale 1/128, zp 0."""
+    xp = _xp(x)
+    v = xp.asarray(x).astype(xp.int32) - input_zero_point
+    q4 = multiply_by_quantized_multiplier(v, input_multiplier, input_left_shift)
+    out = xp.clip(rounding_divide_by_pot(tanh_q4(q4), 31 - 7), -128, 127)
+    out = xp.where(v <= -input_range_radius, -128, xp.where(v >= input_range_radius, 127, out))
+    return out.astype(xp.int8)
+
+
+@_wrapping
+def leaky_relu_int8(x, *, input_zero_point: int, output_zero_point: int, identity_multiplier: int,
+                    identity_shift: int, alpha_multiplier: int, alpha_shift: int):
+    """TFLite ``reference_ops::QuantizeLeakyRelu`` (reference/leaky_relu.h); a negative alpha
+    multiplier is applied as the negation of its magnitude's product, as there."""
+    xp = _xp(x)
+    v = xp.asarray(x).astype(xp.int32) - input_zero_point
+    identity = multiply_by_quantized_multiplier(v, identity_multiplier, identity_shift)
+    scaled = multiply_by_quantized_multiplier(v, abs(alpha_multiplier), alpha_shift)
+    alpha = -scaled if alpha_multiplier < 0 else scaled
+    out = output_zero_point + xp.where(v >= 0, identity, alpha)
+    return xp.clip(out, -128, 127).astype(xp.int8)
+
+
+@_wrapping
+def requantize_int8(x, *, input_zero_point: int, output_zero_point: int, multiplier: int, shift: int,
+                    act_min: int = -128, act_max: int = 127):
+    """TFLite ``reference_ops::Requantize`` (int8 QUANTIZE) and ``ReluQuantized`` (activations.h,
+    with the RELU clamp): ``clamp(MBQM(x - zp_in) + zp_out)``."""
+    xp = _xp(x)
+    v = xp.asarray(x).astype(xp.int32) - input_zero_point
+    out = multiply_by_quantized_multiplier(v, multiplier, shift) + output_zero_point
+    return xp.clip(out, act_min, act_max).astype(xp.int8)
+
+
+def unary_table(fn, **params) -> np.ndarray:
+    """The int8 -> int8 table of a unary op: entry ``i`` is ``fn(i - 128)`` (int8, 256 entries)."""
+    return np.asarray(fn(np.arange(-128, 128, dtype=np.int32), **params), dtype=np.int8)
+
+
+# ----------------------------------------------------------------------------------------
+# Binary int8 ops (numpy-style broadcasting of the two operands).
+# ----------------------------------------------------------------------------------------
+
+
+@_wrapping
+def add_int8(a, b, *, input1_offset, input2_offset, output_offset, left_shift, input1_multiplier, input1_shift,
+             input2_multiplier, input2_shift, output_multiplier, output_shift, act_min, act_max):
+    """TFLite ``reference_integer_ops::Add`` / ``BroadcastAdd4DSlow`` (integer_ops/add.h) and, with
+    ``input2_multiplier`` applied as a subtraction by the caller, ``reference_ops::Sub``."""
+    xp = _xp(a) if _xp(a) is not np else _xp(b)
+    a = (xp.asarray(a).astype(xp.int32) + input1_offset) << left_shift
+    b = (xp.asarray(b).astype(xp.int32) + input2_offset) << left_shift
+    total = (multiply_by_quantized_multiplier(a, input1_multiplier, input1_shift)
+             + multiply_by_quantized_multiplier(b, input2_multiplier, input2_shift))
+    return requantize(total, output_multiplier, output_shift, output_offset, act_min, act_max)
+
+
+@_wrapping
+def sub_int8(a, b, *, input1_offset, input2_offset, output_offset, left_shift, input1_multiplier, input1_shift,
+             input2_multiplier, input2_shift, output_multiplier, output_shift, act_min, act_max):
+    """TFLite ``reference_ops::Sub`` / ``BroadcastQuantSubSlow`` (reference/sub.h): ADD's rescaling
+    with the second scaled input subtracted."""
+    xp = _xp(a) if _xp(a) is not np else _xp(b)
+    a = (xp.asarray(a).astype(xp.int32) + input1_offset) << left_shift
+    b = (xp.asarray(b).astype(xp.int32) + input2_offset) << left_shift
+    total = (multiply_by_quantized_multiplier(a, input1_multiplier, input1_shift)
+             - multiply_by_quantized_multiplier(b, input2_multiplier, input2_shift))
+    return requantize(total, output_multiplier, output_shift, output_offset, act_min, act_max)
+
+
+@_wrapping
+def mul_int8(a, b, *, input1_offset, input2_offset, output_offset, output_multiplier, output_shift, act_min, act_max):
+    """TFLite ``reference_integer_ops::MulElementwise`` / ``BroadcastMul6DSlow`` (integer_ops/mul.h)."""
+    xp = _xp(a) if _xp(a) is not np else _xp(b)
+    prod = (xp.asarray(a).astype(xp.int32) + input1_offset) * (xp.asarray(b).astype(xp.int32) + input2_offset)
+    return requantize(prod, output_multiplier, output_shift, output_offset, act_min, act_max)
+
+
+@_wrapping
+def prelu_int8(x, alpha, *, input_offset, alpha_offset, output_offset, output_multiplier_1, output_shift_1,
+               output_multiplier_2, output_shift_2):
+    """TFLite ``reference_ops::BroadcastPrelu4DSlow`` (reference/prelu.h)."""
+    xp = _xp(x) if _xp(x) is not np else _xp(alpha)
+    v = xp.asarray(x).astype(xp.int32) + input_offset
+    a = xp.asarray(alpha).astype(xp.int32) + alpha_offset
+    positive = multiply_by_quantized_multiplier(v, output_multiplier_1, output_shift_1)
+    negative = multiply_by_quantized_multiplier(v * a, output_multiplier_2, output_shift_2)
+    out = xp.where(v >= 0, positive, negative) + output_offset
+    return xp.clip(out, -128, 127).astype(xp.int8)

@@ -5,11 +5,14 @@ semihosting, with executed instructions counted by a TCG plugin the project buil
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
+import json
 import os
 import pathlib
 import shutil
 import subprocess
+import tempfile
 
 import numpy as np
 
@@ -36,8 +39,27 @@ def _run(cmd: list[str], what: str, cwd=None, timeout: float = 600) -> subproces
     return proc
 
 
+def _manifest(src: pathlib.Path) -> dict:
+    """The build manifest ``mcu.codegen.export`` wrote: sources (relative to the folder), defines, libraries."""
+    manifest = src / "build.json"
+    if not manifest.is_file():
+        raise ValueError(f"{src} has no build.json; export the model there first (python -m mcu export)")
+    return json.loads(manifest.read_text())
+
+
 def _uses_cmsis_nn(src: pathlib.Path) -> bool:
-    return '#include "arm_nnfunctions.h"' in (src / "model.c").read_text()
+    return "cmsis-nn" in _manifest(src).get("libraries", [])
+
+
+def _sources(src: pathlib.Path, host_flags: list[str] | None = None) -> list[str]:
+    """The manifest's defines and sources; with ``host_flags``, each kernel library as its cached host object."""
+    m = _manifest(src)
+    out = [f"-D{d}" for d in m.get("defines", [])]
+    for name in m.get("sources", ["model.c", "tp_kernels.c"]):
+        path = src / name
+        out.append(str(_kernel_object(path, host_flags)) if host_flags is not None and path.name == "tp_kernels.c"
+                   else str(path))
+    return out
 
 
 def build_host(src_dir: str | pathlib.Path, sanitize: bool = False, opt: str = "-O2") -> pathlib.Path:
@@ -51,11 +73,27 @@ def build_host(src_dir: str | pathlib.Path, sanitize: bool = False, opt: str = "
     if sanitize:
         flags += ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
     _run(
-        [require("gcc"), *flags, f"-I{src}", str(src / "model.c"), str(src / "tp_kernels.c"), str(C_DIR / "harness.c"),
-         *extra, "-o", str(exe), "-lm"],
+        [require("gcc"), *flags, f"-I{src}", *_sources(src, flags), str(C_DIR / "harness.c"), *extra, "-o", str(exe),
+         "-lm"],
         "host build",
     )
     return exe
+
+
+def _kernel_object(source: pathlib.Path, flags: list[str]) -> pathlib.Path:
+    """The host object of the kernel library, compiled once per content and flags (it is the same
+    file in every export; only model.c differs)."""
+    names = source.parent / "tp_names.h"  # a prefixed export's symbol names
+    text = source.read_bytes() + (source.parent / "tp_kernels.h").read_bytes() + (names.read_bytes() if names.exists() else b"")
+    key = hashlib.sha256(text + " ".join(flags).encode()).hexdigest()[:16]
+    cache = pathlib.Path(os.environ.get("TINYPALLAS_BUILD", tempfile.gettempdir())) / "tinypallas-objects"
+    obj = cache / f"tp_kernels-{key}.o"
+    if not obj.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = cache / f"tp_kernels-{key}.{os.getpid()}.o"  # build aside, then rename: concurrent runs see a whole file
+        _run([require("gcc"), *flags, "-c", str(source), "-o", str(tmp)], "host build of the kernels")
+        tmp.replace(obj)
+    return obj
 
 
 def build_target(src_dir: str | pathlib.Path, board: Board, opt: str = "-O2", profile_layers: bool = False) -> pathlib.Path:
@@ -72,7 +110,7 @@ def build_target(src_dir: str | pathlib.Path, board: Board, opt: str = "-O2", pr
     _run(
         [require("arm-none-eabi-gcc"), *board.cflags, "-std=c99", "-Wall", "-Wextra", "-Werror", opt,
          "-ffunction-sections", "-fdata-sections", "--specs=nano.specs", "--specs=nosys.specs", "-nostartfiles",
-         f"-T{ld}", "-Wl,--gc-sections", f"-I{src}", str(src / "model.c"), str(src / "tp_kernels.c"),
+         f"-T{ld}", "-Wl,--gc-sections", f"-I{src}", *_sources(src),
          str(C_DIR / "harness.c"), str(C_DIR / "startup.c"), *extra, "-o", str(elf), "-lm"],
         f"Cortex-M build for {board.name}",
     )

@@ -4,6 +4,7 @@ for Cortex-M (computed by a small host program, since they differ from the host'
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import pathlib
@@ -41,10 +42,27 @@ def _sources(r: pathlib.Path) -> list[pathlib.Path]:
     )
 
 
+@functools.lru_cache(maxsize=8)
+def _compiler_version(cc: str) -> str:
+    proc = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False)
+    return proc.stdout.splitlines()[0] if proc.returncode == 0 and proc.stdout else cc
+
+
+def content_key(r: pathlib.Path) -> str:
+    """SHA-256 of the checkout's sources and headers (paths and bytes): an updated checkout,
+    wherever it lives, gets its own library and buffer sizes; the same content at another path
+    reuses them."""
+    digest = hashlib.sha256()
+    for path in [*_sources(r), *sorted((r / "Include").rglob("*.h"))]:
+        digest.update(str(path.relative_to(r)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
 def library(cc: str, cflags: list[str]) -> pathlib.Path:
-    """``libcmsis-nn.a`` built with ``cc`` and ``cflags``, cached by root, compiler and flags."""
+    """``libcmsis-nn.a`` built with ``cc`` and ``cflags``, cached by the checkout's content, the
+    compiler (and its version) and the flags."""
     r = root()
-    key = hashlib.sha256(f"{r.resolve()}|{cc}|{' '.join(cflags)}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{content_key(r)}|{cc}|{_compiler_version(cc)}|{' '.join(cflags)}".encode()).hexdigest()[:16]
     cache = pathlib.Path(os.environ.get("TINYPALLAS_BUILD", tempfile.gettempdir())) / "tinypallas-cmsis-nn" / key
     lib = cache / "libcmsis-nn.a"
     if lib.exists():
@@ -65,16 +83,21 @@ def library(cc: str, cflags: list[str]) -> pathlib.Path:
     return lib
 
 
+_SIZES: dict[tuple[str, str], int] = {}  # (library, probe) -> bytes: the probe program is compiled once
+
+
 def buffer_sizes(calls: dict[int, str]) -> dict[int, int]:
     """Scratch bytes per op: ``calls`` maps op index -> a C expression list
     ``(host_expr, dsp_expr)`` joined by ``;``; the larger of the two is taken so one plan
     serves the host build and the Cortex-M build."""
+    lib = str(library("gcc", []))
+    known = {i: _SIZES[(lib, expr)] for i, expr in calls.items() if (lib, expr) in _SIZES}
+    calls = {i: expr for i, expr in calls.items() if i not in known}
     if not calls:
-        return {}
+        return known
     lines = [f'  printf("%d %d %d\\n", {i}, (int)({host}), (int)({dsp}));' for i, expr in calls.items()
              for host, dsp in [expr.split(";")]]
     program = "#include <stdio.h>\n#include \"arm_nnfunctions.h\"\nint main(void) {\n" + "\n".join(lines) + "\n  return 0;\n}\n"
-    lib = library("gcc", [])
     with tempfile.TemporaryDirectory() as tmp:
         src = pathlib.Path(tmp) / "sizes.c"
         src.write_text(program)
@@ -84,8 +107,8 @@ def buffer_sizes(calls: dict[int, str]) -> dict[int, int]:
         if proc.returncode != 0:
             raise RuntimeError(f"CMSIS-NN buffer-size probe failed to build:\n{proc.stderr[-3000:]}")
         out = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout
-    sizes = {}
+    sizes = dict(known)
     for line in out.splitlines():
         i, host, dsp = (int(v) for v in line.split())
-        sizes[i] = max(host, dsp, 0)
+        sizes[i] = _SIZES[(lib, calls[i])] = max(host, dsp, 0)
     return sizes

@@ -1,30 +1,31 @@
 """Lower a quantized graph (models.ir) to C99: weights as const arrays, one static arena, one
-kernel call per layer, ``model_invoke``; the integer parameters come from models.quantization.
+kernel call per layer, ``model_invoke``. The integer parameters come from models.quantization;
+each op is written by its emitter (``mcu.emit``) in the chosen backend's form.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
+import re
 import shutil
 
 import numpy as np
 
-from mcu import patch
+from mcu import emit, patch, specialized
+from mcu.emit.conv import is_pointwise  # noqa: F401  (part of the schedule vocabulary: mcu.tune)
 from mcu.planner import MemoryPlan, plan_memory
-from models import quantization
+from models import quantization, schema
 from models.ir import Graph, Op
 
 C_DIR = pathlib.Path(__file__).parent / "c"
-BACKENDS = ("portable", "cmsis-nn")
-# Ops the cmsis-nn backend hands to CMSIS-NN's s8 API; the rest use the portable kernels.
-CMSIS_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "AVERAGE_POOL_2D", "MAX_POOL_2D", "ADD", "MUL", "SOFTMAX")
+BACKENDS = ("portable", "cmsis-nn", "specialized")
+# the specialized backend's per-layer knobs (Config.layer_options)
+LAYER_KNOBS = {"kernel": ("col2", "direct", "planar", "portable", "general"), "weights": ("s16", "s8"), "unroll": ("1", "2"),
+               "rows": ("1", "2", "4"), "strip": ("all", "16", "8", "4", "2")}
 CONV_VARIANTS = ("direct", "1x1", "1x1_unroll4")
 DEPTHWISE_VARIANTS = ("overlap", "channel_in_place")
-SUPPORTED = (
-    "CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "AVERAGE_POOL_2D", "MAX_POOL_2D", "ADD", "MUL",
-    "SOFTMAX", "PAD", "RESHAPE", "CONCATENATION", "RESIZE_NEAREST_NEIGHBOR", "TRANSPOSE", "MEAN",
-    "QUANTIZE", "DEQUANTIZE",
-)
+MANIFEST = "build.json"  # what mcu.build compiles and links for an exported folder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,10 +33,13 @@ class Config:
     """The schedule: what the autotuner searches and ``mcu export`` applies.
 
     backend:   ``"portable"`` (the project's C99 kernels) or ``"cmsis-nn"`` (CMSIS-NN's s8
-               functions for conv/depthwise/FC/pooling/add/mul/softmax, needs ``$CMSIS_NN_ROOT``).
-    in_place:  let outputs overlap the inputs that die at their op (mcu.planner); the
-               portable kernels' walk order makes this safe, CMSIS-NN's is not assumed, so
-               the cmsis-nn backend plans without overlap.
+               functions where CMSIS-NN has the op, see each emitter's ``cmsis_nn`` form; needs
+               ``$CMSIS_NN_ROOT``), or ``"specialized"`` (C generated per layer with its shapes and
+               constants folded in, Cortex-M DSP SIMD: mcu/c/tp_specialized.h, mcu.specialized).
+               Each backend is a form of the emitters in ``mcu.emit``.
+    in_place:  let outputs overlap the inputs that die at their op (mcu.planner) where the
+               kernel's walk order makes it safe: the portable kernels', CMSIS-NN's except its
+               1x1 convs (``cmsis_no_overlap``), the specialized ones' (depthwise: at delta 0).
     conv1x1:   kernel for 1x1 stride-1 unpadded convs: ``"direct"`` (the general conv),
                ``"1x1"`` (pixel x channel product) or ``"1x1_unroll4"`` (four output channels
                per input load).
@@ -45,6 +49,20 @@ class Config:
                one-channel buffer), where the input dies at the op.
     patch_split: run ops ``0..patch_split`` patch by patch (MCUNetV2); -1 = off.
     patch_grid:  the patches tile the segment output ``patch_grid x patch_grid``.
+    layer_options: the specialized backend's per-layer knobs ``((op_index, knob, value), ...)``:
+               ``kernel``: for a conv ``"col2"`` (two output pixels per pass through widened
+               int16 columns, 2x2 register tiles) or ``"direct"`` (one pixel, the input read in
+               place: no or one int8 column of scratch), for a depthwise ``"planar"`` (channel
+               by channel, written over its input), or ``"portable"`` (the portable kernel,
+               which may overlap its input's tail); for the cmsis-nn backend's 1x1 convs
+               ``"general"`` (arm_convolve_s8 instead of arm_convolve_1x1_s8_fast: slower, but
+               its output may overlap its input); ``weights`` ``"s16"`` (int16 in flash, twice the bytes, no widening in the inner
+               loop) or ``"s8"``; ``unroll`` ``"1"``/``"2"`` (groups of four k per inner iteration,
+               conv); ``rows`` ``"1"``/``"2"``/``"4"`` (outputs per pass, fully connected); ``strip``
+               (output rows per pass over a planar depthwise's plane: its scratch; ``"all"``).
+    flash_budget: bytes of const data the specialized backend may use (0: no limit): layers
+               without an explicit ``weights`` knob keep int16 weights, most reused first, while
+               the total fits, and take int8 weights beyond.
     """
 
     backend: str = "portable"
@@ -54,6 +72,8 @@ class Config:
     depthwise: str = "overlap"
     patch_split: int = -1
     patch_grid: int = 2
+    layer_options: tuple[tuple[int, str, str], ...] = ()
+    flash_budget: int = 0
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
@@ -63,27 +83,56 @@ class Config:
                 raise ValueError(f"conv variant {v!r} unknown; choose one of {CONV_VARIANTS}")
         if self.depthwise not in DEPTHWISE_VARIANTS:
             raise ValueError(f"depthwise variant {self.depthwise!r} unknown; choose one of {DEPTHWISE_VARIANTS}")
+        for _, knob, value in self.layer_options:
+            if knob not in LAYER_KNOBS or str(value) not in LAYER_KNOBS[knob]:
+                raise ValueError(f"layer option {knob}={value!r} unknown; choose from {LAYER_KNOBS}")
 
     def variant(self, op_index: int) -> str:
         return dict(self.layer_variants).get(op_index, self.conv1x1)
 
-
-def is_pointwise(graph: Graph, op: Op, params: dict) -> bool:
-    """A 1x1, stride-1, unpadded, undilated CONV_2D: a plain matrix product over pixels."""
-    if op.kind != "CONV_2D":
-        return False
-    w = graph.tensors[op.inputs[1]]
-    o = op.options
-    return w.shape[1:3] == (1, 1) and o["stride_h"] == o["stride_w"] == 1 and params["padding"] == ((0, 0), (0, 0))
+    def options(self, op_index: int) -> dict[str, str]:
+        return {knob: str(value) for i, knob, value in self.layer_options if i == op_index}
 
 
-def scratch_bytes(graph: Graph, op: Op) -> int:
-    """Scratch the portable kernel of ``op`` needs while it runs."""
-    if op.kind == "MEAN":
-        return 4 * graph.tensors[op.outputs[0]].size  # int32 sums
-    if op.kind == "CONV_2D":
-        return int(np.prod(graph.tensors[op.inputs[1]].shape[1:]))  # one receptive field (tp_conv_s8)
-    return 0
+def scratch_bytes(graph: Graph, op: Op, params: dict | None = None, backend: str = "portable",
+                  options: dict | None = None) -> int:
+    """Scratch the kernel of ``op`` needs while it runs (the portable one, or the specialized
+    form with the layer's ``options`` where ``backend`` is ``"specialized"`` and it has one)."""
+    params = params if params is not None else quantization.op_params(graph, op)
+    if backend == "specialized":
+        own = emit.emitter(op.kind).specialized_scratch(graph, op, params, options or {})
+        if own is not None:
+            return own
+    return emit.emitter(op.kind).scratch_bytes(graph, op, params)
+
+
+def cmsis_no_overlap(graph: Graph, params: list[dict], config: Config) -> set[int]:
+    """Ops whose CMSIS-NN kernel does not walk its output pixel by pixel, so that no overlap is
+    safe: 1x1 convs (arm_convolve_1x1_s8_fast / _s8 run arm_nn_mat_mult_nt_t_s8, whose DSP form
+    writes one pair of output channels for every pixel before it reads the inputs again). The
+    other CMSIS-NN kernels the backend calls keep the portable kernels' order, checked in the
+    sources of CMSIS-NN 99f736a6: arm_convolve_s8 (also what arm_convolve_1_x_n_s8 runs without
+    MVE) gathers one or two pixels' columns and writes their outputs, arm_depthwise_conv_3x3_s8,
+    _s8_opt and _s8 and the pooling kernels walk output pixels in order reading only their
+    taps, and arm_elementwise_add/mul_s8 read each group of four elements before writing it
+    (mcu/planner.py overlap_limit); fully connected and softmax never overlap."""
+    out = set()
+    for i, op in enumerate(graph.ops):
+        if op.kind == "CONV_2D" and config.options(i).get("kernel") != "general":
+            w, o = graph.tensors[op.inputs[1]], op.options
+            (pt, _), (pl, _) = params[i]["padding"]
+            if w.shape[1:3] == (1, 1) and pt == pl == 0 and o["dilation_h"] == o["dilation_w"] == 1:  # arm_nn_is_convolve_1x1
+                out.add(i)
+    return out
+
+
+def specialized_depthwise(graph: Graph, params: list[dict], config: Config) -> set[int]:
+    """Depthwise ops the specialized backend runs channel by channel (overlapping only at delta 0)."""
+    from mcu.emit.conv import depthwise_geometry
+
+    return {i for i, op in enumerate(graph.ops)
+            if op.kind == "DEPTHWISE_CONV_2D" and depthwise_geometry(graph, op, params[i]) is not None
+            and config.options(i).get("kernel", "planar") == "planar"}
 
 
 @dataclasses.dataclass
@@ -93,233 +142,107 @@ class Lowered:
     model_c: str
     model_h: str
     plan: MemoryPlan
-    flash_bytes: int  # weights, biases and quantization parameters (const data)
+    flash_bytes: int  # weights, biases, tables and quantization parameters (const data)
     input_bytes: int
     output_bytes: int
     input_dtype: str
     output_dtype: str
     layers: list[dict]  # per op: index, kind, kernel, output shape, weight bytes
     markers: list[str]  # what each TP_LAYER() profiling marker in model_invoke starts
+    backend: str = "portable"
+    prefix: str = ""  # of every global symbol ("" = none)
 
     @property
     def peak_sram_bytes(self) -> int:
         return self.plan.peak_bytes
 
-
-def _c_array(ctype: str, name: str, values: np.ndarray) -> str:
-    flat = np.asarray(values).reshape(-1)
-    if ctype == "float":
-        items = [f"{float(v)!r}f" for v in flat.astype(np.float32)]
-    else:
-        items = [str(int(v)) for v in flat]
-    lines = [",".join(items[i : i + 24]) for i in range(0, len(items), 24)]
-    return f"static const {ctype} {name}[{max(len(items), 1)}] = {{\n" + ",\n".join(lines or ["0"]) + "\n};\n"
+    @property
+    def uses_cmsis_nn(self) -> bool:
+        return self.backend == "cmsis-nn"
 
 
-def _pad6(values, fill) -> list:
-    values = list(values)
-    return [fill] * (6 - len(values)) + values
+def backend_scratch(graph: Graph, config: Config, params: list[dict]) -> dict[int, int]:
+    """Scratch bytes per op of the kernels ``config`` runs (CMSIS-NN's from its size functions)."""
+    scratch = {i: scratch_bytes(graph, op, params[i], config.backend, config.options(i))
+               for i, op in enumerate(graph.ops)}
+    if config.backend == "cmsis-nn":
+        from mcu import cmsis_nn
+
+        probes = {i: emit.emitter(op.kind).cmsis_nn_buffer(graph, op, params[i], config.options(i))
+                  for i, op in enumerate(graph.ops) if emit.form(op.kind, config.backend) is not None}
+        for i, nbytes in cmsis_nn.buffer_sizes({i: p for i, p in probes.items() if p}).items():
+            scratch[i] = max(scratch[i], nbytes)
+    return scratch
 
 
-def _brace(values) -> str:
-    return "{" + ", ".join(str(int(v)) for v in values) + "}"
-
-
-def _dims(n, h, w, c) -> str:
-    return "{" + ", ".join(str(int(v)) for v in (n, h, w, c)) + "}"
-
-
-def _cmsis_layer(graph: Graph, op: Op, p: dict) -> dict:
-    """C initialisers of the CMSIS-NN structs of ``op`` and its buffer-size probe
-    (``host_expr;dsp_expr``, empty when the function needs no scratch)."""
-    t = graph.tensors
-    x, y = t[op.inputs[0]], t[op.outputs[0]]
-    act = f"{{{p['act_min']}, {p['act_max']}}}" if "act_min" in p else ""
-    if op.kind in ("CONV_2D", "DEPTHWISE_CONV_2D"):
-        w = t[op.inputs[1]]
-        o = op.options
-        (pt, _), (pl, _) = p["padding"]
-        tiles = f"{{{o['stride_w']}, {o['stride_h']}}}, {{{pl}, {pt}}}, {{{o['dilation_w']}, {o['dilation_h']}}}, {act}"
-        d = {"in": _dims(*x.shape), "out": _dims(*y.shape), "bias": _dims(1, 1, 1, y.shape[3])}
-        if op.kind == "CONV_2D":
-            d["ptype"], d["params"] = "cmsis_nn_conv_params", f"{{{p['input_offset']}, {p['output_offset']}, {tiles}}}"
-            d["filter"] = _dims(*w.shape)
-            fn = "arm_convolve_wrapper_s8"
-        else:
-            d["ptype"] = "cmsis_nn_dw_conv_params"
-            d["params"] = f"{{{p['input_offset']}, {p['output_offset']}, {o['depth_multiplier']}, {tiles}}}"
-            d["filter"] = _dims(1, w.shape[1], w.shape[2], w.shape[3])
-            fn = "arm_depthwise_conv_wrapper_s8"
-        args = f"&({d['ptype']}){d['params']}, &(cmsis_nn_dims){d['in']}, &(cmsis_nn_dims){d['filter']}, &(cmsis_nn_dims){d['out']}"
-        d["fn"], d["probe"] = fn, f"{fn}_get_buffer_size({args});{fn}_get_buffer_size_dsp({args})"
-        return d
-    if op.kind == "FULLY_CONNECTED":
-        w = t[op.inputs[1]]
-        batches = x.size // w.shape[1]
-        d = {"ptype": "cmsis_nn_fc_params", "params": f"{{{p['input_offset']}, 0, {p['output_offset']}, {act}}}",
-             "in": _dims(batches, 1, 1, w.shape[1]), "filter": _dims(w.shape[1], 1, 1, w.shape[0]),
-             "bias": _dims(1, 1, 1, w.shape[0]), "out": _dims(batches, 1, 1, w.shape[0]), "fn": "arm_fully_connected_s8"}
-        f = f"&(cmsis_nn_dims){d['filter']}"
-        d["probe"] = f"arm_fully_connected_s8_get_buffer_size({f});arm_fully_connected_s8_get_buffer_size_dsp({f})"
-        return d
-    if op.kind in ("AVERAGE_POOL_2D", "MAX_POOL_2D"):
-        o = op.options
-        (pt, _), (pl, _) = p["padding"]
-        d = {"ptype": "cmsis_nn_pool_params", "params": f"{{{{{o['stride_w']}, {o['stride_h']}}}, {{{pl}, {pt}}}, {act}}}",
-             "in": _dims(*x.shape), "filter": _dims(1, o["filter_h"], o["filter_w"], 1), "out": _dims(*y.shape)}
-        if op.kind == "AVERAGE_POOL_2D":
-            d["fn"] = "arm_avgpool_s8"
-            d["probe"] = f"arm_avgpool_s8_get_buffer_size({y.shape[2]}, {y.shape[3]});arm_avgpool_s8_get_buffer_size_dsp({y.shape[2]}, {y.shape[3]})"
-        else:
-            d["fn"], d["probe"] = "arm_max_pool_s8", ""
-        return d
-    return {"probe": ""}
-
-
-# Ops whose output region depends only on a window of their input: they run on whole tensors
-# or on patches (mcu.patch) through the same emitter.
-LOCAL_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "AVERAGE_POOL_2D", "MAX_POOL_2D", "PAD", "ADD", "MUL", "QUANTIZE")
-
-
-def _emit_filter_and_bias(graph: Graph, op: Op, pre: str, consts: list[str]):
-    """Const arrays ``{pre}_filter`` and (if the op has one) ``{pre}_bias`` of a conv/depthwise/FC.
-
-    Returns the filter tensor, the C expression of the bias pointer ("0" without bias) and the
-    flash bytes of both arrays."""
-    t = graph.tensors
-    w = t[op.inputs[1]]
-    b = t[op.inputs[2]] if len(op.inputs) > 2 and op.inputs[2] else None
-    consts.append(_c_array("int8_t", f"{pre}_filter", w.data))
-    if b is None:
-        return w, "0", w.nbytes
-    consts.append(_c_array("int32_t", f"{pre}_bias", b.data))
-    return w, f"{pre}_bias", w.nbytes + b.nbytes
-
-
-def _emit_weights(graph: Graph, op: Op, pre: str, p: dict, consts: list[str]) -> int:
-    """Const arrays of a conv/depthwise (filter, bias, per-channel multiplier and shift)."""
-    if op.kind not in ("CONV_2D", "DEPTHWISE_CONV_2D"):
-        return 0
-    _, _, nbytes = _emit_filter_and_bias(graph, op, pre, consts)
-    consts.append(_c_array("int32_t", f"{pre}_mult", p["output_multiplier"]))
-    consts.append(_c_array("int32_t", f"{pre}_shift", p["output_shift"]))
-    return nbytes + 8 * len(p["output_multiplier"])
-
-
-def _struct(structs: dict, consts: list[str], ctype: str, pre: str, init: str) -> str:
-    key = f"{ctype} {init}"
-    if key not in structs:
-        structs[key] = f"{pre}_{sum(1 for k in structs if k.startswith(ctype + ' ') and structs[k].startswith(pre + '_'))}"
-        consts.append(f"static const {ctype} {structs[key]} = {init};\n")
-    return structs[key]
-
-
-def _emit_local(graph: Graph, op: Op, i: int, p: dict, config: Config, shape: dict, pads, ptr, consts: list[str],
-                calls: list[str], structs: dict, column: str = "0", channel_in_place: bool = False) -> str:
-    """Emit one LOCAL_OPS call on tensors of the given (possibly patch-local) shapes.
-
-    shape: tensor name -> NHWC shape of the region the call sees; pads: (top, left) padding of
-    the call in those coordinates (None: the op's own padding); ptr(name, cast): C pointer;
-    column: C pointer to the op's scratch (the general conv's receptive-field buffer, the
-    in-place depthwise's channel buffer); channel_in_place: the output shares the input buffer."""
-    t = graph.tensors
-    pre = f"L{i}"
-    x, y = op.inputs[0], op.outputs[0]
-    xs, ys = shape[x], shape[y]
-    if xs[0] != 1:
-        raise ValueError(f"op {i} ({op.kind}): batch {xs[0]} is not supported on the MCU; export batch 1")
-    o = op.options
-    if op.kind in ("CONV_2D", "DEPTHWISE_CONV_2D", "AVERAGE_POOL_2D", "MAX_POOL_2D"):
-        pt, pl = pads if pads is not None else (p["padding"][0][0], p["padding"][1][0])
-    if op.kind in ("CONV_2D", "DEPTHWISE_CONV_2D"):
-        w = t[op.inputs[1]]
-        has_bias = len(op.inputs) > 2 and op.inputs[2] is not None
-        fields = [xs[1], xs[2], xs[3], ys[1], ys[2], ys[3], w.shape[1], w.shape[2], o["stride_h"], o["stride_w"], pt, pl,
-                  o["dilation_h"], o["dilation_w"], o.get("depth_multiplier", 1), p["input_offset"], p["output_offset"],
-                  p["act_min"], p["act_max"]]
-        init = (f"{{{', '.join(str(int(v)) for v in fields)}, {pre}_filter, {pre + '_bias' if has_bias else '0'}, "
-                f"{pre}_mult, {pre}_shift}}")
-        name = _struct(structs, consts, "tp_conv_params", pre, init)
-        if op.kind == "DEPTHWISE_CONV_2D" and channel_in_place:
-            calls.append(f"tp_depthwise_inplace_s8(&{name}, {ptr(x)}, (int8_t *)({column}));")
-            return "tp_depthwise_inplace_s8"
-        if op.kind == "DEPTHWISE_CONV_2D":
-            kernel = "tp_depthwise_s8"
-        else:
-            pointwise = is_pointwise(graph, op, p) and xs[1:3] == ys[1:3] and (pt, pl) == (0, 0)
-            variant = config.variant(i) if pointwise else "direct"
-            kernel = {"direct": "tp_conv_s8", "1x1": "tp_conv1x1_s8", "1x1_unroll4": "tp_conv1x1_unroll4_s8"}[variant]
-        column_arg = f", (int8_t *)({column})" if kernel == "tp_conv_s8" else ""
-        calls.append(f"{kernel}(&{name}, {ptr(x)}, {ptr(y)}{column_arg});")
-        return kernel
-    if op.kind in ("AVERAGE_POOL_2D", "MAX_POOL_2D"):
-        fields = [xs[1], xs[2], xs[3], ys[1], ys[2], o["filter_h"], o["filter_w"], o["stride_h"], o["stride_w"], pt, pl,
-                  p["act_min"], p["act_max"]]
-        name = _struct(structs, consts, "tp_pool_params", pre, _brace(fields))
-        kernel = "tp_avgpool_s8" if op.kind == "AVERAGE_POOL_2D" else "tp_maxpool_s8"
-        calls.append(f"{kernel}(&{name}, {ptr(x)}, {ptr(y)});")
-        return kernel
-    if op.kind == "PAD":
-        r = len(xs)
-        before = [bb for bb, _ in o["paddings"]]
-        if pads is not None:
-            before[1], before[2] = pads
-        init = (f"{{{r}, {_brace(list(xs) + [1] * (6 - r))}, {_brace(list(ys) + [1] * (6 - r))}, "
-                f"{_brace(before + [0] * (6 - r))}, {p['pad_value']}}}")
-        name = _struct(structs, consts, "tp_pad_params", pre, init)
-        calls.append(f"tp_pad_s8(&{name}, {ptr(x)}, {ptr(y)});")
-        return "tp_pad_s8"
-    size = int(np.prod(ys))
-    if op.kind in ("ADD", "MUL"):
-        if shape[op.inputs[1]] != xs or xs != ys:
-            raise ValueError(f"op {i} ({op.kind}): broadcasting {t[x].shape} with {t[op.inputs[1]].shape} is not "
-                             "supported on the MCU")
-        if op.kind == "ADD":
-            keys = ["input1_offset", "input2_offset", "output_offset", "left_shift", "input1_multiplier", "input1_shift",
-                    "input2_multiplier", "input2_shift", "output_multiplier", "output_shift", "act_min", "act_max"]
-            kernel, ctype = "tp_add_s8", "tp_add_params"
-        else:
-            keys = ["input1_offset", "input2_offset", "output_offset", "output_multiplier", "output_shift", "act_min",
-                    "act_max"]
-            kernel, ctype = "tp_mul_s8", "tp_mul_params"
-        name = _struct(structs, consts, ctype, pre, _brace([size] + [p[k] for k in keys]))
-        calls.append(f"{kernel}(&{name}, {ptr(x)}, {ptr(op.inputs[1])}, {ptr(y)});")
-        return kernel
-    if op.kind == "QUANTIZE":
-        name = _struct(structs, consts, "tp_quant_params", pre,
-                       f"{{{size}, {float(np.float32(p['scale']))!r}f, {p['zero_point']}}}")
-        calls.append(f"tp_quantize_f32_s8(&{name}, {ptr(x, 'float')}, {ptr(y)});")
-        return "tp_quantize_f32_s8"
-    raise AssertionError(op.kind)
+def fold_pads(graph: Graph, params: list[dict], first: int = 0) -> tuple[Graph, list[dict], dict[int, int]]:
+    """Spatial PADs (of the zero point, as TFLite pads int8) whose one reader is a conv or
+    depthwise: the conv reads the PAD's input with the padding added to its own, and the PAD
+    becomes an alias that writes nothing, so neither its copy nor the padded tensor costs
+    anything. Op indices are kept. Returns the graph, its op params and {PAD index: conv index}."""
+    consumers = graph.consumers()
+    ops, params, folded = list(graph.ops), list(params), {}
+    for i, op in enumerate(graph.ops):
+        if i < first or op.kind != "PAD" or op.outputs[0] in graph.outputs or len(consumers[op.outputs[0]]) != 1:
+            continue
+        j = consumers[op.outputs[0]][0]
+        conv, pads = graph.ops[j], op.options["paddings"]
+        x = graph.tensors[op.inputs[0]]
+        if (conv.kind not in ("CONV_2D", "DEPTHWISE_CONV_2D") or conv.inputs[0] != op.outputs[0] or len(pads) != 4
+                or x.shape[0] != 1 or tuple(pads[0]) != (0, 0) or tuple(pads[3]) != (0, 0)):
+            continue
+        (pt, pb), (pl, pr) = params[j]["padding"]
+        params[j] = {**params[j], "padding": ((pt + pads[1][0], pb + pads[1][1]), (pl + pads[2][0], pr + pads[2][1]))}
+        ops[j] = dataclasses.replace(conv, inputs=[op.inputs[0], *conv.inputs[1:]])
+        ops[i] = dataclasses.replace(op, kind="RESHAPE", options={"new_shape": graph.tensors[op.outputs[0]].shape})
+        params[i] = {}
+        folded[i] = j
+    if not folded:
+        return graph, params, folded
+    return (Graph(graph.tensors, ops, graph.inputs, graph.outputs, graph.name, graph.metadata), params, folded)
 
 
 def plan_schedule(graph: Graph, config: Config, params: list[dict] | None = None, scratch: dict[int, int] | None = None):
     """The memory plan of ``graph`` under ``config``: ``(segment, plan, patch_plan)``; segment and
-    patch_plan are None without patch-based inference. In the plan a patched segment is op 0."""
-    params = params if params is not None else [quantization.op_params(graph, op) for op in graph.ops]
+    patch_plan are None without patch-based inference. In the plan a patched segment is op 0.
+    Without ``params``, the specialized backend's PAD folding (fold_pads) is applied first."""
+    if params is None:
+        params = [quantization.op_params(graph, op) for op in graph.ops]
+        if config.backend == "specialized":
+            graph, params, _ = fold_pads(graph, params, config.patch_split + 1)
     if scratch is None:
-        scratch = {i: scratch_bytes(graph, op) for i, op in enumerate(graph.ops)}
+        scratch = backend_scratch(graph, config, params)
     cmsis = config.backend == "cmsis-nn"
+    planar = specialized_depthwise(graph, params, config) if config.backend == "specialized" else set()
+
+    split = max(config.patch_split, -1)  # ops 0..split run patch by patch (portable kernels)
+    planar = {i for i in planar if i > split}
 
     def channel_in_place(ops: list[Op], first: int) -> dict[int, int] | None:
+        if config.backend == "specialized":  # its depthwise overlaps at delta 0 instead (below)
+            return None
         if config.depthwise != "channel_in_place" or cmsis:
             return None
         return {i: int(np.prod(graph.tensors[op.outputs[0]].shape[1:3])) for i, op in enumerate(ops) if i >= first
-                and op.kind == "DEPTHWISE_CONV_2D" and op.options["depth_multiplier"] == 1}
+                and op.kind == "DEPTHWISE_CONV_2D" and op.options["depth_multiplier"] == 1
+                and graph.tensors[op.inputs[0]].shape[0] == 1}
 
     if config.patch_split < 0:
-        plan = plan_memory(graph, params, scratch, in_place=config.in_place and not cmsis,
-                           channel_in_place=channel_in_place(graph.ops, 0))
+        limits = dict.fromkeys(planar, 0) if not cmsis else dict.fromkeys(cmsis_no_overlap(graph, params, config), None)
+        plan = plan_memory(graph, params, scratch, in_place=config.in_place,
+                           channel_in_place=channel_in_place(graph.ops, 0), overlap_limits=limits)
         return None, plan, None
     if cmsis:
         raise ValueError("patch-based inference (patch_split) runs on the portable backend only")
     seg = patch.segment(graph, params, config.patch_split, config.patch_grid)
     patch_plan = plan_memory(patch.patch_graph(graph, seg), params[: seg.split + 1],
-                             {i: b for i, b in scratch.items() if i <= seg.split}, in_place=False)
+                             {i: scratch_bytes(graph, graph.ops[i], params[i]) for i in range(seg.split + 1)},
+                             in_place=False)
     outer, _ = patch.outer_graph(graph, seg, patch_plan.peak_bytes)
     outer_scratch = {0: patch_plan.peak_bytes, **{i - seg.split: b for i, b in scratch.items() if i > seg.split}}
     plan = plan_memory(outer, [{}] + params[seg.split + 1 :], outer_scratch, in_place=config.in_place,
-                       channel_in_place=channel_in_place(outer.ops, 1))
+                       channel_in_place=channel_in_place(outer.ops, 1),
+                       overlap_limits={i - seg.split: 0 for i in planar})
     return seg, plan, patch_plan
 
 
@@ -327,6 +250,8 @@ def min_sram_config(graph: Graph, base: Config | None = None, grids: tuple[int, 
     """The depthwise variant and patch split/grid (or none) with the smallest peak SRAM; the
     other knobs from ``base``."""
     base = base or Config()
+    if base.backend == "cmsis-nn":
+        return fit_sram(graph, base, 0)
     if base.backend != "portable":
         return base
     params = [quantization.op_params(graph, op) for op in graph.ops]
@@ -351,137 +276,202 @@ def min_sram_config(graph: Graph, base: Config | None = None, grids: tuple[int, 
     return best[1]
 
 
-def lower(graph: Graph, config: Config | None = None) -> Lowered:
-    """Generate ``model.c`` / ``model.h`` for ``graph`` under the schedule ``config``."""
+def weight_formats(graph: Graph, config: Config) -> dict[int, str]:
+    """Weight format (``"s16"``/``"s8"``) of each conv/FC the specialized backend runs: the
+    layer's knob where set, else int16 while the const data fits ``config.flash_budget``, the
+    layers whose weights are reused most (output pixels per weight) keeping int16 first."""
+    weighted = [i for i, op in enumerate(graph.ops) if op.kind in ("CONV_2D", "FULLY_CONNECTED")]
+    chosen = {i: config.options(i)["weights"] for i in weighted if "weights" in config.options(i)}
+    free = [i for i in weighted if i not in chosen]
+    formats = {**chosen, **dict.fromkeys(free, "s16")}
+    if config.flash_budget <= 0:
+        return formats
+    t = graph.tensors
+    sizes = {i: specialized.const_bytes(graph, op) for i, op in enumerate(graph.ops)}
+    weighted_inputs = {n for op in graph.ops if op.kind in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
+                       for n in op.inputs[1:] if n is not None}
+    total = sum(x.nbytes for n, x in t.items() if x.is_constant and n not in weighted_inputs)
+    total += sum(sizes[i][formats.get(i, "s16")] for i in sizes)
+
+    def reuse(i: int) -> int:
+        y = t[graph.ops[i].outputs[0]]
+        return y.size // y.shape[-1]
+
+    for i in sorted(free, key=reuse):
+        if total <= config.flash_budget:
+            break
+        formats[i] = "s8"
+        total -= sizes[i]["s16"] - sizes[i]["s8"]
+    return formats
+
+
+def _with_option(config: Config, i: int, knob: str, value: str) -> Config:
+    kept = tuple(o for o in config.layer_options if o[:2] != (i, knob))
+    return dataclasses.replace(config, layer_options=(*kept, (i, knob, value)))
+
+
+def _smaller(graph: Graph, params: list[dict], config: Config, i: int) -> tuple[str, str] | None:
+    """The next kernel choice for op ``i`` that needs less SRAM, or None."""
+    op, options = graph.ops[i], config.options(i)
+    if config.backend == "cmsis-nn":
+        if op.kind == "CONV_2D" and "kernel" not in options and i in cmsis_no_overlap(graph, params, config):
+            return ("kernel", "general")
+        return None
+    if op.kind == "CONV_2D" and options.get("kernel", "col2") == "col2":
+        return ("kernel", "direct")
+    if op.kind == "DEPTHWISE_CONV_2D" and options.get("kernel", "planar") == "planar":
+        from mcu.emit.conv import depthwise_geometry
+
+        if depthwise_geometry(graph, op, params[i]) is None:
+            return None
+        return ("strip", "4") if options.get("strip", "all") == "all" else ("kernel", "portable")
+    return None
+
+
+def fit_sram(graph: Graph, config: Config, cap: int) -> Config:
+    """``config`` with smaller-scratch kernels at the ops where the schedule's peak SRAM lies, while
+    it is above ``cap``: specialized convs read their input in place (``direct``), a specialized
+    depthwise walks its plane in strips of 4 rows, then runs the portable kernel (which may
+    overlap its input's tail); cmsis-nn 1x1 convs run through arm_convolve_s8. Knobs set in
+    ``config.layer_options`` are kept."""
+    base = config
+    params = [quantization.op_params(graph, op) for op in graph.ops]
+    fixed = {(i, knob) for i, knob, _ in config.layer_options}
+
+    def step(cfg: Config, i: int) -> Config | None:
+        change = _smaller(graph, params, cfg, i)
+        if change is None or (i, change[0]) in fixed or i <= cfg.patch_split:
+            return None
+        return _with_option(cfg, i, *change)
+
+    plan = plan_schedule(graph, config)[1]
+    best = plan.peak_bytes, config
+    for _ in range(2 * len(graph.ops)):
+        if best[0] <= cap:
+            break
+        offset = max(config.patch_split, 0)  # plan indices of a patched schedule: the segment is op 0
+        peak_ops = {r["op"] + offset + d for r in plan.per_op() if r["high_water"] == plan.peak_bytes for d in (-1, 0, 1)}
+        changed = config  # the op at the peak and its neighbours share the buffers there
+        for i in sorted(j for j in peak_ops if 0 <= j < len(graph.ops)):
+            changed = step(changed, i) or changed
+        if changed == config:
+            break
+        config = changed
+        plan = plan_schedule(graph, config)[1]
+        if plan.peak_bytes < best[0]:
+            best = (plan.peak_bytes, config)
+    if best[0] <= cap or config.backend != "specialized":
+        return best[1]
+    # the placement is greedy, so the peak may move rather than fall: take every layer one step
+    # (then two) towards less scratch, and give the faster kernels back, largest layer first,
+    # while it fits
+    t = graph.tensors
+    layers = [i for i, op in enumerate(graph.ops) if op.kind in ("CONV_2D", "DEPTHWISE_CONV_2D")]
+    slow = base
+    for _ in range(2):
+        for i in layers:
+            slow = step(slow, i) or slow
+        peak = plan_schedule(graph, slow)[1].peak_bytes
+        if peak < best[0]:
+            best = (peak, slow)
+        if peak <= cap:
+            break
+    if best[1] is not slow:
+        return best[1]
+    for i in sorted(layers, key=lambda i: -t[graph.ops[i].outputs[0]].size * t[graph.ops[i].inputs[1]].size):
+        added = [o for o in best[1].layer_options if o[0] == i and o not in base.layer_options]
+        for drop in (added, added[-1:]):  # all the way back, else one step back (strips, not the portable kernel)
+            trial = dataclasses.replace(best[1], layer_options=tuple(o for o in best[1].layer_options if o not in drop))
+            if not drop or trial == best[1]:
+                continue
+            peak = plan_schedule(graph, trial)[1].peak_bytes
+            if peak <= max(cap, best[0]):
+                best = (min(peak, best[0]), trial)
+                break
+    return best[1]
+
+
+SPECIALIZED_CODE_BYTES = 64 * 1024  # flash left for code when int16 weights are chosen for a board
+
+
+def specialized_config(graph: Graph, base: Config | None = None, flash_bytes: int = 0,
+                       sram_cap: int | None = None) -> Config:
+    """The specialized backend's default schedule from ``base``: int16 weights while the const data
+    fits ``flash_bytes`` (a board's flash; 0: no limit) less SPECIALIZED_CODE_BYTES, and peak
+    SRAM no higher than ``sram_cap`` (default: the portable default schedule's peak)."""
+    base = base or Config()
+    config = dataclasses.replace(base, backend="specialized",
+                                 flash_budget=max(flash_bytes - SPECIALIZED_CODE_BYTES, 1) if flash_bytes else 0)
+    cap = sram_cap if sram_cap is not None else plan_schedule(graph, Config())[1].peak_bytes
+    return fit_sram(graph, config, cap)
+
+
+def kernel_symbols() -> list[str]:
+    """The global functions of tp_kernels.c (declared in tp_kernels.h; tp_layer_marker is the harness's)."""
+    text = (C_DIR / "tp_kernels.h").read_text()
+    names = re.findall(r"^[a-z_0-9]+ \*?(tp_[a-z0-9_]+)\(", text, flags=re.MULTILINE)
+    return [n for n in dict.fromkeys(names) if n != "tp_layer_marker"]
+
+
+def check_prefix(prefix: str) -> str:
+    if prefix and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", prefix):
+        raise ValueError(f"--prefix {prefix!r} is not a C identifier; use letters, digits and _, e.g. --prefix kws")
+    return prefix
+
+
+def lower(graph: Graph, config: Config | None = None, prefix: str = "") -> Lowered:
+    """Generate ``model.c`` / ``model.h`` for ``graph`` under the schedule ``config``. ``prefix``
+    namespaces every global symbol (``PREFIX_model_invoke``, ``PREFIX_tp_conv_s8``, the
+    ``PREFIX_MODEL_*`` macros) so that several models link into one image."""
     config = config or Config()
-    unsupported = sorted({op.kind for op in graph.ops} - set(SUPPORTED))
+    check_prefix(prefix)
+    graph.validate()
+    schema.require_quantized(graph)
+    unsupported = sorted({op.kind for op in graph.ops if op.kind not in emit.EMITTERS})
     if unsupported:
         raise ValueError(f"graph {graph.name!r} uses ops the MCU backend does not lower: {unsupported}")
-    t = graph.tensors
     params = [quantization.op_params(graph, op) for op in graph.ops]
-    cmsis = config.backend == "cmsis-nn"
-    scratch = {i: scratch_bytes(graph, op) for i, op in enumerate(graph.ops)}
-    cmsis_layers: dict[int, dict] = {}
-    if cmsis:
-        from mcu import cmsis_nn
-
-        cmsis_layers = {i: _cmsis_layer(graph, op, params[i]) for i, op in enumerate(graph.ops) if op.kind in CMSIS_OPS}
-        probes = {i: d["probe"] for i, d in cmsis_layers.items() if d["probe"]}
-        for i, nbytes in cmsis_nn.buffer_sizes(probes).items():
-            scratch[i] = max(scratch[i], nbytes)
+    folded: dict[int, int] = {}
+    if config.backend == "specialized":
+        graph, params, folded = fold_pads(graph, params, config.patch_split + 1)
+    t = graph.tensors
+    scratch = backend_scratch(graph, config, params)
+    formats = weight_formats(graph, config) if config.backend == "specialized" else {}
     seg, plan, patch_plan = plan_schedule(graph, config, params, scratch)
 
     def plan_index(i: int) -> int:  # op index in the plan (the patched segment is folded into op 0)
         return i - seg.split if seg is not None else i
 
-    dtypes_in = {t[n].dtype for n in graph.inputs}
-    dtypes_out = {t[n].dtype for n in graph.outputs}
-    for side, kinds in (("inputs", dtypes_in), ("outputs", dtypes_out)):
-        if len(kinds) != 1 or not kinds <= {"int8", "float32"}:
-            raise ValueError(f"graph {side} must all be int8 or all float32, got {sorted(kinds)}")
-    ctype = {"int8": "int8_t", "float32": "float"}
-    in_c, out_c = ctype[dtypes_in.pop()], ctype[dtypes_out.pop()]
+    in_c, out_c = (emit.C_TYPES[t[names[0]].dtype] if names else "int8_t" for names in (graph.inputs, graph.outputs))
 
-    consts: list[str] = []
-    calls: list[str] = []
+    def arena(name: str) -> str:
+        return f"({emit.C_TYPES[t[name].dtype]} *)(ARENA + {plan.offset(name)})"
+
+    out = emit.Emission()
     layers: list[dict] = []
-    structs: dict[str, str] = {}  # C initialiser -> name, so equal patch geometries share one struct
-    flash = 0
-
-    def arena(name: str, cast: str = "int8_t") -> str:
-        return f"({cast} *)(ARENA + {plan.offset(name)})"
-
     markers: list[str] = []  # label of each TP_LAYER() in model_invoke, in order
     for i, op in enumerate(graph.ops):
-        p = params[i]
-        pre = f"L{i}"
         if seg is None or i >= seg.split:
             markers.append(f"ops 0..{i} ({seg.grid}x{seg.grid} patches)" if seg is not None and i == seg.split
-                           else f"op {i} {op.kind}")
-            calls.append("TP_LAYER();")
-        x = t[op.inputs[0]] if op.inputs and op.inputs[0] else None
-        y = t[op.outputs[0]]
-        kernel = ""
-        weight_bytes = 0
+                           else f"op {i} {'PAD' if i in folded else op.kind}")
+            out.call("TP_LAYER();")
         if seg is not None and i <= seg.split:
-            weight_bytes = _emit_weights(graph, op, pre, p, consts)
             kernel = f"patch {seg.grid}x{seg.grid}"
             if i == seg.split:
-                _emit_patches(graph, params, seg, plan, patch_plan, config, consts, calls, structs)
-        elif i in cmsis_layers:
-            kernel, weight_bytes = _emit_cmsis(graph, op, p, pre, cmsis_layers[i], consts, calls, arena,
-                                               plan.offsets.get(plan.scratch.get(plan_index(i), ""), None),
-                                               plan.buffers[plan.scratch[plan_index(i)]].size if plan_index(i) in plan.scratch else 0)
-        elif op.kind in LOCAL_OPS:
-            weight_bytes = _emit_weights(graph, op, pre, p, consts)
-            geometry = {n: t[n].shape for n in [*op.inputs[:2], op.outputs[0]] if n is not None}
-            column = f"ARENA + {plan.offsets[plan.scratch[plan_index(i)]]}" if plan_index(i) in plan.scratch else "0"
-            kernel = _emit_local(graph, op, i, p, config, geometry, None, arena, consts, calls, structs, column,
-                                 plan_index(i) in plan.channel_in_place)
-        elif op.kind == "FULLY_CONNECTED":
-            w, bias, weight_bytes = _emit_filter_and_bias(graph, op, pre, consts)
-            if np.unique(p["output_multiplier"]).size != 1 or np.unique(p["output_shift"]).size != 1:
-                raise ValueError(f"op {i} (FULLY_CONNECTED): per-channel weights are not supported yet")
-            in_features = w.shape[1]
-            fields = [x.size // in_features, in_features, w.shape[0], p["input_offset"], p["output_offset"],
-                      p["act_min"], p["act_max"], p["output_multiplier"][0], p["output_shift"][0]]
-            consts.append(f"static const tp_fc_params {pre} = {{{', '.join(str(int(v)) for v in fields)}, {pre}_filter, {bias}}};\n")
-            kernel = "tp_fully_connected_s8"
-            calls.append(f"{kernel}(&{pre}, {arena(op.inputs[0])}, {arena(op.outputs[0])});")
-        elif op.kind == "SOFTMAX":
-            depth = x.shape[-1]
-            fields = [x.size // depth, depth, p["input_multiplier"], p["input_left_shift"], p["diff_min"]]
-            consts.append(f"static const tp_softmax_params {pre} = {_brace(fields)};\n")
-            kernel = "tp_softmax_s8"
-            calls.append(f"{kernel}(&{pre}, {arena(op.inputs[0])}, {arena(op.outputs[0])});")
-        elif op.kind == "RESHAPE":
-            kernel = "(alias)"
-        elif op.kind == "TRANSPOSE":
-            perm = op.options["perm"]
-            in_strides = np.cumprod((list(x.shape[1:]) + [1])[::-1])[::-1]
-            fields = [len(perm), _brace(_pad6(y.shape, 1)), _brace(_pad6([in_strides[d] for d in perm], 0))]
-            consts.append(f"static const tp_transpose_params {pre} = {{{', '.join(str(f) for f in fields)}}};\n")
-            kernel = "tp_transpose_s8"
-            calls.append(f"{kernel}(&{pre}, {arena(op.inputs[0])}, {arena(op.outputs[0])});")
-        elif op.kind == "MEAN":
-            axes = [a % len(x.shape) for a in op.options["axes"]]
-            kept = [d for d in range(len(x.shape)) if d not in axes]
-            kept_shape = [x.shape[d] for d in kept]
-            kept_strides = list(np.cumprod((kept_shape[1:] + [1])[::-1])[::-1])
-            out_strides = [0 if d in axes else int(kept_strides[kept.index(d)]) for d in range(len(x.shape))]
-            fields = [len(x.shape), _brace(_pad6(x.shape, 1)), _brace(_pad6(out_strides, 0)), y.size,
-                      p["input_zero_point"], p["output_zero_point"], p["num_elements"], p["multiplier"], p["shift"]]
-            consts.append(f"static const tp_mean_params {pre} = {{{', '.join(str(f) for f in fields)}}};\n")
-            kernel = "tp_mean_s8"
-            scratch = f"(int32_t *)(ARENA + {plan.offsets[plan.scratch[plan_index(i)]]})"
-            calls.append(f"{kernel}(&{pre}, {arena(op.inputs[0])}, {arena(op.outputs[0])}, {scratch});")
-        elif op.kind == "RESIZE_NEAREST_NEIGHBOR":
-            consts.append(_c_array("int32_t", f"{pre}_rows", p["rows"]))
-            consts.append(_c_array("int32_t", f"{pre}_cols", p["cols"]))
-            fields = [x.shape[1], x.shape[2], x.shape[3], y.shape[1], y.shape[2]]
-            consts.append(f"static const tp_resize_params {pre} = {{{', '.join(str(int(f)) for f in fields)}, {pre}_rows, {pre}_cols}};\n")
-            kernel = "tp_resize_nearest_s8"
-            calls.append(f"{kernel}(&{pre}, {arena(op.inputs[0])}, {arena(op.outputs[0])});")
-        elif op.kind == "CONCATENATION":
-            axis = op.options["axis"] % len(y.shape)
-            outer = int(np.prod(y.shape[:axis]))
-            inner_out = int(np.prod(y.shape[axis:]))
-            kernel = "tp_copy"
-            col = 0
-            for name in op.inputs:
-                inner = int(np.prod(t[name].shape[axis:]))
-                calls.append(
-                    f"for (int32_t r = 0; r < {outer}; r++) tp_copy(ARENA + {plan.offset(name)} + r * {inner}, "
-                    f"ARENA + {plan.offset(op.outputs[0])} + r * {inner_out} + {col}, {inner});"
-                )
-                col += inner
-        elif op.kind == "DEQUANTIZE":
-            consts.append(f"static const tp_quant_params {pre} = {{{y.size}, {float(np.float32(p['scale']))!r}f, {p['zero_point']}}};\n")
-            kernel = "tp_dequantize_s8_f32"
-            calls.append(f"{kernel}(&{pre}, {arena(op.inputs[0])}, {arena(op.outputs[0], 'float')});")
-        flash += weight_bytes
-        layers.append({"op": i, "kind": op.kind, "kernel": kernel, "output_shape": y.shape, "weight_bytes": weight_bytes,
-                       "name": op.name, "plan_op": max(plan_index(i), 0)})
+                _emit_patches(graph, params, seg, plan, patch_plan, config, out)
+        else:
+            k = plan_index(i)
+            buf = plan.scratch.get(k)
+            layer = emit.Layer(graph, op, i, params[i], out, arena, {}, scratch=f"ARENA + {plan.offsets[buf]}"
+                               if buf else "0", scratch_bytes=plan.buffers[buf].size if buf else 0,
+                               channel_in_place=k in plan.channel_in_place, conv1x1=config.variant(i),
+                               options={**({"weights": formats[i]} if i in formats else {}), **config.options(i)})
+            kernel = emit.emit(layer, config.backend) if i not in folded else f"(folded into op {folded[i]})"
+        layers.append({"op": i, "kind": "PAD" if i in folded else op.kind, "kernel": kernel, "output_shape": t[op.outputs[0]].shape,
+                       "weight_bytes": out.const_bytes.get(i, 0), "name": op.name, "plan_op": max(plan_index(i), 0)})
+    for layer in layers:  # patched ops' constants are written with the last op of the segment
+        layer["weight_bytes"] = out.const_bytes.get(layer["op"], 0)
+    flash = sum(out.const_bytes.values())
 
     in_bytes = sum(t[n].nbytes for n in graph.inputs)
     out_bytes = sum(t[n].nbytes for n in graph.outputs)
@@ -496,170 +486,147 @@ def lower(graph: Graph, config: Config | None = None) -> Lowered:
         off += t[n].nbytes
 
     arena_bytes = max(plan.peak_bytes, 4)
-    cmsis_include = '#include "arm_nnfunctions.h"\n' if cmsis else ""
-    model_h = f"""/* Generated by `python -m mcu export` from graph {graph.name!r}. */
-#ifndef MODEL_H
-#define MODEL_H
-#include <stdint.h>
-
-#define MODEL_ARENA_BYTES {arena_bytes}
-#define MODEL_INPUT_BYTES {in_bytes}
-#define MODEL_OUTPUT_BYTES {out_bytes}
-typedef {in_c} model_input_t;
-typedef {out_c} model_output_t;
-
-/* Runs the network once. input: the graph inputs back to back ({", ".join(f"{t[n].dtype}{list(t[n].shape)}" for n in graph.inputs)});
- * output: the graph outputs back to back ({", ".join(f"{t[n].dtype}{list(t[n].shape)}" for n in graph.outputs)}). */
-void model_invoke(const model_input_t *input, model_output_t *output);
-
+    cmsis_include = {"cmsis-nn": '#include "arm_nnfunctions.h"\n',
+                     "specialized": '#include "tp_specialized.h"\n'}.get(config.backend, "")
+    lo, up = (f"{prefix}_", f"{prefix.upper()}_") if prefix else ("", "")
+    names = {"invoke": f"{lo}model_invoke", "in_t": f"{lo}model_input_t", "out_t": f"{lo}model_output_t",
+             "ARENA": f"{up}MODEL_ARENA_BYTES", "IN": f"{up}MODEL_INPUT_BYTES", "OUT": f"{up}MODEL_OUTPUT_BYTES"}
+    aliases = "" if not prefix else f"""
+/* The unprefixed names, for code written against one model (e.g. the test harness). */
+#ifdef TP_MODEL_UNPREFIXED
+#define MODEL_ARENA_BYTES {names["ARENA"]}
+#define MODEL_INPUT_BYTES {names["IN"]}
+#define MODEL_OUTPUT_BYTES {names["OUT"]}
+#define model_invoke {names["invoke"]}
+typedef {names["in_t"]} model_input_t;
+typedef {names["out_t"]} model_output_t;
 #endif
 """
-    body = "\n  ".join(copy_in + calls + copy_out)
-    model_c = f"""/* Generated by `python -m mcu export` from graph {graph.name!r}: {len(graph.ops)} ops,
+    name = repr(graph.name).replace("*/", "* /")  # the name goes into C comments
+    model_h = f"""/* Generated by `python -m mcu export` from graph {name}. */
+#ifndef {up}MODEL_H
+#define {up}MODEL_H
+#include <stdint.h>
+
+#define {names["ARENA"]} {arena_bytes}
+#define {names["IN"]} {in_bytes}
+#define {names["OUT"]} {out_bytes}
+typedef {in_c} {names["in_t"]};
+typedef {out_c} {names["out_t"]};
+
+/* Runs the network once. input: the graph inputs back to back ({", ".join(f"{t[n].dtype}{list(t[n].shape)}" for n in graph.inputs)});
+ * output: the graph outputs back to back ({", ".join(f"{t[n].dtype}{list(t[n].shape)}" for n in graph.outputs)}).
+ * Returns 0, or 1 + the index of the op whose kernel reported an error (a CMSIS-NN status other
+ * than ARM_CMSIS_NN_SUCCESS); the outputs are then not valid. */
+int32_t {names["invoke"]}(const {names["in_t"]} *input, {names["out_t"]} *output);
+{aliases}
+#endif
+"""
+    body = "\n  ".join(copy_in + out.calls + copy_out)
+    model_c = f"""/* Generated by `python -m mcu export` from graph {name}: {len(graph.ops)} ops,
  * arena {arena_bytes} B (activations and scratch, static plan), const data {flash} B. */
 #include "model.h"
+{'#include "tp_names.h"' if prefix else ""}
 #include "tp_kernels.h"
 {cmsis_include}
 static int32_t arena_words[{(arena_bytes + 3) // 4}];
 #define ARENA ((int8_t *)arena_words)
+/* a kernel that returns a status: stop at the first failure and say which op it was */
+#define TP_CHECK(op, call) do {{ if ((call) != 0) return (op) + 1; }} while (0)
 
-{"".join(consts)}
-void model_invoke(const model_input_t *input, model_output_t *output) {{
+{"".join(out.consts)}
+int32_t {names["invoke"]}(const {names["in_t"]} *input, {names["out_t"]} *output) {{
   {body}
+  return 0;
 }}
 """
-    return Lowered(model_c, model_h, plan, flash, in_bytes, out_bytes, in_c, out_c, layers, markers)
+    return Lowered(model_c, model_h, plan, flash, in_bytes, out_bytes, in_c, out_c, layers, markers, config.backend,
+                   prefix)
 
 
 def _emit_patches(graph: Graph, params: list[dict], seg, plan: MemoryPlan, patch_plan: MemoryPlan, config: Config,
-                  consts: list[str], calls: list[str], structs: dict) -> None:
+                  out: emit.Emission) -> None:
     """Per patch: crop the segment inputs, run the segment's ops on patch regions, paste the output."""
     t = graph.tensors
     base = plan.offsets[plan.scratch[0]]
 
-    def ptr(name: str, cast: str = "int8_t") -> str:
-        return f"({cast} *)(ARENA + {base + patch_plan.offset(name)})"
+    def ptr(name: str) -> str:
+        return f"({emit.C_TYPES[t[name].dtype]} *)(ARENA + {base + patch_plan.offset(name)})"
 
     def region_copy(fn: str, name: str, region) -> str:
         (r0, r1), (c0, c1) = region
         pixel = t[name].shape[3] * np.dtype(t[name].dtype).itemsize
         return (f"{fn}(ARENA + {plan.offset(name)}, {t[name].shape[2] * pixel}, {r0}, {r1 - r0}, {c0 * pixel}, "
-                f"{(c1 - c0) * pixel}, {ptr(name)});")
+                f"{(c1 - c0) * pixel}, ARENA + {base + patch_plan.offset(name)});")
 
     for k, reg in enumerate(seg.regions):
         (r0, r1), (c0, c1) = reg[seg.output]
-        calls.append(f"/* patch {k}: output rows {r0}..{r1 - 1}, columns {c0}..{c1 - 1} */")
-        calls.extend(region_copy("tp_crop", n, reg[n]) for n in seg.inputs)
+        out.call(f"/* patch {k}: output rows {r0}..{r1 - 1}, columns {c0}..{c1 - 1} */")
+        for n in seg.inputs:
+            out.call(region_copy("tp_crop", n, reg[n]))
         for j in range(seg.split + 1):
             op = graph.ops[j]
             shape = {n: (1, reg[n][0][1] - reg[n][0][0], reg[n][1][1] - reg[n][1][0], t[n].shape[3])
-                     for n in [*op.inputs[:2], op.outputs[0]] if n is not None and not t[n].is_constant}
-            if op.kind in patch.ELEMENTWISE and any(reg[n] != reg[op.outputs[0]] for n in shape):
-                _emit_elementwise_rows(graph, op, j, params[j], config, reg, shape, ptr, consts, calls, structs)
-                continue
-            pads = None
-            if op.kind not in patch.ELEMENTWISE:
-                pads = patch.local_padding(reg[op.inputs[0]], reg[op.outputs[0]], op, params[j], graph)
+                     for n in [*op.inputs, op.outputs[0]] if n is not None and not t[n].is_constant}
             column = f"ARENA + {base + patch_plan.offsets[patch_plan.scratch[j]]}" if j in patch_plan.scratch else "0"
-            _emit_local(graph, op, j, params[j], config, shape, pads, ptr, consts, calls, structs, column)
-        calls.append(region_copy("tp_paste", seg.output, reg[seg.output]))
+            layer = emit.Layer(graph, op, j, params[j], out, ptr, shape, scratch=column, conv1x1=config.variant(j))
+            if schema.has(op.kind, schema.ELEMENTWISE):
+                if any(reg[n] != reg[op.outputs[0]] for n in shape):
+                    _emit_elementwise_rows(layer, reg, config.backend)
+                    continue
+            else:
+                layer.pads = patch.local_padding(reg[op.inputs[0]], reg[op.outputs[0]], op, params[j], graph)
+            emit.emit(layer, config.backend)
+        out.call(region_copy("tp_paste", seg.output, reg[seg.output]))
 
 
-def _emit_elementwise_rows(graph, op, j, p, config, reg, shape, ptr, consts, calls, structs) -> None:
+def _emit_elementwise_rows(layer: emit.Layer, reg, backend: str) -> None:
     """An elementwise op whose inputs cover more than its output region: one call per output
-    row, each input read at its row/column offset inside its own region."""
+    row (loop variable ``r``), each input read at its row/column offset inside its own region."""
+    graph, op = layer.graph, layer.op
     y = op.outputs[0]
     (o0, o1), (q0, q1) = reg[y]
     channels = graph.tensors[y].shape[3]
-    row_shape = (1, 1, q1 - q0, channels)
-    row_call: list[str] = []
-    _emit_local(graph, op, j, p, config, {n: row_shape for n in shape}, None, lambda n, cast="int8_t": f"@{n}@{cast}@",
-                consts, row_call, structs)
-    call = row_call[0]
-    for n in shape:
-        for cast in ("int8_t", "float"):
-            if f"@{n}@{cast}@" in call:
-                (a0, _), (b0, _) = reg[n]
-                width = reg[n][1][1] - b0
-                at = f"(r + {o0 - a0}) * {width} + {q0 - b0}" if n != y else f"r * {q1 - q0}"
-                call = call.replace(f"@{n}@{cast}@", f"({ptr(n, cast)} + ({at}) * {channels})")
-    calls.append(f"for (int32_t r = 0; r < {o1 - o0}; r++) {call}")
+    whole = layer.ptr
+
+    def row_ptr(n: str) -> str:
+        (a0, _), (b0, b1) = reg[n]
+        at = f"(r + {o0 - a0}) * {b1 - b0} + {q0 - b0}" if n != y else f"r * {q1 - q0}"
+        return f"({whole(n)} + ({at}) * {channels})"
+
+    calls, layer.out.calls = layer.out.calls, []
+    layer.ptr = row_ptr
+    layer.shapes = {n: (1, 1, q1 - q0, channels) for n in layer.shapes}
+    emit.emit(layer, backend)
+    row, layer.out.calls = layer.out.calls, calls
+    layer.out.call(f"for (int32_t r = 0; r < {o1 - o0}; r++) {{ {' '.join(row)} }}")
 
 
-def _emit_cmsis(graph, op, p, pre, d, consts, calls, arena, scratch_offset, scratch_size) -> tuple[str, int]:
-    t = graph.tensors
-    y = t[op.outputs[0]]
-    ctx = "&ctx"
-    buf = f"ARENA + {scratch_offset}" if scratch_offset is not None else "0"
-    context = f"cmsis_nn_context ctx = {{{buf}, {scratch_size}}}; "
-    weight_bytes = 0
-    if op.kind in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"):
-        _, bias, weight_bytes = _emit_filter_and_bias(graph, op, pre, consts)
-        consts.append(f"static const {d['ptype']} {pre}_params = {d['params']};\n")
-        for k in ("in", "filter", "bias", "out"):
-            consts.append(f"static const cmsis_nn_dims {pre}_{k}_dims = {d[k]};\n")
-        if op.kind == "FULLY_CONNECTED":
-            if np.unique(p["output_multiplier"]).size != 1:
-                raise ValueError(f"op {op.name!r} (FULLY_CONNECTED): per-channel weights are not supported yet")
-            consts.append(f"static const cmsis_nn_per_tensor_quant_params {pre}_quant = "
-                          f"{{{int(p['output_multiplier'][0])}, {int(p['output_shift'][0])}}};\n")
-            weight_bytes += 8
-        else:
-            consts.append(_c_array("int32_t", f"{pre}_mult", p["output_multiplier"]))
-            consts.append(_c_array("int32_t", f"{pre}_shift", p["output_shift"]))
-            consts.append(f"static const cmsis_nn_per_channel_quant_params {pre}_quant = "
-                          f"{{(int32_t *){pre}_mult, (int32_t *){pre}_shift}};\n")
-            weight_bytes += 8 * y.shape[-1]
-        calls.append(f"{{ {context}{d['fn']}({ctx}, &{pre}_params, &{pre}_quant, &{pre}_in_dims, {arena(op.inputs[0])}, "
-                     f"&{pre}_filter_dims, {pre}_filter, &{pre}_bias_dims, {bias}, &{pre}_out_dims, {arena(op.outputs[0])}); }}")
-        return d["fn"], weight_bytes
-    if op.kind in ("AVERAGE_POOL_2D", "MAX_POOL_2D"):
-        consts.append(f"static const {d['ptype']} {pre}_params = {d['params']};\n")
-        for k in ("in", "filter", "out"):
-            consts.append(f"static const cmsis_nn_dims {pre}_{k}_dims = {d[k]};\n")
-        calls.append(f"{{ {context}{d['fn']}({ctx}, &{pre}_params, &{pre}_in_dims, {arena(op.inputs[0])}, &{pre}_filter_dims, "
-                     f"&{pre}_out_dims, {arena(op.outputs[0])}); }}")
-        return d["fn"], 0
-    if op.kind in ("ADD", "MUL"):
-        a, b2 = t[op.inputs[0]], t[op.inputs[1]]
-        if a.shape != b2.shape or a.shape != y.shape:
-            raise ValueError(f"op {op.name!r} ({op.kind}): broadcasting {a.shape} with {b2.shape} is not supported on the MCU")
-        ins = f"{arena(op.inputs[0])}, {arena(op.inputs[1])}"
-        if op.kind == "ADD":
-            args = (f"{p['input1_offset']}, {p['input1_multiplier']}, {p['input1_shift']}, {p['input2_offset']}, "
-                    f"{p['input2_multiplier']}, {p['input2_shift']}, {p['left_shift']}, {arena(op.outputs[0])}, "
-                    f"{p['output_offset']}, {p['output_multiplier']}, {p['output_shift']}, {p['act_min']}, {p['act_max']}, {y.size}")
-            calls.append(f"arm_elementwise_add_s8({ins}, {args});")
-            return "arm_elementwise_add_s8", 0
-        args = (f"{p['input1_offset']}, {p['input2_offset']}, {arena(op.outputs[0])}, {p['output_offset']}, "
-                f"{p['output_multiplier']}, {p['output_shift']}, {p['act_min']}, {p['act_max']}, {y.size}")
-        calls.append(f"arm_elementwise_mul_s8({ins}, {args});")
-        return "arm_elementwise_mul_s8", 0
-    if op.kind == "SOFTMAX":
-        x = t[op.inputs[0]]
-        depth = x.shape[-1]
-        calls.append(f"arm_softmax_s8({arena(op.inputs[0])}, {x.size // depth}, {depth}, {p['input_multiplier']}, "
-                     f"{p['input_left_shift']}, {p['diff_min']}, {arena(op.outputs[0])});")
-        return "arm_softmax_s8", 0
-    raise AssertionError(op.kind)
-
-
-def export(graph: Graph, out_dir: str | pathlib.Path, config: Config | None = None) -> Lowered:
-    """Write model.c, model.h, the kernel sources and a README of the memory map to ``out_dir``."""
-    lowered = lower(graph, config)
+def export(graph: Graph, out_dir: str | pathlib.Path, config: Config | None = None, prefix: str = "") -> Lowered:
+    """Write model.c, model.h, the kernel sources, the build manifest and a README of the memory
+    map to ``out_dir``; with ``prefix``, every global symbol is namespaced (see ``lower``)."""
+    lowered = lower(graph, config, prefix)
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "model.c").write_text(lowered.model_c)
     (out / "model.h").write_text(lowered.model_h)
-    for name in ("tp_kernels.c", "tp_kernels.h"):
+    for name in ("tp_kernels.c", "tp_kernels.h", "tp_specialized.h"):
         shutil.copyfile(C_DIR / name, out / name)
+    if prefix:
+        (out / "tp_names.h").write_text(
+            f"/* {prefix}: the kernels' global symbols, namespaced. */\n#ifndef TP_NAMES_H\n#define TP_NAMES_H\n"
+            + "".join(f"#define {n} {prefix}_{n}\n" for n in kernel_symbols()) + "#endif\n")
+        (out / "tp_kernels.c").write_text('#include "tp_names.h"\n' + (C_DIR / "tp_kernels.c").read_text())
+    (out / MANIFEST).write_text(json.dumps({"graph": graph.name, "backend": lowered.backend,
+                                            "sources": ["model.c", "tp_kernels.c"],
+                                            "defines": ["TP_MODEL_UNPREFIXED"] if prefix else [],
+                                            "libraries": ["cmsis-nn"] if lowered.uses_cmsis_nn else []}, indent=1))
     (out / "README.md").write_text(memory_map(graph, lowered))
     return lowered
 
 
 def memory_map(graph: Graph, lowered: Lowered) -> str:
     plan = lowered.plan
-    cmsis = "arm_nnfunctions.h" in lowered.model_c
     lines = [
         f"# {graph.name}: memory map",
         "",
@@ -668,7 +635,8 @@ def memory_map(graph: Graph, lowered: Lowered) -> str:
         "API (`model.h`): `model_invoke(input, output)` runs one inference; the graph inputs and outputs are",
         "packed back to back; all activations live in one static arena inside `model.c`.",
         "Build: compile `model.c` and `tp_kernels.c` (C99)" + (
-            " and link CMSIS-NN (its `Include/` on the include path)." if cmsis else "; nothing else is needed."),
+            " and link CMSIS-NN (its `Include/` on the include path)." if lowered.uses_cmsis_nn
+            else "; nothing else is needed."),
         "",
         "| op | kind | kernel | output | offset | bytes | live bytes | high water |",
         "|---:|---|---|---|---:|---:|---:|---:|",

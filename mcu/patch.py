@@ -5,16 +5,15 @@ The output of op ``split`` is cut into a ``grid x grid`` set of spatial patches;
 backwards gives, for each patch, the region of every tensor it needs (the receptive field with
 its halo, recomputed where patches overlap). Each op then runs on its patch-local region with
 adjusted padding (elementwise ops read a window of a larger input region row by row), in a
-small patch arena planned like the main one.
+small patch arena planned like the main one. Which ops may run so is the op schema's
+PATCHABLE trait (``models.schema``).
 """
 from __future__ import annotations
 
 import dataclasses
 
+from models import schema
 from models.ir import Graph, Op, Tensor
-
-PATCH_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "AVERAGE_POOL_2D", "MAX_POOL_2D", "PAD", "ADD", "MUL", "QUANTIZE")
-ELEMENTWISE = ("ADD", "MUL", "QUANTIZE")
 
 Range = tuple[int, int]  # [start, stop) along one spatial axis
 
@@ -34,6 +33,24 @@ class Segment:
         return (1, h, w, t.shape[3])
 
 
+def _unpatchable(graph: Graph, op: Op) -> str | None:
+    """Why ``op`` cannot run on patches, or None."""
+    if not schema.has(op.kind, schema.PATCHABLE):
+        return "not a patchable kind"
+    y = graph.tensors[op.outputs[0]]
+    if len(y.shape) != 4 or y.shape[0] != 1:
+        return "not a batch-1 NHWC op"
+    for n in op.inputs if schema.has(op.kind, schema.ELEMENTWISE) else op.inputs[:1]:
+        t = graph.tensors[n]
+        if t.is_constant or t.shape != (y.shape if schema.has(op.kind, schema.ELEMENTWISE) else t.shape):
+            return "a constant or broadcast operand"
+        if len(t.shape) != 4:
+            return "not a batch-1 NHWC op"
+    if op.kind == "PAD" and tuple(op.options["paddings"][3]) != (0, 0):
+        return "pads channels"
+    return None
+
+
 def _window(op: Op, graph: Graph, axis: int) -> tuple[int, int, int]:
     """(stride, kernel, dilation) of a window op along axis 1 (rows) or 2 (cols)."""
     o = op.options
@@ -50,7 +67,7 @@ def input_range(graph: Graph, op: Op, params: dict, axis: int, out: Range) -> Ra
     o0, o1 = out
     if o1 <= o0:
         return (0, 0)
-    if op.kind in ELEMENTWISE:
+    if schema.has(op.kind, schema.ELEMENTWISE):
         return out
     if op.kind == "PAD":
         before = op.options["paddings"][axis][0]
@@ -82,14 +99,10 @@ def segment(graph: Graph, params: list[dict], split: int, grid: int) -> Segment:
     if grid < 1:
         raise ValueError(f"patch grid must be >= 1, got {grid}")
     for i, op in enumerate(ops):
-        if op.kind not in PATCH_OPS:
-            raise ValueError(f"patch split {split}: op {i} ({op.kind}) cannot run patch by patch; split before it "
-                             f"(patchable: {PATCH_OPS})")
-        shapes = [graph.tensors[n].shape for n in [*op.inputs[:1], *op.outputs]]
-        if any(len(s) != 4 or s[0] != 1 for s in shapes):
-            raise ValueError(f"patch split {split}: op {i} ({op.kind}) is not a batch-1 NHWC op")
-        if op.kind == "PAD" and tuple(op.options["paddings"][3]) != (0, 0):
-            raise ValueError(f"patch split {split}: op {i} pads channels")
+        problem = _unpatchable(graph, op)
+        if problem:
+            raise ValueError(f"patch split {split}: op {i} ({op.kind}) cannot run patch by patch ({problem}); split "
+                             f"before it (patchable: {schema.kinds_with(schema.PATCHABLE)})")
     produced = {n for op in ops for n in op.outputs}
     output = ops[-1].outputs[0]
     consumers = graph.consumers()
@@ -114,7 +127,7 @@ def segment(graph: Graph, params: list[dict], split: int, grid: int) -> Segment:
                 out = need.get(op.outputs[0])
                 if out is None:
                     continue
-                srcs = op.inputs if op.kind in ("ADD", "MUL") else op.inputs[:1]
+                srcs = op.inputs if schema.has(op.kind, schema.ELEMENTWISE) else op.inputs[:1]
                 for n in srcs:
                     want = [input_range(graph, op, params[j], a + 1, out[a]) for a in range(2)]
                     old = need.get(n)
@@ -169,8 +182,7 @@ def candidate_splits(graph: Graph) -> list[int]:
     output is used later."""
     result = []
     for split, op in enumerate(graph.ops):
-        shapes = [graph.tensors[n].shape for n in [*op.inputs[:1], *op.outputs]]
-        if op.kind not in PATCH_OPS or any(len(s) != 4 or s[0] != 1 for s in shapes):
+        if _unpatchable(graph, op):
             break
         if _boundary_ok(graph, split):
             result.append(split)

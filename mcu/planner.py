@@ -4,7 +4,8 @@ Tensor lifetimes come from the op order; buffers are placed greedily, largest fi
 lowest offset where they collide with no buffer alive at the same time (first fit). An op's
 output may overlap the tail of an input that dies at that op when the kernel's walk order
 makes it safe (``overlap_limit``): this generalises TinyEngine's in-place depthwise to every
-streaming kernel (conv, depthwise, pooling, pad, elementwise).
+streaming kernel (conv, depthwise, pooling, pad, elementwise). Which ops stream how is read
+from the op schema's traits (``models.schema``: WINDOW, ELEMENTWISE, ALIAS).
 """
 from __future__ import annotations
 
@@ -12,13 +13,10 @@ import dataclasses
 
 import numpy as np
 
+from models import schema
 from models.ir import Graph, Op
 
 ALIGN = 4  # every buffer starts on a word boundary (int32 scratch, float I/O, word loads)
-
-# Ops whose output walks the input in output-pixel order (mcu/c/tp_kernels.c).
-WINDOW_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "AVERAGE_POOL_2D", "MAX_POOL_2D")
-ELEMENTWISE_OPS = ("ADD", "MUL")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,9 +94,9 @@ def overlap_limit(graph: Graph, op: Op, input_index: int, params: dict) -> int |
     """
     t = graph.tensors
     x, y = t[op.inputs[input_index]], t[op.outputs[0]]
-    if x.shape[0] != 1 and op.kind != "QUANTIZE":
-        return None
-    if op.kind in WINDOW_OPS:
+    if schema.has(op.kind, schema.WINDOW):
+        if x.shape[0] != 1:
+            return None  # one kernel call per image: the walk below is one image's
         if op.kind in ("AVERAGE_POOL_2D", "MAX_POOL_2D"):
             kh, kw, dh, dw = op.options["filter_h"], op.options["filter_w"], 1, 1
         else:
@@ -121,10 +119,11 @@ def overlap_limit(graph: Graph, op: Op, input_index: int, params: dict) -> int |
         flat = np.ravel_multi_index(np.clip(src, 0, np.array(x.shape[:-1]) - 1).T, x.shape[:-1])
         read = np.where(inside, flat * x.shape[-1], np.iinfo(np.int64).max)
         write_end = (np.arange(rows_out) + 1) * y.shape[-1]
-    elif op.kind in ELEMENTWISE_OPS and x.shape == y.shape:
-        return 0  # element i is read before it is written
-    elif op.kind == "QUANTIZE" and x.size == y.size:
-        return 3  # reads 4 float bytes of element i, then writes its 1 byte
+    elif schema.has(op.kind, schema.ELEMENTWISE) and x.shape == y.shape:
+        # element i (a bytes in, b bytes out) is read before it is written: the output may start
+        # at input + (a - b) when it is narrower, (a - b) * n below when it is wider
+        a, b = np.dtype(x.dtype).itemsize, np.dtype(y.dtype).itemsize
+        return (a - b) * (y.size if a < b else 1)
     else:
         return None
     first_read = np.minimum.accumulate(read[::-1])[::-1]  # first byte read at any step >= p
@@ -137,6 +136,7 @@ def plan_memory(
     scratch_bytes: dict[int, int] | None = None,
     in_place: bool = True,
     channel_in_place: dict[int, int] | None = None,
+    overlap_limits: dict[int, int | None] | None = None,
 ) -> MemoryPlan:
     """Lifetimes, aliases, overlaps and greedy first-fit offsets for ``graph``.
 
@@ -146,6 +146,10 @@ def plan_memory(
     channel_in_place: op index -> scratch bytes, for depthwise ops that may write their output
                    over their input channel by channel (TinyEngine); applied where the input
                    dies at the op, recorded in ``MemoryPlan.channel_in_place``.
+    overlap_limits: op index -> the overlap its kernel allows, where the kernel that runs the op
+                   does not walk as ``overlap_limit`` assumes (the portable kernels' order): None
+                   (no overlap) or the one delta it allows (0: output over the input, as the
+                   specialized channel-by-channel depthwise writes it).
     """
     ops = graph.ops
     n = len(ops)
@@ -178,7 +182,7 @@ def plan_memory(
                 size[buf] = max(size[buf], graph.tensors[op.outputs[0]].nbytes)
                 scratch_bytes = {**(scratch_bytes or {}), i: (scratch_bytes or {}).get(i, 0) + channel_in_place[i]}
         for name in op.outputs:
-            if op.kind == "RESHAPE" or shares:  # same bytes (RESHAPE) or written over the input
+            if schema.has(op.kind, schema.ALIAS) or shares:  # same bytes (RESHAPE) or written over the input
                 tensor_buffer[name] = tensor_buffer[op.inputs[0]]
             else:
                 tensor_buffer[name] = name
@@ -200,30 +204,50 @@ def plan_memory(
     overlaps: dict[tuple[str, str], int] = {}
     if in_place:
         for i, op in enumerate(ops):
-            if op.kind == "RESHAPE" or i in applied:
+            if schema.has(op.kind, schema.ALIAS) or i in applied:
                 continue
             out_buf = tensor_buffer[op.outputs[0]]
             for k, name in enumerate(op.inputs[:2]):
                 if name is None or graph.tensors[name].is_constant:
                     continue
-                if k == 1 and op.kind not in ELEMENTWISE_OPS:
+                if k == 1 and not schema.has(op.kind, schema.ELEMENTWISE):
                     continue
                 in_buf = tensor_buffer[name]
                 if buffers[in_buf].last != i or buffers[out_buf].first != i:
                     continue
-                limit = overlap_limit(graph, op, k, op_params[i])
+                if overlap_limits is not None and i in overlap_limits:
+                    limit = overlap_limits[i]
+                else:
+                    limit = overlap_limit(graph, op, k, op_params[i])
                 if limit is not None:
                     overlaps[(in_buf, out_buf)] = limit
 
-    offsets = _first_fit(buffers, overlaps)
-    # A rigid chain can drift far down the arena; drop the links whose removal does not
-    # raise the peak (largest drift first): one pass of greedy descent.
-    for pair in sorted(overlaps, key=lambda k: overlaps[k]):
-        trial = {k: v for k, v in overlaps.items() if k != pair}
-        trial_offsets = _first_fit(buffers, trial)
-        if _peak(buffers, trial_offsets) <= _peak(buffers, offsets):
-            overlaps, offsets = trial, trial_offsets
+    # A rigid chain can drift far down the arena, so not every allowed link is worth keeping:
+    # one pass of greedy descent (drop the links whose removal does not raise the peak),
+    # largest drift first and once more in the other order, and one pass of greedy ascent
+    # (from no links, keep those that lower the peak); each judging a link by the peak alone
+    # or also by the other buffers' ends (which matters when the peak lies elsewhere); the best.
+    order = sorted(overlaps, key=lambda k: overlaps[k])
+    best = None
+    for start, sequence, tie_break in ((overlaps, order, False), (overlaps, order[::-1], False), ({}, order, False),
+                                       (overlaps, order, True), (overlaps, order[::-1], True), ({}, order, True)):
+        links, offsets = dict(start), _first_fit(buffers, start)
+        cost = _cost if tie_break else _peak
+        for pair in sequence:
+            trial = {k: v for k, v in links.items() if k != pair} if pair in links else {**links, pair: overlaps[pair]}
+            trial_offsets = _first_fit(buffers, trial)
+            if cost(buffers, trial_offsets) < cost(buffers, offsets) or (
+                    pair in links and _peak(buffers, trial_offsets) <= _peak(buffers, offsets)):
+                links, offsets = trial, trial_offsets
+        if best is None or _cost(buffers, offsets) < _cost(buffers, best[1]):
+            best = (links, offsets)
+    overlaps, offsets = best
     return MemoryPlan(buffers, offsets, tensor_buffer, scratch, overlaps, n, frozenset(applied))
+
+
+def _cost(buffers: dict[str, Buffer], offsets: dict[str, int]) -> tuple[int, int]:
+    """The peak, then the sum of buffer ends: lower ends elsewhere leave room for the next link."""
+    return _peak(buffers, offsets), sum(offsets[b] + buffers[b].size for b in buffers)
 
 
 def _peak(buffers: dict[str, Buffer], offsets: dict[str, int]) -> int:

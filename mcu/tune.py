@@ -10,6 +10,7 @@ schedule ``python -m mcu export`` uses by default.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import os
@@ -18,7 +19,7 @@ import tempfile
 
 import mcu
 from kernels.space import Knob, Objective, SearchSpace
-from mcu import boards, build, cmsis_nn, codegen, patch
+from mcu import boards, build, cmsis_nn, codegen, patch, specialized
 from models import quantization, tflite_import, zoo
 
 KERNEL = "mcu"
@@ -47,9 +48,32 @@ def pointwise_layers(graph) -> list[int]:
     return [i for i, op in enumerate(graph.ops) if codegen.is_pointwise(graph, op, quantization.op_params(graph, op))]
 
 
+SPECIALIZED_KNOBS = ("kernel", "unroll", "rows")  # per-layer knob names: kernel12, unroll12, rows30
+
+
+def specialized_layers(graph) -> dict[int, dict[str, tuple[str, ...]]]:
+    """The specialized backend's per-layer knobs: conv kernel (col2 / direct) and, for col2, the
+    unroll; depthwise kernel (planar / portable); fully connected rows per pass."""
+    out: dict[int, dict[str, tuple[str, ...]]] = {}
+    params = [quantization.op_params(graph, op) for op in graph.ops]
+    planar = codegen.specialized_depthwise(graph, params, codegen.Config(backend="specialized"))
+    for i, op in enumerate(graph.ops):
+        if op.kind == "CONV_2D":
+            out[i] = {"kernel": ("col2", "direct"), "unroll": ("2", "1")}
+        elif i in planar:
+            out[i] = {"kernel": ("planar", "portable")}
+        elif op.kind == "FULLY_CONNECTED":
+            out[i] = {"rows": ("4", "2", "1")}
+    return out
+
+
 def to_config(params: dict) -> codegen.Config:
     layers = tuple(
         (int(k[len("layer"):]), v) for k, v in sorted(params.items()) if k.startswith("layer") and v != "default"
+    )
+    options = tuple(
+        (int(k[len(knob):]), knob, str(v)) for k, v in sorted(params.items()) for knob in SPECIALIZED_KNOBS
+        if k.startswith(knob) and k[len(knob):].isdigit()
     )
     return codegen.Config(
         backend=params.get("backend", "portable"),
@@ -59,40 +83,65 @@ def to_config(params: dict) -> codegen.Config:
         depthwise=params.get("depthwise", "overlap"),
         patch_split=int(params.get("patch_split", -1)),
         patch_grid=int(params.get("patch_grid", 2)),
+        layer_options=options if params.get("backend") == "specialized" else (),
     )
 
 
+def for_board(config: codegen.Config, board: boards.Board) -> codegen.Config:
+    """A specialized schedule keeps int16 weights only within the board's flash."""
+    if config.backend == "specialized" and not config.flash_budget:
+        return dataclasses.replace(config, flash_budget=board.flash_bytes - codegen.SPECIALIZED_CODE_BYTES)
+    return config
+
+
 def measure_config(path: str, board: boards.Board, config: codegen.Config, samples: int = 1) -> dict:
-    """Build ``path`` with ``config`` for ``board``, run under QEMU; mean instructions and peak SRAM."""
+    """Build ``path`` with ``config`` for ``board``, run under QEMU; mean instructions, MACs per
+    instruction and peak SRAM."""
     graph = _graph(path)
+    config = for_board(config, board)
     with tempfile.TemporaryDirectory(prefix="tinypallas-mcu-") as tmp:
         lowered = codegen.export(graph, tmp, config)
         elf = build.build_target(tmp, board)
         run = build.run_qemu(elf, board, mcu.pack_inputs(graph, mcu.random_inputs(graph, samples)))
-    return {"instructions": float(sum(run.instructions) / len(run.instructions)),
-            "peak_sram_bytes": float(lowered.peak_sram_bytes)}
+    instructions = float(sum(run.instructions) / len(run.instructions))
+    return {"instructions": instructions, "peak_sram_bytes": float(lowered.peak_sram_bytes),
+            "macs_per_instruction": specialized.macs(graph) / instructions}
 
 
 def search_space(problem: dict) -> SearchSpace:
     board = boards.board(problem.get("target", "stm32f746"))
     path = str(zoo.resolve(problem["model"]))  # a ValueError that says how to get a missing model
     graph = _graph(path)
+    backends = tuple(b for b in codegen.BACKENDS if b != "cmsis-nn" or os.environ.get(cmsis_nn.ENV))
+    portable = {"backend": ("portable",)}
     knobs = [
+        Knob("backend", backends),  # first: the per-backend knobs below depend on it
         Knob("in_place", (True, False)),
-        Knob("conv1x1", codegen.CONV_VARIANTS),
-        Knob("depthwise", codegen.DEPTHWISE_VARIANTS),
+        Knob("conv1x1", codegen.CONV_VARIANTS, when=portable),
+        Knob("depthwise", codegen.DEPTHWISE_VARIANTS, when=portable),
         Knob("patch_split", (-1, *patch.candidate_splits(graph))),
         Knob("patch_grid", (2, 3, 4, 6, 8), when={"patch_split": tuple(patch.candidate_splits(graph))}),
     ]
-    if os.environ.get(cmsis_nn.ENV):
-        knobs.append(Knob("backend", codegen.BACKENDS))
-    knobs += [Knob(f"layer{i}", ("default", *codegen.CONV_VARIANTS)) for i in pointwise_layers(graph)]
+    knobs += [Knob(f"layer{i}", ("default", *codegen.CONV_VARIANTS), when=portable) for i in pointwise_layers(graph)]
+    for i, layer in specialized_layers(graph).items():
+        for knob, choices in layer.items():
+            when = {"backend": ("specialized",)}
+            if knob == "unroll":  # only the two-column kernel unrolls
+                when = {**when, f"kernel{i}": ("col2",)}
+            knobs.append(Knob(f"{knob}{i}", choices, when=when))
     flash = sum(t.nbytes for t in graph.tensors.values() if t.is_constant)
+    # the default trial: the specialized backend's default schedule for this board
+    start = codegen.specialized_config(graph, flash_bytes=board.flash_bytes)
+    chosen = {(i, knob): value for i, knob, value in start.layer_options}
+    default = {"backend": "specialized", "in_place": True, "patch_split": -1, "patch_grid": 2}
+    for i, layer in specialized_layers(graph).items():
+        for knob, choices in layer.items():
+            default[f"{knob}{i}"] = chosen.get((i, knob), choices[0])
 
     def violations(params: dict) -> list[str]:
         config = to_config(params)
-        if config.backend != "portable" and config.patch_split >= 0:
-            return ["patch-based inference runs on the portable backend only"]
+        if config.backend == "cmsis-nn" and config.patch_split >= 0:
+            return ["patch-based inference runs on the portable and specialized backends only"]
         try:
             _, plan, _ = codegen.plan_schedule(graph, config)
         except ValueError as e:  # a split that cannot be patched
@@ -107,9 +156,7 @@ def search_space(problem: dict) -> SearchSpace:
         to_config=to_config,
         measure=lambda config: measure_config(path, board, config),
         objectives=OBJECTIVES,
-        default={"in_place": True, "conv1x1": "1x1_unroll4", "depthwise": "overlap", "patch_split": -1, "patch_grid": 2,
-                 **({"backend": "portable"} if os.environ.get(cmsis_nn.ENV) else {}),
-                 **{k.name: "default" for k in knobs if k.name.startswith("layer")}},
+        default=default,
     )
 
 
@@ -118,4 +165,4 @@ def tuned_config(path: str, target: str) -> codegen.Config | None:
     from kernels import tuned
 
     params = tuned.lookup(KERNEL, problem_key(path, target))
-    return None if params is None else to_config(params)
+    return None if params is None else for_board(to_config(params), boards.board(target))

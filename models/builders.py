@@ -2,9 +2,10 @@
 
 ``GraphBuilder`` writes ops of the graph IR with float32 tensors and randomly initialised
 weights; ``models.execute.float_forward`` runs (and differentiates) them, ``models.ptq``
-quantizes them to int8. Builders: MobileNetV2 (width multiplier, resolution), an MCUNet-style
-net (mixed kernel sizes and expansion ratios), ResNet-8 and DS-CNN (the MLPerf Tiny IC and KWS
-reference topologies), the FC autoencoder (MLPerf Tiny AD) and the small CNN of the digits example.
+quantizes them to int8. Builders: MobileNetV2 and MobileNetV3-Small (width multiplier,
+resolution), an MCUNet-style net (mixed kernel sizes and expansion ratios), ResNet-8 and DS-CNN
+(the MLPerf Tiny IC and KWS reference topologies), the FC autoencoder (MLPerf Tiny AD) and the
+small CNN of the digits example.
 """
 from __future__ import annotations
 
@@ -72,8 +73,35 @@ class GraphBuilder:
         return self._op("FULLY_CONNECTED", [x, wt, b], (1, out_features),
                         {"activation": activation, "keep_num_dims": False})
 
+    def constant(self, value) -> str:
+        """A float constant operand (a scale, a shift), e.g. ``constant([3.0])``."""
+        value = np.asarray(value, np.float32)
+        return self._tensor("const", value.shape, value)
+
     def add(self, a: str, b: str, activation: str = "NONE") -> str:
-        return self._op("ADD", [a, b], self.shape(a), {"activation": activation})
+        shape = tuple(np.broadcast_shapes(self.shape(a), self.shape(b)))
+        return self._op("ADD", [a, b], shape, {"activation": activation})
+
+    def mul(self, a: str, b: str, activation: str = "NONE") -> str:
+        shape = tuple(np.broadcast_shapes(self.shape(a), self.shape(b)))
+        return self._op("MUL", [a, b], shape, {"activation": activation})
+
+    def hard_swish(self, x: str) -> str:
+        return self._op("HARD_SWISH", [x], self.shape(x), {})
+
+    def hard_sigmoid(self, x: str) -> str:
+        """ReLU6(x + 3) / 6 as converters emit it: ADD of a constant with a fused RELU6, MUL by 1/6."""
+        return self.mul(self.add(x, self.constant([3.0]), activation="RELU6"), self.constant([1.0 / 6.0]))
+
+    def global_mean(self, x: str) -> str:
+        _, _, _, c = self.shape(x)
+        return self._op("MEAN", [x], (1, 1, 1, c), {"axes": (1, 2), "keep_dims": True})
+
+    def squeeze_excite(self, x: str, squeeze_channels: int) -> str:
+        """Hu et al. 2018 as MobileNetV3 uses it: global mean, 1x1 ReLU, 1x1, hard sigmoid, scale."""
+        s = self.conv(self.global_mean(x), squeeze_channels, 1, activation="RELU")
+        s = self.hard_sigmoid(self.conv(s, self.shape(x)[-1], 1, activation="NONE"))
+        return self.mul(x, s)
 
     def average_pool(self, x: str, kernel: tuple[int, int] | None = None, stride: int | None = None) -> str:
         """Average pool; by default over the whole feature map (global average pooling)."""
@@ -124,6 +152,44 @@ def mobilenet_v2(width_multiplier: float = 1.0, resolution: int = 224, num_class
     x = gb.conv(x, _make_divisible(1280 * max(1.0, width_multiplier)), 1)
     x = gb.flatten(gb.average_pool(x))
     return gb.build(gb.softmax(gb.dense(x, num_classes)))
+
+
+def _mbv3_block(gb: GraphBuilder, x: str, kernel: int, expand: int, out_channels: int, se: bool, act: str,
+                stride: int) -> str:
+    """MobileNetV3 bneck: 1x1 expand, kxk depthwise, optional squeeze-and-excite, 1x1 project, residual."""
+    c = gb.shape(x)[-1]
+
+    def activation(y: str) -> str:
+        return gb.hard_swish(y) if act == "HS" else y
+
+    fused = "RELU" if act == "RE" else "NONE"
+    y = activation(gb.conv(x, expand, 1, activation=fused)) if expand != c else x
+    y = activation(gb.depthwise(y, kernel, stride, activation=fused))
+    if se:
+        y = gb.squeeze_excite(y, _make_divisible(expand / 4))
+    y = gb.conv(y, out_channels, 1, activation="NONE")
+    return gb.add(x, y) if stride == 1 and c == out_channels else y
+
+
+def mobilenet_v3_small(width_multiplier: float = 1.0, resolution: int = 224, num_classes: int = 1000,
+                       in_channels: int = 3, seed: int = 0) -> Graph:
+    """MobileNetV3-Small (Howard et al. 2019, Table 2): hard-swish, squeeze-and-excite with a hard
+    sigmoid, 3x3/5x5 depthwise bottlenecks, a 1x1 head on the pooled features."""
+    gb = GraphBuilder(f"mobilenet_v3_small_{width_multiplier}_{resolution}", (resolution, resolution, in_channels),
+                      seed)
+    x = gb.hard_swish(gb.conv(gb.input, _make_divisible(16 * width_multiplier), 3, stride=2, activation="NONE"))
+    # (kernel, expansion size, out channels, squeeze-and-excite, activation, stride)
+    for k, exp, out, se, act, s in ((3, 16, 16, True, "RE", 2), (3, 72, 24, False, "RE", 2), (3, 88, 24, False, "RE", 1),
+                                    (5, 96, 40, True, "HS", 2), (5, 240, 40, True, "HS", 1), (5, 240, 40, True, "HS", 1),
+                                    (5, 120, 48, True, "HS", 1), (5, 144, 48, True, "HS", 1), (5, 288, 96, True, "HS", 2),
+                                    (5, 576, 96, True, "HS", 1), (5, 576, 96, True, "HS", 1)):
+        x = _mbv3_block(gb, x, k, _make_divisible(exp * width_multiplier), _make_divisible(out * width_multiplier), se,
+                        act, s)
+    x = gb.hard_swish(gb.conv(x, _make_divisible(576 * width_multiplier), 1, activation="NONE"))
+    x = gb.global_mean(x)
+    x = gb.hard_swish(gb.conv(x, 1024, 1, activation="NONE"))
+    x = gb.flatten(gb.conv(x, num_classes, 1, activation="NONE"))
+    return gb.build(gb.softmax(x))
 
 
 def mcunet(resolution: int = 80, num_classes: int = 2, in_channels: int = 3, seed: int = 0) -> Graph:

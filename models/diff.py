@@ -1,6 +1,7 @@
 """Compare the JAX int8 executor with TFLite Micro, layer by layer.
 
-TFLite Micro's Python interpreter (``tflite-micro`` on PyPI, reference kernels) is the oracle.
+TFLite Micro's Python interpreter (``models.tflm``: ``tflite-micro`` on PyPI, reference kernels) is
+the oracle.
 ``first_difference`` runs one input through both, keeping every intermediate tensor (TFLM's
 ``kPreserveAllTensors``), and names the first op (in execution order) whose output differs and
 the first differing element. Command line::
@@ -14,65 +15,8 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
-from models import cli, execute, tflite_import
+from models import cli, execute, tflite_import, tflm
 from models.ir import Graph
-
-
-def _runtime():
-    try:
-        from tflite_micro.python.tflite_micro import runtime
-    except ImportError as e:  # pragma: no cover
-        raise ImportError("the TFLite Micro oracle needs `pip install tflite-micro`") from e
-    return runtime
-
-
-def tflm_interpreter(model: bytes, preserve_all_tensors: bool = False):
-    """A TFLite Micro interpreter for the model bytes (arena 10x the model + 1 MiB)."""
-    runtime = _runtime()
-    config = runtime.InterpreterConfig.kPreserveAllTensors if preserve_all_tensors else runtime.InterpreterConfig.kAllocationRecording
-    return runtime.Interpreter.from_bytes(model, arena_size=10 * len(model) + (1 << 20), intrepreter_config=config)
-
-
-def tflm_run(model: bytes, *inputs: np.ndarray) -> list[np.ndarray]:
-    """Run TFLite Micro on batched inputs (one invoke per example); batched outputs."""
-    import tflite
-
-    num_outputs = tflite.Model.GetRootAsModel(model, 0).Subgraphs(0).OutputsLength()
-    interp = tflm_interpreter(model)
-    outs = []
-    for b in range(inputs[0].shape[0]):
-        for i, x in enumerate(inputs):
-            interp.set_input(np.ascontiguousarray(x[b:b + 1]), i)
-        interp.invoke()
-        outs.append([np.array(interp.get_output(i)) for i in range(num_outputs)])
-    return [np.concatenate([o[i] for o in outs]) for i in range(num_outputs)]
-
-
-def random_inputs(graph: Graph, batch: int, seed: int = 0) -> list[np.ndarray]:
-    """Random batched inputs: uniform int8 for int8 inputs; for float inputs, values spread over
-    the range of the QUANTIZE that consumes them (off the quantization grid)."""
-    rng = np.random.default_rng(seed)
-    consumers = graph.consumers()
-    out = []
-    for name in graph.inputs:
-        t = graph.tensors[name]
-        shape = (batch,) + t.shape[1:]
-        if t.dtype == "int8":
-            out.append(rng.integers(-128, 128, shape, dtype=np.int8))
-            continue
-        if t.dtype != "float32":
-            raise ValueError(f"input {name!r}: random inputs for dtype {t.dtype} are not supported")
-        q = None
-        for i in consumers[name]:
-            op = graph.ops[i]
-            if op.kind == "QUANTIZE":
-                q = graph.tensors[op.outputs[0]].quantization
-        if q is None:
-            out.append(rng.normal(size=shape).astype(np.float32))
-            continue
-        scale, zp = float(q.scale[0]), int(q.zero_point[0])
-        out.append(((rng.uniform(-128.5, 127.5, shape) - zp) * scale).astype(np.float32))
-    return out
 
 
 @dataclasses.dataclass
@@ -108,10 +52,11 @@ def first_difference(graph: Graph, model: bytes, inputs: list[np.ndarray] | None
     if index is None:
         raise ValueError("graph has no metadata['tflite_tensor_index']; import it with models.tflite_import")
     if inputs is None:
-        inputs = random_inputs(graph, 1, seed)
-    inputs = [np.asarray(x)[:1] for x in inputs]
+        inputs = tflm.random_inputs(graph, 1, seed)
+    n = graph.tensors[graph.inputs[0]].shape[0] if graph.inputs else 1
+    inputs = [np.asarray(x)[:n] for x in inputs]
     _, ours = execute.compile_graph(graph, pallas=pallas, intermediates=True)(*(jnp.asarray(x) for x in inputs))
-    interp = tflm_interpreter(model, preserve_all_tensors=True)
+    interp = tflm.interpreter(model, preserve_all_tensors=True)
     for i, x in enumerate(inputs):
         interp.set_input(np.ascontiguousarray(x), i)
     interp.invoke()

@@ -1,9 +1,17 @@
 """Run a quantized graph in JAX: every op through the int8 kernels, the whole graph one jit.
 
-``compile_graph(graph)`` returns a function of batched inputs (leading dimension = batch, any
-size) that returns the graph outputs; ``intermediates=True`` also returns every activation, for
-the per-layer diff against TFLite Micro (``models.diff``). Results are bit-exact with TFLite
-Micro's reference kernels.
+``compile_graph(graph)`` returns a function of batched inputs that returns the graph outputs;
+``intermediates=True`` also returns every activation, for the per-layer diff against TFLite
+Micro (``models.diff``). Results are bit-exact with TFLite Micro's reference kernels. Which
+tensors an op owns (its weights) comes from the op schema (``models.schema``); the JAX function
+of each kind is one entry of ``INT8_OPS``.
+
+Batches: an input is ``(B,) + shape[1:]`` for a graph input of shape ``shape``. When every
+tensor has the graph's leading dimension ``n`` and no op reads across it (the usual case: batch
+1 models, and batch-n models whose ops treat rows independently) the leading axis is a batch
+axis and ``B`` may be any size. Otherwise ``B`` must be a multiple of ``n`` and the graph runs
+``B / n`` times on its own shapes (``lax.map``); either way the result equals running the batch
+elements one graph invocation at a time.
 """
 from __future__ import annotations
 
@@ -14,21 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels import int8, quant
+from models import schema
 from models.ir import Graph, Op
 from models.quantization import op_params
-
-_WEIGHTED = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
-
-
-def _conv_like_kwargs(graph: Graph, op: Op, params: dict) -> dict:
-    o = op.options
-    y = graph.tensors[op.outputs[0]]
-    return {
-        "stride": (o["stride_h"], o["stride_w"]), "dilation": (o["dilation_h"], o["dilation_w"]),
-        "padding": params["padding"], "out_hw": y.shape[1:3], "input_offset": params["input_offset"],
-        "output_offset": params["output_offset"], "multiplier": params["output_multiplier"],
-        "shift": params["output_shift"], "act_min": params["act_min"], "act_max": params["act_max"],
-    }
 
 
 def _bias(graph: Graph, op: Op):
@@ -37,105 +33,176 @@ def _bias(graph: Graph, op: Op):
     return graph.tensors[op.inputs[2]].data
 
 
-def _op_function(graph: Graph, op: Op, pallas: bool) -> Callable:
-    """A jnp function of the op's non-constant inputs (batched) -> its output."""
-    t = graph.tensors
-    p = op_params(graph, op)
-    kind = op.kind
-    y = t[op.outputs[0]]
-    batched_out = y.shape[1:]
-    if kind == "CONV_2D":
-        w, kw = t[op.inputs[1]].data, _conv_like_kwargs(graph, op, p)
-        return lambda x: int8.conv2d(x, w, _bias(graph, op), pallas=pallas, **kw)
-    if kind == "DEPTHWISE_CONV_2D":
-        w, kw = t[op.inputs[1]].data, _conv_like_kwargs(graph, op, p)
-        fn = int8.depthwise_conv2d if pallas else int8.depthwise_conv2d_reference
-        return lambda x: fn(x, w, _bias(graph, op), depth_multiplier=op.options["depth_multiplier"], **kw)
-    if kind == "FULLY_CONNECTED":
-        w = t[op.inputs[1]].data
-        kw = {"input_offset": p["input_offset"], "output_offset": p["output_offset"],
-              "multiplier": p["output_multiplier"], "shift": p["output_shift"], "act_min": p["act_min"],
-              "act_max": p["act_max"]}
-        return lambda x: int8.fully_connected(x, w, _bias(graph, op), pallas=pallas, **kw).reshape(
-            (x.shape[0],) + batched_out)
-    if kind == "ADD":
-        return lambda a, b: int8.add(a, b, **p)
-    if kind == "MUL":
-        return lambda a, b: int8.mul(a, b, **p)
-    if kind in ("AVERAGE_POOL_2D", "MAX_POOL_2D"):
-        o = op.options
-        fn = int8.average_pool if kind == "AVERAGE_POOL_2D" else int8.max_pool
-        return lambda x: fn(x, filter_hw=(o["filter_h"], o["filter_w"]), stride=(o["stride_h"], o["stride_w"]),
-                            padding=p["padding"], out_hw=y.shape[1:3], act_min=p["act_min"], act_max=p["act_max"])
-    if kind == "MEAN":
-        if 0 in op.options["axes"]:
-            raise ValueError(f"op MEAN {op.name!r}: reducing over the batch axis is not supported")
-        return lambda x: int8.mean(x, axes=op.options["axes"], keep_dims=op.options["keep_dims"], **p)
-    if kind == "SOFTMAX":
-        if op.options["beta"] <= 0:
-            raise ValueError(f"op SOFTMAX {op.name!r}: beta must be positive")
-        return lambda x: int8.softmax(x, **p)
-    if kind == "QUANTIZE":
-        return lambda x: quant.affine_quantize(x, p["scale"], p["zero_point"], y.dtype)
-    if kind == "DEQUANTIZE":
-        return lambda x: quant.dequantize(x, p["scale"], p["zero_point"])
-    if kind == "PAD":
-        pads = op.options["paddings"]
-        if pads[0] != (0, 0):
-            raise ValueError(f"op PAD {op.name!r}: padding the batch axis is not supported")
-        return lambda x: jnp.pad(x, pads, constant_values=p["pad_value"])
-    if kind == "RESHAPE":
-        return lambda x: x.reshape((x.shape[0],) + tuple(op.options["new_shape"][1:]))
-    if kind == "TRANSPOSE":
-        perm = op.options["perm"]
-        if perm[0] != 0:
-            raise ValueError(f"op TRANSPOSE {op.name!r}: moving the batch axis (perm {perm}) is not supported")
-        return lambda x: jnp.transpose(x, perm)
-    if kind == "CONCATENATION":
-        axis = op.options["axis"]
-        if op.options["activation"] != "NONE":
-            raise ValueError(f"op CONCATENATION {op.name!r}: fused activation {op.options['activation']} not supported")
-        return lambda *xs: jnp.concatenate(xs, axis=axis)
-    if kind == "RESIZE_NEAREST_NEIGHBOR":
-        rows, cols = jnp.asarray(p["rows"]), jnp.asarray(p["cols"])
-        return lambda x: x[:, rows][:, :, cols]
-    raise ValueError(f"op {kind} {op.name!r}: no int8 execution for this op kind")
+def _conv_kwargs(graph: Graph, op: Op, p: dict) -> dict:
+    o = op.options
+    return {
+        "stride": (o["stride_h"], o["stride_w"]), "dilation": (o["dilation_h"], o["dilation_w"]),
+        "padding": p["padding"], "out_hw": graph.tensors[op.outputs[0]].shape[1:3], "input_offset": p["input_offset"],
+        "output_offset": p["output_offset"], "multiplier": p["output_multiplier"], "shift": p["output_shift"],
+        "act_min": p["act_min"], "act_max": p["act_max"],
+    }
+
+
+def _conv(graph, op, p, pallas):
+    w, kw = graph.tensors[op.inputs[1]].data, _conv_kwargs(graph, op, p)
+    return lambda x: int8.conv2d(x, w, _bias(graph, op), pallas=pallas, **kw)
+
+
+def _depthwise(graph, op, p, pallas):
+    w, kw = graph.tensors[op.inputs[1]].data, _conv_kwargs(graph, op, p)
+    fn = int8.depthwise_conv2d if pallas else int8.depthwise_conv2d_reference
+    return lambda x: fn(x, w, _bias(graph, op), depth_multiplier=op.options["depth_multiplier"], **kw)
+
+
+def _fully_connected(graph, op, p, pallas):
+    w = graph.tensors[op.inputs[1]].data
+    kw = {"input_offset": p["input_offset"], "output_offset": p["output_offset"], "multiplier": p["output_multiplier"],
+          "shift": p["output_shift"], "act_min": p["act_min"], "act_max": p["act_max"]}
+    return lambda x: int8.fully_connected(x, w, _bias(graph, op), pallas=pallas, **kw)
+
+
+def _pool(graph, op, p, pallas):
+    o = op.options
+    fn = int8.average_pool if op.kind == "AVERAGE_POOL_2D" else int8.max_pool
+    out_hw = graph.tensors[op.outputs[0]].shape[1:3]
+    return lambda x: fn(x, filter_hw=(o["filter_h"], o["filter_w"]), stride=(o["stride_h"], o["stride_w"]),
+                        padding=p["padding"], out_hw=out_hw, act_min=p["act_min"], act_max=p["act_max"])
+
+
+def _quantize(graph, op, p, pallas):
+    if "table" in p:  # int8 -> int8 requantization
+        return _table(graph, op, p, pallas)
+    return lambda x: quant.affine_quantize(x, p["scale"], p["zero_point"], "int8")
+
+
+def _table(graph, op, p, pallas):
+    return lambda x: int8.lookup(x, p["table"])
+
+
+def _binary(fn):
+    return lambda graph, op, p, pallas: lambda a, b: fn(a, b, **p)
+
+
+def _concatenation(graph, op, p, pallas):
+    return lambda *xs: jnp.concatenate(xs, axis=op.options["axis"])
+
+
+def _resize(graph, op, p, pallas):
+    rows, cols = jnp.asarray(p["rows"]), jnp.asarray(p["cols"])
+    return lambda x: x[:, rows][:, :, cols]
+
+
+# The JAX function of each quantized op kind: (graph, op, prepared params, pallas) -> a function
+# of the op's computed inputs (batched along the leading axis) returning its output.
+INT8_OPS: dict[str, Callable] = {
+    "CONV_2D": _conv,
+    "DEPTHWISE_CONV_2D": _depthwise,
+    "FULLY_CONNECTED": _fully_connected,
+    "ADD": _binary(quant.add_int8),
+    "SUB": _binary(quant.sub_int8),
+    "MUL": _binary(quant.mul_int8),
+    "PRELU": _binary(quant.prelu_int8),
+    "AVERAGE_POOL_2D": _pool,
+    "MAX_POOL_2D": _pool,
+    "MEAN": lambda graph, op, p, pallas: lambda x: int8.mean(x, axes=op.options["axes"],
+                                                            keep_dims=op.options["keep_dims"], **p),
+    "SOFTMAX": lambda graph, op, p, pallas: lambda x: int8.softmax(x, **p),
+    "QUANTIZE": _quantize,
+    "DEQUANTIZE": lambda graph, op, p, pallas: lambda x: quant.dequantize(x, p["scale"], p["zero_point"]),
+    "PAD": lambda graph, op, p, pallas: lambda x: jnp.pad(x, op.options["paddings"], constant_values=p["pad_value"]),
+    "RESHAPE": lambda graph, op, p, pallas: lambda x: x,
+    "SQUEEZE": lambda graph, op, p, pallas: lambda x: x,
+    "EXPAND_DIMS": lambda graph, op, p, pallas: lambda x: x,
+    "TRANSPOSE": lambda graph, op, p, pallas: lambda x: jnp.transpose(x, op.options["perm"]),
+    "CONCATENATION": _concatenation,
+    "RESIZE_NEAREST_NEIGHBOR": _resize,
+    "HARD_SWISH": _table,
+    "LOGISTIC": _table,
+    "TANH": _table,
+    "RELU": _table,
+    "RELU6": _table,
+    "LEAKY_RELU": _table,
+}
+
+
+def computed_inputs(op: Op) -> list[str]:
+    """The inputs a runtime passes to an op's function: all but a weighted op's own constants."""
+    if schema.has(op.kind, schema.WEIGHTED):
+        return op.inputs[:1]
+    return [n for n in op.inputs if n is not None]
+
+
+def _batch_axis(graph: Graph) -> bool:
+    """Whether the leading axis is a batch axis: every computed tensor has the graph's leading
+    size ``n``, constants broadcast over it, and no op reads across it."""
+    if not graph.inputs:
+        return False
+    n = graph.tensors[graph.inputs[0]].shape[0]
+    for op in graph.ops:
+        y = graph.tensors[op.outputs[0]]
+        names = [*computed_inputs(op), op.outputs[0]]
+        if any(graph.tensors[m].is_constant and len(graph.tensors[m].shape) == len(y.shape) and
+               graph.tensors[m].shape[0] != 1 for m in names):
+            return False  # a constant with its own leading axis: tiling it would change the op
+        if any(not graph.tensors[m].is_constant and graph.tensors[m].shape[0] != n for m in names):
+            return False  # a reshape or FULLY_CONNECTED that moves rows across the leading axis
+        if schema.spec(op.kind).reads_across_batch(graph, op):
+            return False
+    return all(graph.tensors[m].shape[0] == n for m in graph.inputs + graph.outputs)
 
 
 def compile_graph(graph: Graph, *, pallas: bool = True, intermediates: bool = False) -> Callable:
     """A jitted ``f(*inputs) -> list of outputs`` (plus ``{tensor name: value}`` if ``intermediates``).
 
-    Inputs are batched versions of the graph inputs: shape ``(B,) + shape[1:]``, same dtype.
-    ``pallas=False`` runs conv/FC/depthwise through XLA's integer dot instead of the Pallas
-    kernels (same integer math; used to cross-check the kernels and as the benchmark baseline).
+    Inputs are batched versions of the graph inputs: ``(B,) + shape[1:]``, same dtype (see the
+    module docstring for which ``B``). ``pallas=False`` runs conv/FC/depthwise through XLA's
+    integer dot instead of the Pallas kernels (same integer math; used to cross-check the
+    kernels and as the benchmark baseline). Graphs are refused as ``models.schema`` says:
+    what the C export refuses, this refuses too.
     """
     graph.validate()
-    for name, t in graph.tensors.items():
-        if not t.is_constant and (not t.shape or t.shape[0] != 1):
-            raise ValueError(
-                f"tensor {name!r} has shape {t.shape}; the executor batches along a leading dimension of size 1"
-            )
-    fns = [_op_function(graph, op, pallas) for op in graph.ops]
+    schema.require_quantized(graph)
+    fns = [INT8_OPS[op.kind](graph, op, op_params(graph, op), pallas) for op in graph.ops]
     constants = {n: jnp.asarray(t.data) for n, t in graph.tensors.items()
-                 if t.is_constant and any(n in op.inputs for op in graph.ops if op.kind not in _WEIGHTED)}
+                 if t.is_constant and any(n in computed_inputs(op) for op in graph.ops)}
+    batch_axis = _batch_axis(graph)
+
+    def invoke(*inputs):
+        env = dict(constants)
+        env.update(zip(graph.inputs, inputs))
+        lead = inputs[0].shape[0] if batch_axis else None  # every computed tensor's leading size
+        for op, fn in zip(graph.ops, fns):
+            y = graph.tensors[op.outputs[0]]
+            out = fn(*(env[m] for m in computed_inputs(op)))
+            env[op.outputs[0]] = out.reshape((lead or y.shape[0],) + y.shape[1:])
+        return env
 
     def run(*inputs):
         if len(inputs) != len(graph.inputs):
             raise ValueError(f"graph {graph.name!r} takes {len(graph.inputs)} inputs, got {len(inputs)}")
-        env = dict(constants)
+        counts = set()
         for name, x in zip(graph.inputs, inputs):
             t = graph.tensors[name]
-            if tuple(x.shape[1:]) != t.shape[1:] or jnp.dtype(x.dtype) != jnp.dtype(t.dtype):
+            if tuple(x.shape[1:]) != t.shape[1:] or jnp.dtype(x.dtype) != jnp.dtype(t.dtype) or x.ndim != len(t.shape):
                 raise ValueError(
                     f"input {name!r} must be {t.dtype}(B, {', '.join(map(str, t.shape[1:]))}), got {x.dtype}{tuple(x.shape)}"
                 )
-            env[name] = x
-        for op, fn in zip(graph.ops, fns):
-            # conv/depthwise/FC own their weights and bias (prepared in numpy); other ops get all inputs.
-            names = op.inputs[:1] if op.kind in _WEIGHTED else [n for n in op.inputs if n is not None]
-            args = [env[n] for n in names]
-            env[op.outputs[0]] = fn(*args)
-        outs = [env[n] for n in graph.outputs]
+            if not batch_axis and x.shape[0] % t.shape[0]:
+                raise ValueError(f"graph {graph.name!r} reads across the leading axis of input {name!r} (size "
+                                 f"{t.shape[0]}); its batch ({x.shape[0]}) must be a multiple of {t.shape[0]}")
+            counts.add(x.shape[0] if batch_axis else x.shape[0] // t.shape[0])
+        if len(counts) > 1:
+            raise ValueError(f"graph {graph.name!r}: the inputs hold different numbers of graph invocations")
+        if batch_axis:
+            env = invoke(*inputs)
+        else:
+            count = counts.pop()
+            names = [m for m in graph.tensors if not graph.tensors[m].is_constant and
+                     (m in graph.inputs or any(m in op.outputs for op in graph.ops))]
+            split = [x.reshape((count,) + graph.tensors[m].shape) for m, x in zip(graph.inputs, inputs)]
+            stacked = jax.lax.map(lambda xs: {m: v for m, v in invoke(*xs).items() if m in names}, split)
+            env = {m: v.reshape((-1,) + v.shape[2:]) for m, v in stacked.items()}
+        outs = [env[m] for m in graph.outputs]
         return (outs, env) if intermediates else outs
 
     return jax.jit(run)
@@ -156,6 +223,16 @@ _FLOAT_ACTIVATIONS = {
     "RELU": lambda x: jnp.maximum(x, 0.0),
     "RELU6": lambda x: jnp.clip(x, 0.0, 6.0),
     "RELU_N1_TO_1": lambda x: jnp.clip(x, -1.0, 1.0),
+}
+
+
+_FLOAT_UNARY = {
+    "HARD_SWISH": lambda x, o: x * jnp.clip(x + 3.0, 0.0, 6.0) / 6.0,
+    "LOGISTIC": lambda x, o: jax.nn.sigmoid(x),
+    "TANH": lambda x, o: jnp.tanh(x),
+    "RELU": lambda x, o: jnp.maximum(x, 0.0),
+    "RELU6": lambda x, o: jnp.clip(x, 0.0, 6.0),
+    "LEAKY_RELU": lambda x, o: jnp.where(x >= 0, x, x * o["alpha"]),
 }
 
 
@@ -193,8 +270,14 @@ def _float_op(graph: Graph, op: Op, params: dict, args: list):
         return act(out).reshape((args[0].shape[0],) + y.shape[1:])
     if kind == "ADD":
         return act(args[0] + args[1])
+    if kind == "SUB":
+        return act(args[0] - args[1])
     if kind == "MUL":
         return act(args[0] * args[1])
+    if kind == "PRELU":
+        return jnp.where(args[0] >= 0, args[0], args[0] * args[1])
+    if kind in _FLOAT_UNARY:
+        return _FLOAT_UNARY[kind](args[0], o)
     if kind in ("AVERAGE_POOL_2D", "MAX_POOL_2D"):
         x = args[0]
         filt = (o["filter_h"], o["filter_w"])
@@ -214,8 +297,8 @@ def _float_op(graph: Graph, op: Op, params: dict, args: list):
         return args[0].astype(jnp.float32)
     if kind == "PAD":
         return jnp.pad(args[0], o["paddings"])
-    if kind == "RESHAPE":
-        return args[0].reshape((args[0].shape[0],) + tuple(o["new_shape"][1:]))
+    if schema.has(kind, schema.ALIAS):
+        return args[0].reshape((args[0].shape[0],) + y.shape[1:])
     if kind == "TRANSPOSE":
         return jnp.transpose(args[0], o["perm"])
     if kind == "CONCATENATION":
@@ -239,9 +322,10 @@ def float_forward(graph: Graph, params: dict, *inputs, intermediates: bool = Fal
     env = dict(params)
     for name, x in zip(graph.inputs, inputs):
         env[name] = jnp.asarray(x, jnp.float32)
+    constants = {n: jnp.asarray(t.data) for n, t in graph.tensors.items() if t.is_constant}
     for op in graph.ops:
-        names = op.inputs[:1] if op.kind in _WEIGHTED else [n for n in op.inputs if n is not None]
-        env[op.outputs[0]] = _float_op(graph, op, params, [env[n] for n in names])
+        args = [env[n] if n in env else constants[n] for n in computed_inputs(op)]
+        env[op.outputs[0]] = _float_op(graph, op, params, args)
     outs = [env[n] for n in graph.outputs]
     return (outs, env) if intermediates else outs
 
@@ -273,4 +357,4 @@ def dequantized_graph(graph: Graph) -> Graph:
             t2.data = t.data.astype(np.float32)
         tensors[name] = t2
     return Graph(tensors, [copy.deepcopy(op) for op in graph.ops], list(graph.inputs), list(graph.outputs),
-                 name=graph.name + "_float", metadata=dict(graph.metadata))
+                 name=graph.name + "_float", metadata=dict(graph.metadata)).validate()

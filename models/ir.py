@@ -31,31 +31,6 @@ DTYPES = ("int8", "uint8", "int16", "int32", "int64", "float32", "bool")
 ACTIVATIONS = ("NONE", "RELU", "RELU6", "RELU_N1_TO_1")
 PADDINGS = ("SAME", "VALID")
 
-# Every op kind the IR knows, with the options each must carry (the executor and the C
-# generator may rely on these keys being present) and how many inputs it takes (min, max).
-OP_SCHEMA: dict[str, tuple[tuple[str, ...], tuple[int, int]]] = {
-    "CONV_2D": (("stride_h", "stride_w", "padding", "dilation_h", "dilation_w", "activation"), (2, 3)),
-    "DEPTHWISE_CONV_2D": (
-        ("stride_h", "stride_w", "padding", "dilation_h", "dilation_w", "depth_multiplier", "activation"),
-        (2, 3),
-    ),
-    "FULLY_CONNECTED": (("activation", "keep_num_dims"), (2, 3)),
-    "ADD": (("activation",), (2, 2)),
-    "MUL": (("activation",), (2, 2)),
-    "AVERAGE_POOL_2D": (("filter_h", "filter_w", "stride_h", "stride_w", "padding", "activation"), (1, 1)),
-    "MAX_POOL_2D": (("filter_h", "filter_w", "stride_h", "stride_w", "padding", "activation"), (1, 1)),
-    "MEAN": (("axes", "keep_dims"), (1, 1)),
-    "PAD": (("paddings",), (1, 1)),
-    "RESHAPE": (("new_shape",), (1, 1)),
-    "SOFTMAX": (("beta",), (1, 1)),
-    "QUANTIZE": ((), (1, 1)),
-    "DEQUANTIZE": ((), (1, 1)),
-    "CONCATENATION": (("axis", "activation"), (1, 64)),
-    "RESIZE_NEAREST_NEIGHBOR": (("size", "align_corners", "half_pixel_centers"), (1, 1)),
-    "TRANSPOSE": (("perm",), (1, 1)),
-}
-
-
 @dataclasses.dataclass
 class Quantization:
     """Affine quantization of a tensor: ``real = scale * (q - zero_point)``.
@@ -135,16 +110,16 @@ class Tensor:
 class Op:
     """One operator.
 
-    kind:    TFLite builtin name, a key of ``OP_SCHEMA`` (``"CONV_2D"``, ``"ADD"``, ...).
+    kind:    TFLite builtin name, a key of ``models.schema.SCHEMA`` (``"CONV_2D"``, ``"ADD"``, ...).
     inputs:  tensor names, in TFLite's order (e.g. input, filter, bias); ``None`` marks an
              absent optional input (a conv without bias).
     outputs: tensor names.
-    options: the op's static attributes, keys listed in ``OP_SCHEMA[kind]``:
+    options: the op's static attributes, as listed in the kind's schema entry:
              stride_h/stride_w/dilation_h/dilation_w/filter_h/filter_w/depth_multiplier (int),
              padding ("SAME" | "VALID"), activation (one of ``ACTIVATIONS``, the fused
              activation), keep_num_dims/keep_dims/align_corners/half_pixel_centers (bool),
-             axes/new_shape/perm/size (tuple of int), paddings (tuple of (before, after) per
-             dim), axis (int), beta (float).
+             axes/new_shape/perm/size/squeeze_dims (tuple of int), paddings (tuple of
+             (before, after) per dim), axis (int), beta/alpha (float).
     name:    a readable label (the output tensor's name by default), used in error messages
              and the per-layer diff.
     """
@@ -204,20 +179,22 @@ class Graph:
     def validate(self) -> Graph:
         """Check the graph is well formed; raise ``ValueError`` naming the op/tensor if not.
 
-        Checks: known op kinds with their required options and input counts; every name
-        refers to a tensor; each tensor is written once, constants and graph inputs never;
-        ops are topologically ordered (inputs produced before use); constant data matches
-        its tensor's shape and dtype; per-channel quantization matches its axis length.
+        Checks: every tensor's name, dtype, shape (rank and size limits of ``models.schema``),
+        constant data and per-channel quantization; every name refers to a tensor; each
+        tensor is written once, constants and graph inputs never; ops are topologically
+        ordered (inputs produced before use); and every op against its schema entry
+        (``models.schema.check_op``: operands, options, output shape, dtypes, quantization).
         Returns the graph so ``Graph(...).validate()`` chains.
         """
+        from models import schema
+
         for name, t in self.tensors.items():
             where = f"tensor {name!r}"
             if t.name != name:
                 raise ValueError(f"{where} is stored under a different name ({t.name!r})")
             if t.dtype not in DTYPES:
                 raise ValueError(f"{where} has dtype {t.dtype!r}; expected one of {DTYPES}")
-            if any(d < 0 for d in t.shape):
-                raise ValueError(f"{where} has a negative dimension in shape {t.shape}")
+            schema.check_tensor(t)
             if t.data is not None and (tuple(t.data.shape) != t.shape or str(t.data.dtype) != t.dtype):
                 raise ValueError(
                     f"{where}: constant data is {t.data.dtype}{list(t.data.shape)} but the tensor "
@@ -235,21 +212,17 @@ class Graph:
         for name in self.inputs + self.outputs:
             if name not in self.tensors:
                 raise ValueError(f"graph input/output {name!r} is not a tensor of the graph")
+        if not self.inputs:
+            raise ValueError(f"graph {self.name!r} has no inputs")
+        if len(set(self.inputs)) != len(self.inputs):
+            raise ValueError(f"graph inputs {self.inputs} name a tensor twice")
+        for name in self.inputs + self.outputs:
+            if self.tensors[name].is_constant:
+                side = "input" if name in self.inputs else "output"
+                raise ValueError(f"graph {side} {name!r} is a constant; graph inputs and outputs are computed tensors")
         available = {n for n, t in self.tensors.items() if t.is_constant} | set(self.inputs)
         for i, op in enumerate(self.ops):
             where = f"op {i} ({op.kind} {op.name!r})"
-            if op.kind not in OP_SCHEMA:
-                raise ValueError(f"{where}: unknown op kind; the IR supports {sorted(OP_SCHEMA)}")
-            required, (lo, hi) = OP_SCHEMA[op.kind]
-            missing = [k for k in required if k not in op.options]
-            if missing:
-                raise ValueError(f"{where}: missing options {missing}")
-            if not lo <= len(op.inputs) <= hi:
-                raise ValueError(f"{where}: has {len(op.inputs)} inputs, expected {lo}..{hi}")
-            if "activation" in op.options and op.options["activation"] not in ACTIVATIONS:
-                raise ValueError(f"{where}: activation {op.options['activation']!r} not in {ACTIVATIONS}")
-            if "padding" in op.options and op.options["padding"] not in PADDINGS:
-                raise ValueError(f"{where}: padding {op.options['padding']!r} not in {PADDINGS}")
             for name in op.inputs:
                 if name is None:
                     continue
@@ -263,6 +236,7 @@ class Graph:
                 if name in available:
                     raise ValueError(f"{where}: output {name!r} is already a constant, graph input or another op's output")
                 available.add(name)
+            schema.check_op(self, i, op)
         for name in self.outputs:
             if name not in available:
                 raise ValueError(f"graph output {name!r} is never produced")

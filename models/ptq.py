@@ -4,7 +4,9 @@ The scheme TFLite's converter and TFLite Micro expect: weights int8 symmetric pe
 (zero point 0, range [-127, 127]); activations int8 asymmetric per tensor from the calibrated
 min/max (range widened to include 0); biases int32 with scale ``input_scale * weight_scale``;
 pooling/reshape/pad outputs share their input's quantization; softmax outputs scale 1/256, zero
-point -128. ``float_io=True`` keeps float32 graph inputs/outputs behind QUANTIZE/DEQUANTIZE ops.
+point -128 (LOGISTIC too; TANH 1/128 and 0); constant operands of elementwise ops (a per-channel
+scale, a scalar) int8 per tensor from their own range. ``float_io=True`` keeps float32 graph
+inputs/outputs behind QUANTIZE/DEQUANTIZE ops.
 """
 from __future__ import annotations
 
@@ -12,13 +14,16 @@ import copy
 
 import numpy as np
 
-from models import execute
+from models import execute, schema
 from models.ir import Graph, Op, Quantization, Tensor
 from models.quantization import tflite_round
 
-# Ops whose int8 output must carry the input's scale and zero point (TFLite kernels require it).
-SAME_QUANTIZATION = ("RESHAPE", "AVERAGE_POOL_2D", "MAX_POOL_2D", "PAD", "TRANSPOSE", "RESIZE_NEAREST_NEIGHBOR")
-WEIGHT_AXIS = {"CONV_2D": 0, "DEPTHWISE_CONV_2D": 3, "FULLY_CONNECTED": 0}
+# Outputs whose quantization TFLite fixes: (scale, zero point).
+FIXED_OUTPUT = {"SOFTMAX": (1.0 / 256, -128), "LOGISTIC": (1.0 / 256, -128), "TANH": (1.0 / 128, 0)}
+# Ops whose output is calibrated (the rest carry their input's quantization, schema trait
+# SAME_QUANTIZATION, or a fixed one).
+CALIBRATED = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "ADD", "SUB", "MUL", "PRELU", "MEAN", "HARD_SWISH",
+              "RELU", "LEAKY_RELU")
 
 
 def calibrate(graph: Graph, calibration_inputs: list[np.ndarray], params: dict | None = None,
@@ -88,20 +93,30 @@ def quantize(graph: Graph, calibration_inputs: list[np.ndarray], *, params: dict
     ops: list[Op] = []
     for op in graph.ops:
         out = op.outputs[0]
-        if op.kind in SAME_QUANTIZATION:
+        spec = schema.spec(op.kind)
+        if spec.has(schema.SAME_QUANTIZATION):
             activation(out, act_q[op.inputs[0]])
-        elif op.kind == "SOFTMAX":
-            activation(out, Quantization(np.float32(1.0 / 256), -128))
-        elif op.kind in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "ADD", "MUL", "MEAN"):
+        elif op.kind in FIXED_OUTPUT:
+            activation(out, Quantization(np.float32(FIXED_OUTPUT[op.kind][0]), FIXED_OUTPUT[op.kind][1]))
+        elif op.kind in CALIBRATED:
             activation(out, activation_quantization(*ranges[out]))
         else:
             raise ValueError(f"op {op.kind} {op.name!r}: post-training quantization of this op kind is not supported")
-        if op.kind in WEIGHT_AXIS:
+        for operand, name in zip(spec.operands, op.inputs):
+            if name is None or not graph.tensors[name].is_constant:
+                continue
+            value = np.asarray(params.get(name, graph.tensors[name].data), np.float32)
+            if operand.role == "weights":
+                per_tensor = op.kind == "FULLY_CONNECTED" and not per_channel_dense
+                qw, wq = quantize_weights(value, None if per_tensor else operand.axis)
+                tensors[name] = Tensor(name, value.shape, "int8", wq, qw)
+            elif operand.role == "operand":  # a constant scale, shift or alpha: int8 per tensor
+                cq = activation_quantization(float(value.min()), float(value.max()))
+                qv = np.clip(np.vectorize(tflite_round)(value / cq.scale[0]) + cq.zero_point[0], -128, 127)
+                tensors[name] = Tensor(name, value.shape, "int8", cq, qv.astype(np.int8))
+        if spec.has(schema.WEIGHTED):
             w_name, b_name = op.inputs[1], (op.inputs[2] if len(op.inputs) > 2 else None)
-            w = np.asarray(params[w_name], np.float32)
-            axis = None if op.kind == "FULLY_CONNECTED" and not per_channel_dense else WEIGHT_AXIS[op.kind]
-            qw, wq = quantize_weights(w, axis)
-            tensors[w_name] = Tensor(w_name, w.shape, "int8", wq, qw)
+            wq = tensors[w_name].quantization
             if b_name is not None:
                 b = np.asarray(params[b_name], np.float64)
                 bias_scale = float(act_q[op.inputs[0]].scale[0]) * wq.scale.astype(np.float64)

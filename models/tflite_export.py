@@ -1,9 +1,10 @@
 """Write the graph IR back to a ``.tflite`` flatbuffer (the inverse of ``models.tflite_import``).
 
 With it, any graph (post-training-quantized JAX models, hand-built test graphs) runs in TFLite
-Micro, the oracle the int8 executor is checked against. Shape-like options (PAD's paddings,
-RESHAPE's shape, MEAN's axes, TRANSPOSE's permutation, RESIZE's size) become int32 constant
-inputs again, as TFLite expects.
+Micro, the oracle the int8 executor is checked against. Each op's options are written as its
+schema entry (``models.schema``) describes them; shape-like options (PAD's paddings, RESHAPE's
+shape, MEAN's axes, TRANSPOSE's permutation, RESIZE's size, EXPAND_DIMS's axis) become int32
+constant inputs again, as TFLite expects.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import flatbuffers
 import numpy as np
 import tflite
 
+from models import schema
 from models.ir import Graph, Op, Tensor
 
 _TYPE_CODES = {"float32": 0, "int32": 2, "uint8": 3, "int64": 4, "bool": 6, "int16": 7, "int8": 9}
@@ -36,103 +38,37 @@ def _byte_vector(b: flatbuffers.Builder, data: bytes):
     return b.EndVector()
 
 
-def _shape_operands(graph: Graph, op: Op) -> list[np.ndarray]:
-    """The int32 constant operands TFLite wants after the data input, from the IR's options."""
-    o = op.options
-    if op.kind == "PAD":
-        return [np.array(o["paddings"], np.int32)]
-    if op.kind == "RESHAPE":
-        return [np.array(o["new_shape"], np.int32)]
-    if op.kind == "MEAN":
-        return [np.array(o["axes"], np.int32)]
-    if op.kind == "TRANSPOSE":
-        return [np.array(o["perm"], np.int32)]
-    if op.kind == "RESIZE_NEAREST_NEIGHBOR":
-        return [np.array(o["size"], np.int32)]
-    return []
+def _shape_operands(op: Op) -> list[np.ndarray]:
+    """The int32 constant operand TFLite wants after the data input, from the IR's options."""
+    option = schema.spec(op.kind).tflite_operand
+    if option is None:
+        return []
+    value = np.array(op.options[option], np.int32)
+    return [value.reshape(-1, 2) if option == "paddings" else value.reshape(-1)]
+
+
+def _encode(option: schema.Option, value):
+    if option.codec == "activation":
+        return _ACTIVATION_CODES[value]
+    if option.codec == "padding":
+        return _PADDING_CODES[value]
+    return {"int": int, "bool": bool, "float": float}[option.codec](value)
 
 
 def _options(b: flatbuffers.Builder, op: Op):
-    """(BuiltinOptions union type, table offset) for ``op``."""
-    o = op.options
-    kind = op.kind
-    BO = tflite.BuiltinOptions
-    act = _ACTIVATION_CODES.get(o.get("activation", "NONE"), 0)
-    if kind == "CONV_2D":
-        tflite.Conv2DOptionsStart(b)
-        tflite.Conv2DOptionsAddPadding(b, _PADDING_CODES[o["padding"]])
-        tflite.Conv2DOptionsAddStrideW(b, o["stride_w"])
-        tflite.Conv2DOptionsAddStrideH(b, o["stride_h"])
-        tflite.Conv2DOptionsAddDilationWFactor(b, o["dilation_w"])
-        tflite.Conv2DOptionsAddDilationHFactor(b, o["dilation_h"])
-        tflite.Conv2DOptionsAddFusedActivationFunction(b, act)
-        return BO.Conv2DOptions, tflite.Conv2DOptionsEnd(b)
-    if kind == "DEPTHWISE_CONV_2D":
-        tflite.DepthwiseConv2DOptionsStart(b)
-        tflite.DepthwiseConv2DOptionsAddPadding(b, _PADDING_CODES[o["padding"]])
-        tflite.DepthwiseConv2DOptionsAddStrideW(b, o["stride_w"])
-        tflite.DepthwiseConv2DOptionsAddStrideH(b, o["stride_h"])
-        tflite.DepthwiseConv2DOptionsAddDepthMultiplier(b, o["depth_multiplier"])
-        tflite.DepthwiseConv2DOptionsAddDilationWFactor(b, o["dilation_w"])
-        tflite.DepthwiseConv2DOptionsAddDilationHFactor(b, o["dilation_h"])
-        tflite.DepthwiseConv2DOptionsAddFusedActivationFunction(b, act)
-        return BO.DepthwiseConv2DOptions, tflite.DepthwiseConv2DOptionsEnd(b)
-    if kind == "FULLY_CONNECTED":
-        tflite.FullyConnectedOptionsStart(b)
-        tflite.FullyConnectedOptionsAddFusedActivationFunction(b, act)
-        tflite.FullyConnectedOptionsAddKeepNumDims(b, bool(o["keep_num_dims"]))
-        return BO.FullyConnectedOptions, tflite.FullyConnectedOptionsEnd(b)
-    if kind == "ADD":
-        tflite.AddOptionsStart(b)
-        tflite.AddOptionsAddFusedActivationFunction(b, act)
-        return BO.AddOptions, tflite.AddOptionsEnd(b)
-    if kind == "MUL":
-        tflite.MulOptionsStart(b)
-        tflite.MulOptionsAddFusedActivationFunction(b, act)
-        return BO.MulOptions, tflite.MulOptionsEnd(b)
-    if kind in ("AVERAGE_POOL_2D", "MAX_POOL_2D"):
-        tflite.Pool2DOptionsStart(b)
-        tflite.Pool2DOptionsAddPadding(b, _PADDING_CODES[o["padding"]])
-        tflite.Pool2DOptionsAddStrideW(b, o["stride_w"])
-        tflite.Pool2DOptionsAddStrideH(b, o["stride_h"])
-        tflite.Pool2DOptionsAddFilterWidth(b, o["filter_w"])
-        tflite.Pool2DOptionsAddFilterHeight(b, o["filter_h"])
-        tflite.Pool2DOptionsAddFusedActivationFunction(b, act)
-        return BO.Pool2DOptions, tflite.Pool2DOptionsEnd(b)
-    if kind == "MEAN":
-        tflite.ReducerOptionsStart(b)
-        tflite.ReducerOptionsAddKeepDims(b, bool(o["keep_dims"]))
-        return BO.ReducerOptions, tflite.ReducerOptionsEnd(b)
-    if kind == "SOFTMAX":
-        tflite.SoftmaxOptionsStart(b)
-        tflite.SoftmaxOptionsAddBeta(b, float(o["beta"]))
-        return BO.SoftmaxOptions, tflite.SoftmaxOptionsEnd(b)
-    if kind == "CONCATENATION":
-        tflite.ConcatenationOptionsStart(b)
-        tflite.ConcatenationOptionsAddAxis(b, o["axis"])
-        tflite.ConcatenationOptionsAddFusedActivationFunction(b, act)
-        return BO.ConcatenationOptions, tflite.ConcatenationOptionsEnd(b)
-    if kind == "RESIZE_NEAREST_NEIGHBOR":
-        tflite.ResizeNearestNeighborOptionsStart(b)
-        tflite.ResizeNearestNeighborOptionsAddAlignCorners(b, bool(o["align_corners"]))
-        tflite.ResizeNearestNeighborOptionsAddHalfPixelCenters(b, bool(o["half_pixel_centers"]))
-        return BO.ResizeNearestNeighborOptions, tflite.ResizeNearestNeighborOptionsEnd(b)
-    if kind == "RESHAPE":
-        tflite.ReshapeOptionsStart(b)
-        return BO.ReshapeOptions, tflite.ReshapeOptionsEnd(b)
-    if kind == "PAD":
-        tflite.PadOptionsStart(b)
-        return BO.PadOptions, tflite.PadOptionsEnd(b)
-    if kind == "TRANSPOSE":
-        tflite.TransposeOptionsStart(b)
-        return BO.TransposeOptions, tflite.TransposeOptionsEnd(b)
-    if kind == "QUANTIZE":
-        tflite.QuantizeOptionsStart(b)
-        return BO.QuantizeOptions, tflite.QuantizeOptionsEnd(b)
-    if kind == "DEQUANTIZE":
-        tflite.DequantizeOptionsStart(b)
-        return BO.DequantizeOptions, tflite.DequantizeOptionsEnd(b)
-    raise ValueError(f"op {kind} {op.name!r}: cannot be written to .tflite")
+    """(BuiltinOptions union type, table offset) for ``op``, as its schema entry describes it."""
+    spec = schema.spec(op.kind)
+    table = spec.tflite_options
+    if table is None:
+        return tflite.BuiltinOptions.NONE, 0
+    fields = [o for o in spec.options if o.tflite]
+    vectors = {o.name: _int_vector(b, getattr(tflite, f"{table}Start{o.tflite}Vector"), op.options[o.name])
+               for o in fields if o.codec == "int_vector"}
+    getattr(tflite, f"{table}Start")(b)
+    for o in fields:
+        value = vectors[o.name] if o.name in vectors else _encode(o, op.options[o.name])
+        getattr(tflite, f"{table}Add{o.tflite}")(b, value)
+    return getattr(tflite.BuiltinOptions, table), getattr(tflite, f"{table}End")(b)
 
 
 def to_bytes(graph: Graph) -> bytes:
@@ -143,7 +79,7 @@ def to_bytes(graph: Graph) -> bytes:
     op_inputs: list[list[int]] = []
     for op in graph.ops:
         ins = [-1 if n is None else index[n] for n in op.inputs]
-        for k, value in enumerate(_shape_operands(graph, op)):
+        for k, value in enumerate(_shape_operands(op)):
             name = f"{op.name}/shape_operand_{k}"
             index[name] = len(tensors)
             tensors.append(Tensor(name, value.shape, "int32", None, value))
@@ -201,7 +137,8 @@ def to_bytes(graph: Graph) -> bytes:
         tflite.OperatorAddInputs(b, inputs)
         tflite.OperatorAddOutputs(b, outputs)
         tflite.OperatorAddBuiltinOptionsType(b, options_type)
-        tflite.OperatorAddBuiltinOptions(b, options)
+        if options:
+            tflite.OperatorAddBuiltinOptions(b, options)
         operator_offsets.append(tflite.OperatorEnd(b))
 
     def table_vector(start_fn, offsets):

@@ -2,8 +2,10 @@
 
 Uses the ``tflite`` package (flatbuffer accessors generated from TFLite's schema). A file that is
 not a TFLite model, is truncated, or is corrupted raises ``ValueError`` naming the byte offset or
-the tensor/operator being read; an operator outside ``models.ir.OP_SCHEMA`` raises ``ValueError``
-naming it and its index.
+the tensor/operator being read; an operator outside ``models.schema.SCHEMA`` raises ``ValueError``
+naming it and its index. Each op's options are read as its schema entry describes them, and the
+imported graph is validated against the schema (shapes, dtypes, quantization) before it is
+returned, so what is refused is refused here, in one line naming the op and the reason.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import struct
 
 import numpy as np
 
+from models import schema
 from models.ir import Graph, Op, Quantization, Tensor
 
 try:
@@ -50,7 +53,7 @@ def from_bytes(buf: bytes, name: str = "model") -> Graph:
     try:
         return graph.validate()
     except ValueError as e:
-        raise ValueError(f"{name}: imported graph is inconsistent (corrupted file?): {e}") from None
+        raise ValueError(f"{name}: {e}") from None
 
 
 def _check_header(buf: bytes, name: str) -> None:
@@ -204,18 +207,10 @@ class _Reader:
         return Tensor(name=name, shape=shape, dtype=dtype, quantization=quant, data=data)
 
 
-def _options(raw, cls):
-    table = raw.BuiltinOptions()
-    if table is None:
-        return None
-    opts = cls()
-    opts.Init(table.Bytes, table.Pos)
-    return opts
-
-
 def _activation(code: int, where: str) -> str:
     if code not in _ACTIVATIONS:
-        raise ValueError(f"{where}: fused activation code {code} (TANH/SIGN_BIT) is not supported")
+        name = {4: "TANH", 5: "SIGN_BIT"}.get(code, f"code {code}")
+        raise ValueError(f"{where}: fused activation {name} is not supported (NONE, RELU, RELU_N1_TO_1, RELU6 are)")
     return _ACTIVATIONS[code]
 
 
@@ -225,79 +220,83 @@ def _padding(code: int, where: str) -> str:
     return _PADDINGS[code]
 
 
+_DEFAULTS = {"int": 0, "bool": False, "float": 0.0, "activation": "NONE", "padding": "SAME", "int_vector": ()}
+
+
+def _decode(option: schema.Option, table, where: str):
+    if table is None:
+        return _DEFAULTS[option.codec]
+    if option.codec == "int_vector":
+        n = getattr(table, option.tflite + "Length")()
+        return tuple(int(v) for v in getattr(table, option.tflite + "AsNumpy")()) if n else ()
+    value = getattr(table, option.tflite)()
+    if option.codec == "activation":
+        return _activation(value, where)
+    if option.codec == "padding":
+        return _padding(value, where)
+    return {"int": int, "bool": bool, "float": float}[option.codec](value)
+
+
 def _constant(tensors: dict[str, Tensor], name: str | None, where: str) -> np.ndarray:
     if name is None or tensors[name].data is None:
         raise ValueError(f"{where}: operand {name!r} must be a constant tensor (dynamic shapes are not supported)")
+    if tensors[name].dtype not in ("int32", "int64"):
+        raise ValueError(f"{where}: operand {name!r} is {tensors[name].dtype}; expected int32")
     return tensors[name].data
+
+
+def _rank(tensors: dict[str, Tensor], name: str | None, where: str) -> int:
+    rank = len(tensors[name].shape) if name is not None else 0
+    if rank == 0:
+        raise ValueError(f"{where}: tensor {name!r} has no dimensions to index")
+    return rank
+
+
+def _operand_option(option: str, tensors, inputs, outputs, where: str):
+    """The option TFLite stores as a constant second input (or, for RESHAPE, the output shape)."""
+    if option == "new_shape":
+        return tensors[outputs[0]].shape
+    raw = _constant(tensors, inputs[1] if len(inputs) > 1 else None, where).reshape(-1)
+    if option == "paddings":
+        if raw.size % 2:
+            raise ValueError(f"{where}: paddings operand has {raw.size} values, not (before, after) pairs")
+        return tuple((int(a), int(b)) for a, b in raw.reshape(-1, 2))
+    if option == "axes":
+        rank = _rank(tensors, inputs[0], where)
+        return tuple(sorted({int(a) % rank for a in raw}))
+    if option == "axis":  # EXPAND_DIMS: one axis in [-rank - 1, rank]
+        if raw.size != 1:
+            raise ValueError(f"{where}: axis operand has {raw.size} values, expected 1")
+        rank = len(tensors[inputs[0]].shape)
+        return int(raw[0]) + rank + 1 if int(raw[0]) < 0 else int(raw[0])
+    return tuple(int(v) for v in raw)
 
 
 def _convert_op(model: str, index: int, kind: str, raw, inputs, outputs, tensors) -> Op:
     where = f"{model}: operator {index} ({kind})"
-    if kind in ("CONV_2D", "DEPTHWISE_CONV_2D"):
-        cls = tflite.Conv2DOptions if kind == "CONV_2D" else tflite.DepthwiseConv2DOptions
-        o = _options(raw, cls)
-        options = {
-            "stride_h": o.StrideH(), "stride_w": o.StrideW(), "padding": _padding(o.Padding(), where),
-            "dilation_h": o.DilationHFactor(), "dilation_w": o.DilationWFactor(),
-            "activation": _activation(o.FusedActivationFunction(), where),
-        }
-        if kind == "DEPTHWISE_CONV_2D":
-            options["depth_multiplier"] = o.DepthMultiplier()
-        return Op(kind, inputs[:3], outputs, options)
-    if kind == "FULLY_CONNECTED":
-        o = _options(raw, tflite.FullyConnectedOptions)
-        if o is not None and o.WeightsFormat() != 0:
-            raise ValueError(f"{where}: shuffled weights format {o.WeightsFormat()} is not supported")
-        options = {
-            "activation": _activation(o.FusedActivationFunction() if o else 0, where),
-            "keep_num_dims": bool(o.KeepNumDims()) if o else False,
-        }
-        return Op(kind, inputs[:3], outputs, options)
-    if kind in ("ADD", "MUL"):
-        o = _options(raw, tflite.AddOptions if kind == "ADD" else tflite.MulOptions)
-        return Op(kind, inputs, outputs, {"activation": _activation(o.FusedActivationFunction() if o else 0, where)})
-    if kind in ("AVERAGE_POOL_2D", "MAX_POOL_2D"):
-        o = _options(raw, tflite.Pool2DOptions)
-        options = {
-            "filter_h": o.FilterHeight(), "filter_w": o.FilterWidth(), "stride_h": o.StrideH(),
-            "stride_w": o.StrideW(), "padding": _padding(o.Padding(), where),
-            "activation": _activation(o.FusedActivationFunction(), where),
-        }
-        return Op(kind, inputs, outputs, options)
-    if kind == "MEAN":
-        o = _options(raw, tflite.ReducerOptions)
-        axes = _constant(tensors, inputs[1], where).reshape(-1)
-        rank = len(tensors[inputs[0]].shape)
-        axes = tuple(sorted({int(a) % rank for a in axes}))
-        return Op(kind, inputs[:1], outputs, {"axes": axes, "keep_dims": bool(o.KeepDims()) if o else False})
-    if kind == "PAD":
-        paddings = _constant(tensors, inputs[1], where).reshape(-1, 2)
-        return Op(kind, inputs[:1], outputs, {"paddings": tuple((int(a), int(b)) for a, b in paddings)})
-    if kind == "RESHAPE":
-        return Op(kind, inputs[:1], outputs, {"new_shape": tensors[outputs[0]].shape})
-    if kind == "SOFTMAX":
-        o = _options(raw, tflite.SoftmaxOptions)
-        return Op(kind, inputs, outputs, {"beta": float(o.Beta()) if o else 1.0})
-    if kind in ("QUANTIZE", "DEQUANTIZE"):
-        return Op(kind, inputs, outputs, {})
+    if kind not in schema.SCHEMA:
+        raise ValueError(f"{where}: unsupported operator {kind}; supported: {', '.join(schema.SCHEMA)}")
+    spec = schema.SCHEMA[kind]
+    if spec.tflite_options is not None and raw.BuiltinOptions() is not None:
+        expected = getattr(tflite.BuiltinOptions, spec.tflite_options)
+        if raw.BuiltinOptionsType() != expected:
+            raise ValueError(f"{where}: options table type {raw.BuiltinOptionsType()} is not {spec.tflite_options} "
+                             f"({expected})")
+        table = getattr(tflite, spec.tflite_options)()
+        table.Init(raw.BuiltinOptions().Bytes, raw.BuiltinOptions().Pos)
+    else:
+        table = None
+    options = {o.name: _decode(o, table, where) for o in spec.options if o.tflite}
+    if spec.tflite_operand is not None:
+        options[spec.tflite_operand] = _operand_option(spec.tflite_operand, tensors, inputs, outputs, where)
+        inputs = inputs[:1]
+    if kind == "FULLY_CONNECTED" and table is not None and table.WeightsFormat() != 0:
+        raise ValueError(f"{where}: shuffled weights format {table.WeightsFormat()} is not supported")
     if kind == "CONCATENATION":
-        o = _options(raw, tflite.ConcatenationOptions)
-        rank = len(tensors[outputs[0]].shape)
-        return Op(kind, inputs, outputs, {"axis": int(o.Axis()) % rank,
-                                          "activation": _activation(o.FusedActivationFunction(), where)})
-    if kind == "RESIZE_NEAREST_NEIGHBOR":
-        o = _options(raw, tflite.ResizeNearestNeighborOptions)
-        size = tuple(int(s) for s in _constant(tensors, inputs[1], where).reshape(-1))
-        return Op(kind, inputs[:1], outputs, {
-            "size": size,
-            "align_corners": bool(o.AlignCorners()) if o else False,
-            "half_pixel_centers": bool(o.HalfPixelCenters()) if o else False,
-        })
-    if kind == "TRANSPOSE":
-        perm = tuple(int(p) for p in _constant(tensors, inputs[1], where).reshape(-1))
-        return Op(kind, inputs[:1], outputs, {"perm": perm})
-    raise ValueError(
-        f"{where}: unsupported operator {kind}; supported: CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED, ADD, "
-        "MUL, AVERAGE_POOL_2D, MAX_POOL_2D, MEAN, PAD, RESHAPE, SOFTMAX, QUANTIZE, DEQUANTIZE, CONCATENATION, "
-        "RESIZE_NEAREST_NEIGHBOR, TRANSPOSE"
-    )
+        options["axis"] = options["axis"] % _rank(tensors, outputs[0] if outputs else None, where)
+    if kind == "SQUEEZE" and inputs:
+        rank = _rank(tensors, inputs[0], where)
+        options["squeeze_dims"] = tuple(sorted({d % rank for d in options["squeeze_dims"]}))
+    if schema.has(kind, schema.WEIGHTED):
+        inputs = inputs[:3]
+    return Op(kind, inputs, outputs, options)

@@ -1,7 +1,8 @@
 /* Test harness: runs model_invoke on every input in inputs.bin and writes outputs.bin.
  * Host: stdio, paths from argv. Cortex-M (under QEMU): ARM semihosting, fixed file names in
  * QEMU's working directory, exit code through SYS_EXIT_EXTENDED.
- * tp_marker_begin/tp_marker_end bracket each inference for the instruction-counting plugin. */
+ * tp_marker_begin/tp_marker_end bracket each inference for the instruction-counting plugin; a
+ * non-zero model_invoke status ends the run with exit code 5. */
 #include <stdint.h>
 #include <string.h>
 
@@ -59,8 +60,12 @@ int main(void) {
   for (int32_t i = 0; i < count; i++) {
     if (transfer(SYS_READ, in, input_buffer, MODEL_INPUT_BYTES) != 0) return 3;
     tp_marker_begin();
-    model_invoke(input_buffer, output_buffer);
+    const int32_t status = model_invoke(input_buffer, output_buffer);
     tp_marker_end();
+    if (status != 0) {
+      say("harness: model_invoke reported a kernel error\n");
+      return 5;
+    }
     if (transfer(SYS_WRITE, out, output_buffer, MODEL_OUTPUT_BYTES) != 0) return 4;
   }
   const uint32_t close_in[1] = {(uint32_t)in}, close_out[1] = {(uint32_t)out};
@@ -85,8 +90,12 @@ int main(int argc, char **argv) {
   }
   while (fread(input_buffer, 1, MODEL_INPUT_BYTES, in) == MODEL_INPUT_BYTES) {
     tp_marker_begin();
-    model_invoke(input_buffer, output_buffer);
+    const int32_t status = model_invoke(input_buffer, output_buffer);
     tp_marker_end();
+    if (status != 0) {
+      fprintf(stderr, "harness: model_invoke failed in op %d\n", (int)(status - 1));
+      return 5;
+    }
     if (fwrite(output_buffer, 1, MODEL_OUTPUT_BYTES, out) != MODEL_OUTPUT_BYTES) return 4;
   }
   fclose(in);

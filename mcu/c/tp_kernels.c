@@ -265,7 +265,8 @@ void tp_fully_connected_s8(const tp_fc_params *p, const int8_t *in, int8_t *out)
     for (int32_t o = 0; o < p->out_features; o++) {
       int32_t acc = tp_dot_s8(in, p->weights + o * p->in_features, p->in_features, p->input_offset,
                               p->bias ? p->bias[o] : 0);
-      acc = tp_mbqm(acc, p->output_multiplier, p->output_shift);
+      const int32_t q = p->per_channel ? o : 0;
+      acc = tp_mbqm(acc, p->output_multiplier[q], p->output_shift[q]);
       *out++ = tp_clamp(acc + p->output_offset, p->act_min, p->act_max);
     }
   }
@@ -306,23 +307,73 @@ static void tp_pool_s8(const tp_pool_params *p, const int8_t *in, int8_t *out, i
 void tp_avgpool_s8(const tp_pool_params *p, const int8_t *in, int8_t *out) { tp_pool_s8(p, in, out, 0); }
 void tp_maxpool_s8(const tp_pool_params *p, const int8_t *in, int8_t *out) { tp_pool_s8(p, in, out, 1); }
 
-void tp_add_s8(const tp_add_params *p, const int8_t *in1, const int8_t *in2, int8_t *out) {
-  for (int32_t i = 0; i < p->size; i++) {
-    const int32_t a = (int32_t)((uint32_t)((int32_t)in1[i] + p->input1_offset) << p->left_shift);
-    const int32_t b = (int32_t)((uint32_t)((int32_t)in2[i] + p->input2_offset) << p->left_shift);
-    const int32_t sum = tp_mbqm(a, p->input1_multiplier, p->input1_shift) +
-                        tp_mbqm(b, p->input2_multiplier, p->input2_shift);
-    const int32_t y = tp_mbqm(sum, p->output_multiplier, p->output_shift);
-    out[i] = tp_clamp(y + p->output_offset, p->act_min, p->act_max);
-  }
+/* Visit every output element in order with the offsets i1, i2 of the two inputs it reads. */
+#define TP_BROADCAST(w, BODY)                                                                         \
+  do {                                                                                                \
+    if ((w)->flat) {                                                                                  \
+      for (int32_t i = 0; i < (w)->size; i++) {                                                       \
+        const int32_t i1 = i, i2 = i;                                                                 \
+        BODY                                                                                          \
+      }                                                                                               \
+    } else {                                                                                          \
+      const int32_t *n_ = (w)->shape, *a_ = (w)->stride1, *b_ = (w)->stride2;                         \
+      int32_t i = 0;                                                                                  \
+      for (int32_t d0 = 0; d0 < n_[0]; d0++)                                                          \
+        for (int32_t d1 = 0; d1 < n_[1]; d1++)                                                        \
+          for (int32_t d2 = 0; d2 < n_[2]; d2++)                                                      \
+            for (int32_t d3 = 0; d3 < n_[3]; d3++)                                                    \
+              for (int32_t d4 = 0; d4 < n_[4]; d4++)                                                  \
+                for (int32_t d5 = 0; d5 < n_[5]; d5++, i++) {                                         \
+                  const int32_t i1 = d0 * a_[0] + d1 * a_[1] + d2 * a_[2] + d3 * a_[3] + d4 * a_[4] + d5 * a_[5]; \
+                  const int32_t i2 = d0 * b_[0] + d1 * b_[1] + d2 * b_[2] + d3 * b_[3] + d4 * b_[4] + d5 * b_[5]; \
+                  BODY                                                                                \
+                }                                                                                     \
+    }                                                                                                 \
+  } while (0)
+
+/* TFLite's AddFunc / SubFunc (integer_ops/add.h, reference/sub.h): both inputs rescaled onto a
+ * common 2^left_shift-scaled sum, then requantized. */
+static inline int32_t tp_scaled_input(int32_t v, int32_t offset, int32_t left_shift, int32_t m, int32_t s) {
+  return tp_mbqm((int32_t)((uint32_t)(v + offset) << left_shift), m, s);
 }
 
+void tp_add_s8(const tp_add_params *p, const int8_t *in1, const int8_t *in2, int8_t *out) {
+  TP_BROADCAST(&p->walk, {
+    const int32_t sum = tp_scaled_input(in1[i1], p->input1_offset, p->left_shift, p->input1_multiplier, p->input1_shift) +
+                        tp_scaled_input(in2[i2], p->input2_offset, p->left_shift, p->input2_multiplier, p->input2_shift);
+    out[i] = tp_clamp(tp_mbqm(sum, p->output_multiplier, p->output_shift) + p->output_offset, p->act_min, p->act_max);
+  });
+}
+
+void tp_sub_s8(const tp_add_params *p, const int8_t *in1, const int8_t *in2, int8_t *out) {
+  TP_BROADCAST(&p->walk, {
+    const int32_t diff = tp_scaled_input(in1[i1], p->input1_offset, p->left_shift, p->input1_multiplier, p->input1_shift) -
+                         tp_scaled_input(in2[i2], p->input2_offset, p->left_shift, p->input2_multiplier, p->input2_shift);
+    out[i] = tp_clamp(tp_mbqm(diff, p->output_multiplier, p->output_shift) + p->output_offset, p->act_min, p->act_max);
+  });
+}
+
+/* TFLite's MulElementwise / BroadcastMul6DSlow (integer_ops/mul.h). */
 void tp_mul_s8(const tp_mul_params *p, const int8_t *in1, const int8_t *in2, int8_t *out) {
-  for (int32_t i = 0; i < p->size; i++) {
-    const int32_t prod = ((int32_t)in1[i] + p->input1_offset) * ((int32_t)in2[i] + p->input2_offset);
-    const int32_t y = tp_mbqm(prod, p->output_multiplier, p->output_shift);
-    out[i] = tp_clamp(y + p->output_offset, p->act_min, p->act_max);
-  }
+  TP_BROADCAST(&p->walk, {
+    const int32_t prod = ((int32_t)in1[i1] + p->input1_offset) * ((int32_t)in2[i2] + p->input2_offset);
+    out[i] = tp_clamp(tp_mbqm(prod, p->output_multiplier, p->output_shift) + p->output_offset, p->act_min, p->act_max);
+  });
+}
+
+/* TFLite's BroadcastPrelu4DSlow (reference/prelu.h). */
+void tp_prelu_s8(const tp_prelu_params *p, const int8_t *in, const int8_t *alpha, int8_t *out) {
+  TP_BROADCAST(&p->walk, {
+    const int32_t v = (int32_t)in[i1] + p->input_offset;
+    const int32_t y = v >= 0 ? tp_mbqm(v, p->output_multiplier_1, p->output_shift_1)
+                             : tp_mbqm(v * ((int32_t)alpha[i2] + p->alpha_offset), p->output_multiplier_2,
+                                       p->output_shift_2);
+    out[i] = tp_clamp(y + p->output_offset, -128, 127);
+  });
+}
+
+void tp_lut_s8(const int8_t *table, int32_t size, const int8_t *in, int8_t *out) {
+  for (int32_t i = 0; i < size; i++) out[i] = table[(int32_t)in[i] + 128];
 }
 
 /* ---- softmax: gemmlowp fixed point, as TFLite's reference int8 softmax ---- */

@@ -20,9 +20,11 @@ typedef struct {
 typedef struct {
   int32_t batches, in_features, out_features;
   int32_t input_offset, output_offset, act_min, act_max;
-  int32_t output_multiplier, output_shift;
+  int32_t per_channel; /* 0: output_multiplier[0] / output_shift[0] serve every output feature */
   const int8_t *weights;
   const int32_t *bias; /* may be 0 */
+  const int32_t *output_multiplier;
+  const int32_t *output_shift;
 } tp_fc_params;
 
 typedef struct {
@@ -31,18 +33,33 @@ typedef struct {
   int32_t act_min, act_max;
 } tp_pool_params;
 
+/* The walk of a binary elementwise op over an output of up to 6 dimensions (unused leading ones
+ * are 1); each input is read at its own strides, 0 along the dimensions it broadcasts. flat: both
+ * inputs have the output's shape, element i reads element i. */
 typedef struct {
-  int32_t size;
+  int32_t size, flat;
+  int32_t shape[6];
+  int32_t stride1[6], stride2[6];
+} tp_broadcast;
+
+typedef struct {
   int32_t input1_offset, input2_offset, output_offset, left_shift;
   int32_t input1_multiplier, input1_shift, input2_multiplier, input2_shift;
   int32_t output_multiplier, output_shift, act_min, act_max;
+  tp_broadcast walk;
 } tp_add_params;
 
 typedef struct {
-  int32_t size;
   int32_t input1_offset, input2_offset, output_offset;
   int32_t output_multiplier, output_shift, act_min, act_max;
+  tp_broadcast walk;
 } tp_mul_params;
+
+typedef struct {
+  int32_t input_offset, alpha_offset, output_offset;
+  int32_t output_multiplier_1, output_shift_1, output_multiplier_2, output_shift_2;
+  tp_broadcast walk;
+} tp_prelu_params;
 
 typedef struct {
   int32_t rows, depth;
@@ -107,7 +124,12 @@ void tp_fully_connected_s8(const tp_fc_params *p, const int8_t *in, int8_t *out)
 void tp_avgpool_s8(const tp_pool_params *p, const int8_t *in, int8_t *out);
 void tp_maxpool_s8(const tp_pool_params *p, const int8_t *in, int8_t *out);
 void tp_add_s8(const tp_add_params *p, const int8_t *in1, const int8_t *in2, int8_t *out);
+void tp_sub_s8(const tp_add_params *p, const int8_t *in1, const int8_t *in2, int8_t *out);
 void tp_mul_s8(const tp_mul_params *p, const int8_t *in1, const int8_t *in2, int8_t *out);
+void tp_prelu_s8(const tp_prelu_params *p, const int8_t *in, const int8_t *alpha, int8_t *out);
+/* out[i] = table[in[i] + 128]: the unary int8 ops (activations, requantization) as 256-entry
+ * tables computed at export with TFLite's integer arithmetic (kernels/quant.py). */
+void tp_lut_s8(const int8_t *table, int32_t size, const int8_t *in, int8_t *out);
 void tp_softmax_s8(const tp_softmax_params *p, const int8_t *in, int8_t *out);
 void tp_pad_s8(const tp_pad_params *p, const int8_t *in, int8_t *out);
 void tp_transpose_s8(const tp_transpose_params *p, const int8_t *in, int8_t *out);

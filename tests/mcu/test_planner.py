@@ -3,8 +3,8 @@ makes it safe; peak SRAM against TFLite Micro's arena and TinyEngine's PEAK_MEM.
 import numpy as np
 import pytest
 
-from mcu import codegen, planner, tflm
-from models import quantization, tflite_import, zoo
+from mcu import codegen, planner
+from models import quantization, tflite_import, tflm, zoo
 
 MODELS = zoo.suite_models()
 KWS = "mlperf_tiny_kws01_dscnn_int8"  # or its stand-in, which has the same layer shapes

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models import diff, execute, tflite_import, zoo
+from models import diff, execute, tflite_import, tflm, zoo
 
 NUM_INPUTS = 20
 KWS = "mlperf_tiny_kws01_dscnn_int8"
@@ -16,8 +16,8 @@ def test_int8_graph_matches_tflm_bit_exact(name, model_path):
     path = model_path(name)
     data = path.read_bytes()
     graph = tflite_import.from_bytes(data, name=path.name)
-    inputs = diff.random_inputs(graph, NUM_INPUTS, seed=1)
-    want = diff.tflm_run(data, *inputs)
+    inputs = tflm.random_inputs(graph, NUM_INPUTS, seed=1)
+    want = tflm.run(data, *inputs)
     got = execute.compile_graph(graph)(*(jnp.asarray(x) for x in inputs))  # Pallas kernels, one jit, batch 20
     assert len(got) == len(want)
     for g, w in zip(got, want):

@@ -1,8 +1,8 @@
 """Single int8 ops, built in the IR with random shapes/quantization, against TFLite Micro.
 
 Each graph is written to .tflite (models.tflite_export) so TFLite Micro runs exactly the op the
-JAX executor runs; the ops the reference models do not use (MUL, CONCATENATION, RESIZE variants,
-SAME pooling, dilation, depth multiplier) are covered here.
+JAX executor runs: every op kind of the schema (tests/op_cases.py, shared with the C backends'
+tests), property tests of conv and depthwise geometry, batch > 1 graphs and 16x8 refusal.
 """
 import jax.numpy as jnp
 import numpy as np
@@ -10,51 +10,21 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from models import diff, execute, tflite_export, tflite_import
-from models.ir import Graph, Op, Quantization, Tensor
+from models import execute, schema, tflite_export, tflite_import, tflm
+from models.ir import Graph, Op, Tensor
+from tests import op_cases
 
 ACTS = ["NONE", "RELU", "RELU6"]
-
-
-def act_tensor(name, shape, rng):
-    return Tensor(name, shape, "int8", Quantization(np.float32(rng.uniform(0.01, 0.1)), int(rng.integers(-20, 20))))
 
 
 def assert_matches_tflm(graph: Graph, batch: int = 3, seed: int = 0):
     data = tflite_export.to_bytes(graph)
     graph = tflite_import.from_bytes(data)
-    inputs = diff.random_inputs(graph, batch, seed)
-    want = diff.tflm_run(data, *inputs)
+    inputs = tflm.random_inputs(graph, batch, seed)
+    want = tflm.run(data, *inputs)
     got = execute.compile_graph(graph)(*(jnp.asarray(x) for x in inputs))
     for g, w in zip(got, want):
         np.testing.assert_array_equal(np.asarray(g), w)
-
-
-def conv_graph(kind, h, w, cin, cout_or_mult, k, stride, dilation, padding, act, seed):
-    rng = np.random.default_rng(seed)
-    eff = (k - 1) * dilation + 1
-    ho = -(-h // stride) if padding == "SAME" else (h - eff) // stride + 1
-    wo = -(-w // stride) if padding == "SAME" else (w - eff) // stride + 1
-    x = act_tensor("x", (1, h, w, cin), rng)
-    if kind == "CONV_2D":
-        cout, wshape, axis = cout_or_mult, (cout_or_mult, k, k, cin), 0
-    else:
-        cout, axis = cin * cout_or_mult, 3
-        wshape = (1, k, k, cout)
-    wscale = rng.uniform(0.002, 0.02, cout).astype(np.float32)
-    wt = Tensor("w", wshape, "int8", Quantization(wscale, np.zeros(cout, np.int64), axis),
-                rng.integers(-127, 128, wshape).astype(np.int8))
-    bscale = (x.quantization.scale[0] * wscale).astype(np.float32)
-    b = Tensor("b", (cout,), "int32", Quantization(bscale, np.zeros(cout, np.int64)),
-               rng.integers(-3000, 3000, cout).astype(np.int32))
-    y = act_tensor("y", (1, ho, wo, cout), rng)
-    y.quantization = Quantization(np.float32(x.quantization.scale[0] * 2.0), int(rng.integers(-10, 10)))
-    options = {"stride_h": stride, "stride_w": stride, "padding": padding, "dilation_h": dilation,
-               "dilation_w": dilation, "activation": act}
-    if kind == "DEPTHWISE_CONV_2D":
-        options["depth_multiplier"] = cout_or_mult
-    op = Op(kind, ["x", "w", "b"], ["y"], options)
-    return Graph({t.name: t for t in (x, wt, b, y)}, [op], ["x"], ["y"]).validate()
 
 
 conv_cases = st.tuples(
@@ -69,82 +39,89 @@ conv_cases = conv_cases.filter(lambda c: c[6] == 1 or c[5] == 1)
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 @given(conv_cases)
 def test_int8_conv_matches_tflm(case):
-    assert_matches_tflm(conv_graph("CONV_2D", *case))
+    assert_matches_tflm(op_cases.conv("CONV_2D", *case))
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 @given(conv_cases)
 def test_int8_depthwise_conv_matches_tflm(case):
     h, w, cin, mult, *rest = case
-    assert_matches_tflm(conv_graph("DEPTHWISE_CONV_2D", h, w, cin, 1 + mult % 2, *rest))
+    assert_matches_tflm(op_cases.conv("DEPTHWISE_CONV_2D", h, w, cin, 1 + mult % 2, *rest))
 
 
-def unary_graph(kind, in_shape, out_shape, options, seed=0, same_quant=False, out_quant=None):
-    rng = np.random.default_rng(seed)
-    x = act_tensor("x", in_shape, rng)
-    y = act_tensor("y", out_shape, rng)
-    if same_quant:
-        y.quantization = x.quantization
-    if out_quant is not None:
-        y.quantization = out_quant
-    return Graph({"x": x, "y": y}, [Op(kind, ["x"], ["y"], options)], ["x"], ["y"]).validate()
+@pytest.fixture(scope="module")
+def all_ops():
+    """Every int8-I/O case of tests/op_cases.py in one graph, written to .tflite and read back."""
+    data = tflite_export.to_bytes(op_cases.union(op_cases.int8_io(op_cases.cases())))
+    return data, tflite_import.from_bytes(data)
 
 
-POOL = {"stride_h": 2, "stride_w": 2, "activation": "RELU"}
+@pytest.mark.parametrize("pallas", [True, False], ids=["pallas", "xla"])
+def test_every_op_kind_matches_tflm(all_ops, pallas):
+    """One case per op kind and variant (broadcast constants, fixed output scales, batch 2, ...)."""
+    data, graph = all_ops
+    assert {op.kind for op in graph.ops} | {"DEQUANTIZE"} == set(schema.SCHEMA)  # every op kind is covered
+    inputs = tflm.random_inputs(graph, 3, seed=1)
+    want = tflm.run(data, *inputs)
+    got = execute.compile_graph(graph, pallas=pallas)(*(jnp.asarray(x) for x in inputs))
+    for name, g, w in zip(graph.outputs, got, want, strict=True):
+        np.testing.assert_array_equal(np.asarray(g), w, err_msg=f"case {name.split('/')[0]} differs from TFLite Micro")
 
 
-@pytest.mark.parametrize("graph", [
-    unary_graph("MAX_POOL_2D", (1, 7, 6, 3), (1, 4, 3, 3), {**POOL, "filter_h": 3, "filter_w": 3, "padding": "SAME"},
-                same_quant=True),
-    unary_graph("AVERAGE_POOL_2D", (1, 7, 6, 3), (1, 4, 3, 3), {**POOL, "filter_h": 3, "filter_w": 3, "padding": "SAME"},
-                same_quant=True),
-    unary_graph("MEAN", (1, 5, 4, 6), (1, 1, 1, 6), {"axes": (1, 2), "keep_dims": True}),
-    unary_graph("MEAN", (1, 5, 4, 6), (1, 6), {"axes": (1, 2), "keep_dims": False}),
-    unary_graph("PAD", (1, 3, 4, 2), (1, 5, 7, 2), {"paddings": ((0, 0), (1, 1), (2, 1), (0, 0))}, same_quant=True),
-    unary_graph("TRANSPOSE", (1, 3, 4, 2), (1, 2, 3, 4), {"perm": (0, 3, 1, 2)}, same_quant=True),
-    unary_graph("RESHAPE", (1, 3, 4, 2), (1, 24), {"new_shape": (1, 24)}, same_quant=True),
-    unary_graph("SOFTMAX", (1, 3, 17), (1, 3, 17), {"beta": 1.0},
-                out_quant=Quantization(np.float32(1 / 256), -128)),
-    unary_graph("SOFTMAX", (1, 10), (1, 10), {"beta": 0.5}, out_quant=Quantization(np.float32(1 / 256), -128)),
-] + [
-    unary_graph("RESIZE_NEAREST_NEIGHBOR", (1, 3, 5, 2), (1, 7, 8, 2),
-                {"size": (7, 8), "align_corners": ac, "half_pixel_centers": hp}, same_quant=True)
-    for ac, hp in ((False, False), (True, False), (False, True))
-], ids=lambda g: g.ops[0].kind)
-def test_int8_unary_op_matches_tflm(graph):
-    assert_matches_tflm(graph)
+@pytest.mark.parametrize("case", ["quantize_float", "dequantize"])
+def test_float_edges_match_tflm(case):
+    assert_matches_tflm(op_cases.cases()[case])
 
 
-@pytest.mark.parametrize("kind, act", [("ADD", "RELU6"), ("ADD", "NONE"), ("MUL", "NONE"), ("MUL", "RELU")])
-def test_int8_binary_op_matches_tflm(kind, act):
+@pytest.mark.parametrize("kind", ["RESIZE_NEAREST_NEIGHBOR"])
+@pytest.mark.parametrize("align_corners, half_pixel", [(False, False), (True, False), (False, True)])
+def test_resize_variants_match_tflm(kind, align_corners, half_pixel):
+    g = op_cases.unary(kind, (1, 3, 5, 2), (1, 7, 8, 2),
+                       {"size": (7, 8), "align_corners": align_corners, "half_pixel_centers": half_pixel},
+                       same_quant=True)
+    assert_matches_tflm(g)
+
+
+def test_batch_graph_equals_its_elements_one_by_one():
+    """A batch-2 graph (FC and depthwise on batch 2) gives what running each element alone gives."""
+    for graph in (op_cases.fully_connected(2, 20, 7, True), op_cases.conv("DEPTHWISE_CONV_2D", 6, 6, 4, 1, 3, 2, 1,
+                                                                           "VALID", "RELU6", 34, batch=2)):
+        x = tflm.random_inputs(graph, 3, seed=2)[0]  # three invocations of batch 2
+        whole = np.asarray(execute.compile_graph(graph)(jnp.asarray(x))[0])
+        single = graph_with_batch(graph, 1)
+        f = execute.compile_graph(single)
+        one_by_one = np.concatenate([np.asarray(f(jnp.asarray(x[i:i + 1]))[0]) for i in range(len(x))])
+        np.testing.assert_array_equal(whole, one_by_one)
+        np.testing.assert_array_equal(whole, tflm.run(tflite_export.to_bytes(graph), x)[0])
+
+
+def graph_with_batch(graph, batch):
+    import copy
+
+    g = copy.deepcopy(graph)
+    for t in g.tensors.values():
+        if not t.is_constant:
+            t.shape = (batch,) + t.shape[1:]
+    return g.validate()
+
+
+def test_graph_that_reads_across_its_batch_runs_per_invocation():
+    """A RESHAPE that folds the batch into features: the leading axis is not a batch axis, so
+    inputs come in whole graph invocations (multiples of 2 rows) and run one at a time."""
     rng = np.random.default_rng(3)
-    shape = (1, 4, 5, 3)
-    a, b, y = act_tensor("a", shape, rng), act_tensor("b", shape, rng), act_tensor("y", shape, rng)
-    g = Graph({"a": a, "b": b, "y": y}, [Op(kind, ["a", "b"], ["y"], {"activation": act})], ["a", "b"], ["y"])
-    assert_matches_tflm(g.validate())
+    x = op_cases.act("x", (2, 6), rng)
+    y = Tensor("y", (1, 12), "int8", x.quantization)
+    g = Graph({"x": x, "y": y}, [Op("RESHAPE", ["x"], ["y"], {"new_shape": (1, 12)})], ["x"], ["y"]).validate()
+    xs = rng.integers(-128, 128, (6, 6), dtype=np.int8)
+    out = np.asarray(execute.compile_graph(g)(jnp.asarray(xs))[0])
+    np.testing.assert_array_equal(out, xs.reshape(3, 12))
+    with pytest.raises(ValueError, match="must be a multiple of 2"):
+        execute.compile_graph(g)(jnp.asarray(xs[:5]))
 
 
-def test_int8_concatenation_matches_tflm():
-    rng = np.random.default_rng(4)
-    a = act_tensor("a", (1, 3, 4, 2), rng)
-    b = Tensor("b", (1, 3, 4, 5), "int8", a.quantization)
-    y = Tensor("y", (1, 3, 4, 7), "int8", a.quantization)
-    g = Graph({"a": a, "b": b, "y": y}, [Op("CONCATENATION", ["a", "b"], ["y"], {"axis": 3, "activation": "NONE"})],
-              ["a", "b"], ["y"])
-    assert_matches_tflm(g.validate())
-
-
-def test_fully_connected_per_channel_and_per_tensor_match_tflm():
-    rng = np.random.default_rng(5)
-    for per_channel in (True, False):
-        x = act_tensor("x", (1, 20), rng)
-        n = 7 if per_channel else 1
-        ws = rng.uniform(0.002, 0.02, n).astype(np.float32)
-        w = Tensor("w", (7, 20), "int8", Quantization(ws, np.zeros(n, np.int64)), rng.integers(-127, 128, (7, 20)).astype(np.int8))
-        b = Tensor("b", (7,), "int32", Quantization(np.broadcast_to(x.quantization.scale[0] * ws, 7 if per_channel else 1),
-                                                     np.zeros(n, np.int64)), rng.integers(-900, 900, 7).astype(np.int32))
-        y = act_tensor("y", (1, 7), rng)
-        g = Graph({t.name: t for t in (x, w, b, y)},
-                  [Op("FULLY_CONNECTED", ["x", "w", "b"], ["y"], {"activation": "RELU", "keep_num_dims": False})],
-                  ["x"], ["y"])
-        assert_matches_tflm(g.validate())
+def test_16x8_model_is_refused_naming_op_and_dtype():
+    g = op_cases.conv("CONV_2D", 5, 5, 2, 3, 3, 1, 1, "SAME", "NONE", 40)
+    for name in ("x", "y"):
+        g.tensors[name].dtype = "int16"
+    with pytest.raises(ValueError, match=r"op 0 \(CONV_2D 'y'\): output: tensor 'y' is int16: 16x8 quantization"):
+        g.validate()

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models import builders, diff, digits, execute, ptq, tflite_export, tflite_import
+from models import builders, digits, execute, ptq, tflite_export, tflite_import, tflm
 
 
 def quantize_and_compare_with_tflm(graph, batch=3, seed=0):
@@ -13,7 +13,7 @@ def quantize_and_compare_with_tflm(graph, batch=3, seed=0):
     q = ptq.quantize(graph, [rng.normal(size=(32,) + shape).astype(np.float32)])
     data = tflite_export.to_bytes(q)
     xs = [rng.normal(size=(batch,) + shape).astype(np.float32)]
-    want = diff.tflm_run(data, *xs)
+    want = tflm.run(data, *xs)
     got = execute.compile_graph(tflite_import.from_bytes(data))(*(jnp.asarray(x) for x in xs))
     for g, w in zip(got, want):
         np.testing.assert_array_equal(np.asarray(g), w)
@@ -45,10 +45,32 @@ def test_quantized_builder_matches_tflm(build):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("build", [lambda: builders.mobilenet_v2(0.35, 32, 10), lambda: builders.mcunet(resolution=48)],
-                         ids=["mobilenet_v2", "mcunet"])
-def test_quantized_mobile_builder_matches_tflm(build):
-    quantize_and_compare_with_tflm(build())
+@pytest.mark.parametrize("build", [lambda: builders.mobilenet_v2(0.35, 32, 10), lambda: builders.mcunet(resolution=48),
+                                   lambda: builders.mobilenet_v3_small(0.35, 32, 10)],
+                         ids=["mobilenet_v2", "mcunet", "mobilenet_v3_small"])
+def test_quantized_mobile_builder_matches_tflm(build, tmp_path):
+    import mcu
+    from mcu import build as mcu_build
+
+    q = quantize_and_compare_with_tflm(build())
+    data = tflite_export.to_bytes(q)
+    graph = tflite_import.from_bytes(data)
+    inputs = tflm.random_inputs(graph, 2, seed=1)
+    mcu.export(graph, tmp_path)
+    run = mcu_build.run_host(mcu_build.build_host(tmp_path), mcu.pack_inputs(graph, inputs))
+    for ours, theirs in zip(mcu.unpack_outputs(graph, run.outputs), tflm.run(data, *inputs), strict=True):
+        np.testing.assert_array_equal(ours, theirs)
+
+
+def test_mobilenet_v3_block_with_squeeze_excite_matches_tflm():
+    """One MobileNetV3 bottleneck (hard-swish, squeeze-and-excite with a hard sigmoid of
+    constant +3 and x1/6), quantized: HARD_SWISH, MEAN, broadcast ADD/MUL against TFLite Micro."""
+    gb = builders.GraphBuilder("mbv3_block", (8, 8, 8))
+    x = builders._mbv3_block(gb, gb.input, 5, 24, 8, True, "HS", 1)
+    q = quantize_and_compare_with_tflm(gb.build(x))
+    assert {"HARD_SWISH", "MEAN", "ADD", "MUL"} <= set(q.op_kinds())
+    hard_sigmoid_add = next(op for op in q.ops if op.kind == "ADD" and q.tensors[op.inputs[1]].is_constant)
+    assert hard_sigmoid_add.options["activation"] == "RELU6"
 
 
 def test_builders_shapes():
@@ -63,6 +85,10 @@ def test_builders_shapes():
     kernels = {g_.tensors[op.inputs[1]].shape[1] for g_ in [builders.mcunet()] for op in g_.ops
                if op.kind == "DEPTHWISE_CONV_2D"}
     assert kernels == {3, 5, 7}
+    v3 = builders.mobilenet_v3_small()
+    assert v3.tensors[v3.outputs[0]].shape == (1, 1000)
+    # Table 2 of Howard et al.: 11 bottlenecks, 9 with squeeze-and-excite (plus the head's hard-swishes)
+    assert v3.op_kinds()["DEPTHWISE_CONV_2D"] == 11 and v3.op_kinds()["MEAN"] == 10
 
 
 def test_digits_int8_accuracy_close_to_float():

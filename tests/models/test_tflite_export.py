@@ -3,7 +3,7 @@ place) round-trip, and TFLite Micro gives the same outputs on the rewritten file
 import numpy as np
 import pytest
 
-from models import diff, tflite_export, tflite_import, zoo
+from models import tflite_export, tflite_import, tflm, zoo
 
 
 @pytest.mark.parametrize("model", zoo.suite_models())
@@ -22,6 +22,6 @@ def test_export_round_trips_and_runs_identically_in_tflm(model, model_path):
         if t.quantization is not None:
             np.testing.assert_array_equal(u.quantization.scale, t.quantization.scale)
             np.testing.assert_array_equal(u.quantization.zero_point, t.quantization.zero_point)
-    inputs = diff.random_inputs(graph, 2, seed=3)
-    for a, b in zip(diff.tflm_run(original, *inputs), diff.tflm_run(written, *inputs)):
+    inputs = tflm.random_inputs(graph, 2, seed=3)
+    for a, b in zip(tflm.run(original, *inputs), tflm.run(written, *inputs)):
         np.testing.assert_array_equal(a, b)

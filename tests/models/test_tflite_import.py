@@ -96,8 +96,8 @@ def _patch_opcode(data: bytes, old: int, new: int) -> bytes:
 
 
 def test_unsupported_operator_is_named(model_path):
-    data = _patch_opcode(model_path(KWS).read_bytes(), old=25, new=14)  # SOFTMAX -> LOGISTIC
-    with pytest.raises(ValueError, match=r"operator 12 \(LOGISTIC\): unsupported operator LOGISTIC"):
+    data = _patch_opcode(model_path(KWS).read_bytes(), old=25, new=11)  # SOFTMAX -> L2_NORMALIZATION
+    with pytest.raises(ValueError, match=r"operator 12 \(L2_NORMALIZATION\): unsupported operator L2_NORMALIZATION"):
         tflite_import.from_bytes(data, name="kws.tflite")
 
 
@@ -129,3 +129,20 @@ def test_corrupted_tables_give_value_error_or_valid_graph(model_path, data):
         assert str(e)
     else:
         g.validate()
+
+
+def test_16x8_file_is_refused_at_import_naming_op_and_dtype():
+    """int16 activations with int8 weights (16x8): refused in one line naming the op and dtype."""
+    import tflite
+
+    from models import tflite_export
+    from tests import op_cases
+
+    buf = bytearray(tflite_export.to_bytes(op_cases.cases()["conv"]))
+    subgraph = tflite.Model.GetRootAsModel(buf, 0).Subgraphs(0)
+    for i in range(subgraph.TensorsLength()):
+        t = subgraph.Tensors(i)
+        if t.Type() == tflite.TensorType.INT8 and t.Buffer() == 0:  # activations: no data to resize
+            buf[t._tab.Pos + t._tab.Offset(6)] = tflite.TensorType.INT16
+    with pytest.raises(ValueError, match=r"op 0 \(CONV_2D .*\): \w+: tensor '\w+' is int16: 16x8 quantization"):
+        tflite_import.from_bytes(bytes(buf))
