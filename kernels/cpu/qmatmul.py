@@ -1,12 +1,19 @@
-"""Block-quantized weights (Q4_0, Q4_1, Q8_0) x activations quantized to 8 bits per block, on the CPU.
+"""Block-quantized weights (Q4_0, Q4_1, Q8_0) x f32 activations, on the CPU, in two activation modes.
 
 The decode hot path of a quantized LLaMA: a GEMV (M = 1) or, in prefill, a GEMM whose weights stay
-packed as llama.cpp stores them (``BlockWeight``: N rows of 32-element blocks) and whose activations
-are quantized to 8 bits per block exactly as llama.cpp's Q8_0 / Q8_1 (x86 SIMD path): d = amax/127
-rounded to f16, q = round-half-even(x * 127/amax), s = f16(d * sum q). Each block's dot product is
-an exact integer (vpdpbusd on AVX-512 VNNI, vpmaddubsw on AVX2, sdot on NEON, a portable scalar
-loop); per-block scales are applied in f32. Threads split N (and M) into tiles.
-``reference`` is the same arithmetic in jnp; ``dense_reference`` the f32 product it approximates.
+packed as llama.cpp stores them (``BlockWeight``: N rows of 32-element blocks).
+``activations="f32"`` (exact; the model's default): each weight block is decoded to f32 in registers
+and multiplied with the activations as they are, per block d * (q . x) + m * sum(x) (the xla path's
+arithmetic: ``kernels.llm.w4a16.xla_matmul``); tiles of 4 or more activation rows (prefill)
+dequantize their weight rows once into an f32 panel and run a dense f32 product over it. Every
+d * q is exact in f32, so the result differs from the xla path's only in the order of f32 sums.
+``activations="q8"`` (llama.cpp's arithmetic, faster, not exact): activations quantized to 8 bits
+per block exactly as llama.cpp's Q8_0 / Q8_1 (x86 SIMD path): d = amax/127 rounded to f16,
+q = round-half-even(x * 127/amax), s = f16(d * sum q); each block's dot product is an exact integer
+(vpdpbusd on AVX-512 VNNI, vpmaddubsw on AVX2, sdot on NEON, a portable scalar loop) and per-block
+scales are applied in f32. Its error against f32 (about 1% of the output's scale) flips near-tied
+greedy tokens.
+Threads split N (and M) into tiles. ``reference(x, w, activations=...)`` is each mode's arithmetic in jnp.
 """
 from __future__ import annotations
 
@@ -24,6 +31,7 @@ from kernels.llm.w4a16 import QuantizedWeight
 from kernels.space import Knob, SearchSpace
 
 FORMATS = ("q4_0", "q4_1", "q8_0")
+ACTIVATIONS = ("f32", "q8")  # the FFI attribute is the index
 FORMAT_IDS = {"q4_0": 0, "q4_1": 1, "q8_0": 2}
 BLOCK_BYTES = {"q4_0": 18, "q4_1": 20, "q8_0": 34}
 BLOCK = 32
@@ -134,9 +142,13 @@ def quantize_activations(x: jax.Array):
     return q, d.astype(jnp.float16).astype(jnp.float32), s.astype(jnp.float16).astype(jnp.float32)
 
 
-def reference(x: jax.Array, w: BlockWeight) -> jax.Array:
-    """x (..., K) @ W (K, N) with the kernel's arithmetic: 8-bit activations, exact per-block integer
-    dot products, f32 scales: sum_b d_w d_x (q_w . q_x) [+ m_w s_x]."""
+def reference(x: jax.Array, w: BlockWeight, *, activations: str = "f32") -> jax.Array:
+    """x (..., K) @ W (K, N) in each mode's arithmetic. ``f32``: the dequantized weight times x, f32
+    products and sums (what the xla path computes, up to the order of its sums). ``q8``: 8-bit
+    activations, exact per-block integer dot products, f32 scales: sum_b d_w d_x (q_w . q_x) [+ m_w s_x]."""
+    if activations == "f32":
+        return jnp.dot(x.astype(jnp.float32), dequantize(w), preferred_element_type=jnp.float32,
+                       precision=jax.lax.Precision.HIGHEST)
     qx, dx, sx = quantize_activations(x)
     qw, dw, mw = _fields(w)
     sumi = jnp.einsum("...bi,nbi->...nb", qx, qw, preferred_element_type=jnp.int32).astype(jnp.float32)
@@ -144,11 +156,6 @@ def reference(x: jax.Array, w: BlockWeight) -> jax.Array:
     if mw is not None:
         out = out + jnp.sum(mw * sx[..., None, :], axis=-1)
     return out
-
-
-def dense_reference(x: jax.Array, w: BlockWeight) -> jax.Array:
-    """x @ W in f32 without quantizing x: what the kernel approximates (about 1% relative error)."""
-    return jnp.dot(x.astype(jnp.float32), dequantize(w), preferred_element_type=jnp.float32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,7 +172,10 @@ class Config:
     tile one thread takes at a time; order: within a tile, weight rows outer (``n_outer``: a
     weight panel stays in L1 while the rows of activations pass) or activation rows outer;
     unroll: independent accumulators over K (1 or 2), to hide the multiply-add latency;
-    prefetch: how far ahead of the weight stream (bytes) to prefetch; 0 leaves it to the hardware."""
+    prefetch: how far ahead of the weight stream (bytes) to prefetch; 0 leaves it to the hardware;
+    activations: ``f32`` (exact) or ``q8`` (llama.cpp's 8-bit blocks), see the module docstring. It is
+    part of the problem (``problem_key``): the two modes are tuned apart, and a caller's choice of
+    mode (a correctness choice) is never overridden by a faster tuned entry of the other."""
 
     isa: str = "scalar"
     threads: int = 1
@@ -176,10 +186,13 @@ class Config:
     order: str = "n_outer"
     unroll: int = 1
     prefetch: int = 1024
+    activations: str = "f32"
 
     def __post_init__(self):
         if self.isa not in build.ISAS:
             raise ValueError(f"isa={self.isa!r} is not one of {build.ISAS}")
+        if self.activations not in ACTIVATIONS:
+            raise ValueError(f"activations={self.activations!r} is not one of {ACTIVATIONS}")
         if self.order not in ORDERS:
             raise ValueError(f"order={self.order!r} is not one of {ORDERS}")
         for name in ("block_m", "block_n"):
@@ -201,19 +214,22 @@ def attrs(cfg: Config) -> dict:
     """The FFI attributes of a Config (one compiled library serves every config)."""
     return {"block_m": np.int64(cfg.block_m), "block_n": np.int64(cfg.block_n), "tile_m": np.int64(cfg.tile_m),
             "tile_n": np.int64(cfg.tile_n), "order": np.int64(ORDERS.index(cfg.order)),
-            "unroll": np.int64(cfg.unroll), "threads": np.int64(cfg.threads), "prefetch": np.int64(cfg.prefetch)}
+            "unroll": np.int64(cfg.unroll), "threads": np.int64(cfg.threads), "prefetch": np.int64(cfg.prefetch),
+            "activations": np.int64(ACTIVATIONS.index(cfg.activations))}
 
 
-def heuristic_config(m: int, n: int, threads: int | None = None, isa: str | None = None) -> Config:
+def heuristic_config(m: int, n: int, threads: int | None = None, isa: str | None = None,
+                     activations: str = "f32") -> Config:
     threads = threads or build.default_threads()
     # >= 8 tiles per thread so a late thread (a shared machine) does not leave the others waiting
     tile_n = common.largest_pow2_divisor(1 << 20, max(4, min(256, n // (8 * threads))))
     return Config(isa=isa or build.best_isa(), threads=threads, block_m=4 if m >= 4 else 1, block_n=4 if m > 1 else 1,
-                  tile_m=64 if m > 1 else 1, tile_n=tile_n, order="n_outer", unroll=2 if m == 1 else 1)
+                  tile_m=64 if m > 1 else 1, tile_n=tile_n, order="n_outer", unroll=2 if m == 1 else 1,
+                  activations=activations)
 
 
-def problem_key(m: int, n: int, k: int, fmt: str) -> dict:
-    return {"m": m, "n": n, "k": k, "format": fmt, "cpu": build.cpu_name()}
+def problem_key(m: int, n: int, k: int, fmt: str, activations: str = "f32") -> dict:
+    return {"m": m, "n": n, "k": k, "format": fmt, "activations": activations, "cpu": build.cpu_name()}
 
 
 def _check(x: jax.Array, w: BlockWeight, what: str) -> tuple[int, int]:
@@ -244,29 +260,43 @@ def _call(x2: jax.Array, w: BlockWeight, up: BlockWeight | None, cfg: Config) ->
         up_format=np.int64(FORMAT_IDS[(up or w).format]), swiglu=np.int64(up is not None), **attrs(cfg))
 
 
-def quantized_matmul(x: jax.Array, w: BlockWeight, *, config: Config | None = None) -> jax.Array:
-    """x (..., K) f32 @ W (K, N) -> (..., N) f32 through the compiled kernel (8-bit activations)."""
+def _mode(config: Config | None, activations: str | None, what: str) -> str:
+    """The activation mode of a call: ``activations``, else the explicit config's, else ``f32``."""
+    if activations is not None and activations not in ACTIVATIONS:
+        raise ValueError(f"{what}: activations={activations!r} is not one of {ACTIVATIONS}")
+    if config is not None and activations is not None and config.activations != activations:
+        raise ValueError(f"{what}: activations={activations!r} but config.activations={config.activations!r}")
+    return activations or (config.activations if config is not None else "f32")
+
+
+def quantized_matmul(x: jax.Array, w: BlockWeight, *, activations: str | None = None,
+                     config: Config | None = None) -> jax.Array:
+    """x (..., K) f32 @ W (K, N) -> (..., N) f32 through the compiled kernel; ``activations``: ``f32``
+    (exact, the default) or ``q8`` (llama.cpp's 8-bit blocks)."""
     k, n = _check(x, w, "quantized_matmul")
+    mode = _mode(config, activations, "quantized_matmul")
     x2 = x.reshape(-1, k)
-    cfg = tuned.resolve("cpu_q4_gemv", problem_key(x2.shape[0], n, k, w.format), config, config_type=Config,
-                       heuristic=lambda: heuristic_config(x2.shape[0], n))
+    cfg = tuned.resolve("cpu_q4_gemv", problem_key(x2.shape[0], n, k, w.format, mode), config, config_type=Config,
+                       heuristic=lambda: heuristic_config(x2.shape[0], n, activations=mode))
     return _call(x2, w, None, cfg).reshape(*x.shape[:-1], n)
 
 
-def swiglu(x: jax.Array, w_gate: BlockWeight, w_up: BlockWeight, *, config: Config | None = None) -> jax.Array:
+def swiglu(x: jax.Array, w_gate: BlockWeight, w_up: BlockWeight, *, activations: str | None = None,
+           config: Config | None = None) -> jax.Array:
     """silu(x @ W_gate) * (x @ W_up) in one call: both weights stream through the same tile, so the
     (M, ffn) gate and up activations never reach memory."""
     k, n = _check(x, w_gate, "swiglu")
     if _check(x, w_up, "swiglu") != (k, n):
         raise ValueError(f"swiglu: gate {w_gate.shape} and up {w_up.shape} weights differ in shape")
+    mode = _mode(config, activations, "swiglu")
     x2 = x.reshape(-1, k)
-    cfg = tuned.resolve("cpu_swiglu", problem_key(x2.shape[0], n, k, w_gate.format), config, config_type=Config,
-                       heuristic=lambda: heuristic_config(x2.shape[0], n))
+    cfg = tuned.resolve("cpu_swiglu", problem_key(x2.shape[0], n, k, w_gate.format, mode), config,
+                       config_type=Config, heuristic=lambda: heuristic_config(x2.shape[0], n, activations=mode))
     return _call(x2, w_gate, w_up, cfg).reshape(*x.shape[:-1], n)
 
 
-def swiglu_reference(x: jax.Array, w_gate: BlockWeight, w_up: BlockWeight) -> jax.Array:
-    return jax.nn.silu(reference(x, w_gate)) * reference(x, w_up)
+def swiglu_reference(x: jax.Array, w_gate: BlockWeight, w_up: BlockWeight, *, activations: str = "f32") -> jax.Array:
+    return jax.nn.silu(reference(x, w_gate, activations=activations)) * reference(x, w_up, activations=activations)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,17 +304,17 @@ def swiglu_reference(x: jax.Array, w_gate: BlockWeight, w_up: BlockWeight) -> ja
 # ---------------------------------------------------------------------------------------------
 
 
-def linear(x: jax.Array, w) -> jax.Array:
+def linear(x: jax.Array, w, *, activations: str = "f32") -> jax.Array:
     """x @ W: packed weights through the kernel, dense ones (F16/BF16 checkpoints) through XLA."""
     if isinstance(w, BlockWeight):
-        return quantized_matmul(x, w).astype(x.dtype)
+        return quantized_matmul(x, w, activations=activations).astype(x.dtype)
     return w4a16.xla_matmul(x, w)
 
 
-def swiglu_op(x: jax.Array, w_gate, w_up) -> jax.Array:
+def swiglu_op(x: jax.Array, w_gate, w_up, *, activations: str = "f32") -> jax.Array:
     if isinstance(w_gate, BlockWeight) and isinstance(w_up, BlockWeight):
-        return swiglu(x, w_gate, w_up)
-    return jax.nn.silu(linear(x, w_gate)) * linear(x, w_up)
+        return swiglu(x, w_gate, w_up, activations=activations)
+    return jax.nn.silu(linear(x, w_gate, activations=activations)) * linear(x, w_up, activations=activations)
 
 
 def embedding_lookup(w, ids: jax.Array, dtype=jnp.float32) -> jax.Array:
@@ -305,22 +335,26 @@ def select_layer(layers: dict, i) -> dict:
 # Autotuning
 # ---------------------------------------------------------------------------------------------
 
-# SmolLM2-135M decode: the fused q/k/v projection, the MLP's down projection, the tied output.
+# SmolLM2-135M decode: the fused q/k/v projection, the MLP's down projection, the tied output (the
+# model's default, exact mode; ``1x960x576:q4_1:q8`` and so on tune the llama.cpp mode).
 DEFAULT_PROBLEMS = [problem_key(1, 960, 576, "q4_1"), problem_key(1, 576, 1536, "q4_1"),
                     problem_key(1, 49152, 576, "q8_0")]
 
 
 def parse_shape(text: str) -> dict:
-    """``MxNxK`` or ``MxNxK:FORMAT`` (q4_0, q4_1 (default) or q8_0), e.g. ``1x1536x576:q4_1``."""
-    head, _, fmt = text.partition(":")
-    fmt = fmt or "q4_1"
+    """``MxNxK[:FORMAT[:ACTIVATIONS]]``: a format among q4_0, q4_1 (default) and q8_0, activations f32
+    (default) or q8, e.g. ``1x1536x576:q4_1:q8``."""
+    head, _, rest = text.partition(":")
+    fmt, _, mode = rest.partition(":")
+    fmt, mode = fmt or "q4_1", mode or "f32"
     try:
         m, n, k = (int(v) for v in head.lower().split("x"))
     except ValueError:
-        raise ValueError(f"shape {text!r} is not MxNxK[:FORMAT], e.g. 1x1536x576:q4_1") from None
-    if fmt not in FORMATS or min(m, n, k) < 1 or k % BLOCK:
-        raise ValueError(f"shape {text!r}: need M, N, K >= 1, K a multiple of 32 and a format in {FORMATS}")
-    return problem_key(m, n, k, fmt)
+        raise ValueError(f"shape {text!r} is not MxNxK[:FORMAT[:ACTIVATIONS]], e.g. 1x1536x576:q4_1") from None
+    if fmt not in FORMATS or mode not in ACTIVATIONS or min(m, n, k) < 1 or k % BLOCK:
+        raise ValueError(f"shape {text!r}: need M, N, K >= 1, K a multiple of 32, a format in {FORMATS} "
+                         f"and activations in {ACTIVATIONS}")
+    return problem_key(m, n, k, fmt, mode)
 
 
 def random_weight(k: int, n: int, fmt: str, seed: int = 0) -> BlockWeight:
@@ -329,9 +363,10 @@ def random_weight(k: int, n: int, fmt: str, seed: int = 0) -> BlockWeight:
     return jax.device_put(cpu_layout(q))
 
 
-def config_knobs(m: int, n: int) -> list[Knob]:
+def config_knobs(m: int, n: int, activations: str = "f32") -> list[Knob]:
     threads = build.default_threads()
     return [
+        Knob("activations", (activations,)),  # fixed by the problem: see Config
         Knob("isa", build.supported_isas()),
         Knob("threads", tuple(t for t in (1, 2, 4, 8, 16, 32) if t <= threads) or (1,)),
         Knob("block_m", (1, 2, 4) if m > 1 else (1,)),
@@ -346,6 +381,8 @@ def config_knobs(m: int, n: int) -> list[Knob]:
 
 def search_space(problem: dict, *, kernel: str = "cpu_q4_gemv") -> SearchSpace:
     m, n, k, fmt = problem["m"], problem["n"], problem["k"], problem["format"]
+    mode = problem.get("activations", "f32")
+    default = heuristic_config(m, n, activations=mode).params()
     op = quantized_matmul if kernel == "cpu_q4_gemv" else swiglu
 
     def make_inputs(seed):  # the measurement rotates sets past the last-level cache, as a decode step streams
@@ -356,6 +393,6 @@ def search_space(problem: dict, *, kernel: str = "cpu_q4_gemv") -> SearchSpace:
     def fn(cfg: Config):
         return functools.partial(op, config=cfg)
 
-    return SearchSpace(kernel=kernel, problem=problem, knobs=tuple(config_knobs(m, n)),
-                       violations=lambda p: [], to_config=lambda p: Config(**{**heuristic_config(m, n).params(), **p}),
-                       fn=fn, make_inputs=make_inputs, default=heuristic_config(m, n).params())
+    return SearchSpace(kernel=kernel, problem=problem, knobs=tuple(config_knobs(m, n, mode)),
+                       violations=lambda p: [], to_config=lambda p: Config(**{**default, **p}),
+                       fn=fn, make_inputs=make_inputs, default=default)

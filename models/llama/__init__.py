@@ -1,5 +1,6 @@
 """LLaMA-architecture decoders in JAX: GGUF / safetensors loading, tokenizer, KV-cache generation,
-and three execution paths (``xla`` references, ``pallas`` fused kernels, ``cpu`` compiled kernels)."""
+and the execution paths of ``models.llama.forward`` (``xla`` references, ``pallas`` fused kernels,
+``cpu`` / ``cpu-q8`` compiled CPU kernels)."""
 from __future__ import annotations
 
 import dataclasses
@@ -38,7 +39,7 @@ def load(path: str | pathlib.Path | None = None, *, dtype=jnp.float32, execution
         cfg, params = load_safetensors(path, dtype=dtype)
         tok = tokenizer if tokenizer is not None else tokenizers.from_hf_folder(path)
     else:
-        m = gguf_loader.load_gguf(path, dtype=dtype, blocks=execution == "cpu")
+        m = gguf_loader.load_gguf(path, dtype=dtype, blocks=execution in forward.CPU_PATHS)
         tok = tokenizer if tokenizer is not None else tokenizers.from_gguf_metadata(m.metadata)
         cfg, params = m.config, m.params
     if mesh is not None:

@@ -11,7 +11,7 @@ import os
 import pathlib
 import sys
 
-PATH_CHOICES = ("auto", "xla", "pallas", "cpu")
+PATH_CHOICES = ("auto", "xla", "pallas", "cpu", "cpu-q8")
 CONFIGS = ("llama2-7b", "llama2-13b", "llama2-70b")  # published configs for ``plan --config``
 
 
@@ -34,7 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0, help="1 = off")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--path", choices=PATH_CHOICES, default="auto",
-                   help="xla: jnp reference ops; pallas: fused Pallas kernels; cpu: compiled CPU kernels; "
+                   help="xla: jnp reference ops; pallas: fused Pallas kernels; cpu: compiled CPU kernels, f32 "
+                        "activations (the xla path's tokens); cpu-q8: the same kernels with activations quantized "
+                        "to 8 bits per block as llama.cpp does (faster prefill; near-tied tokens may differ); "
                         "auto (default): cpu on a CPU where its kernels build, else xla")
     g.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     g.add_argument("--no-chat", action="store_true", help="use the prompt as raw text, not a chat turn")
@@ -124,27 +126,27 @@ def _check(args) -> None:
 
 
 def choose_path(requested: str, dtype: str, sharded: bool = False) -> tuple[str, str | None]:
-    """(execution path, warning or None). ``auto``: the compiled kernels on a CPU where they build
-    and the dtype is float32 and the run is not sharded, else xla; ``cpu`` where they cannot run
-    falls back to xla, with a warning."""
+    """(execution path, warning or None). ``auto``: the compiled kernels (``cpu``, exact) on a CPU
+    where they build and the dtype is float32 and the run is not sharded, else xla; ``cpu`` or
+    ``cpu-q8`` where they cannot run falls back to xla, with a warning."""
     from kernels import platform
 
     if requested in ("xla", "pallas"):
         return requested, None
-    if requested == "cpu" and sharded:
+    if requested != "auto" and sharded:
         from models.llama import sharding
 
-        sharding.check_path("cpu")
+        sharding.check_path(requested)
     if requested == "auto" and (platform.backend() == "gpu" or dtype != "float32" or sharded):
         return "xla", None
-    if requested == "cpu" and dtype != "float32":
-        raise ValueError("--path cpu runs in float32; drop --dtype bfloat16 or choose --path xla")
+    if requested != "auto" and dtype != "float32":
+        raise ValueError(f"--path {requested} runs in float32; drop --dtype bfloat16 or choose --path xla")
     from kernels.cpu import build
 
     reason = build.availability()
     if reason is not None:
         return "xla", f"warning: the compiled CPU kernels are unavailable ({reason}); using the xla path"
-    return "cpu", None
+    return ("cpu" if requested == "auto" else requested), None
 
 
 def enable_compilation_cache() -> None:

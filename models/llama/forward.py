@@ -2,8 +2,11 @@
 
 ``xla``: the kernels' plain-jnp references (what XLA fuses on its own; the correctness baseline);
 ``pallas``: the fused Pallas kernels of ``kernels.llm``;
-``cpu``: the compiled C++ kernels of ``kernels.cpu`` (8-bit-activation integer dot products), called
-through XLA's FFI from inside the same jitted step.
+``cpu``: the compiled C++ kernels of ``kernels.cpu``, called through XLA's FFI from inside the same
+jitted step, with f32 activations: the xla path's arithmetic up to the order of f32 sums (so the
+same greedy tokens);
+``cpu-q8``: the same kernels with activations quantized to 8 bits per block as llama.cpp does
+(integer block dot products: faster prefill, not exact).
 
 The ops are the fused units of a layer: RMSNorm runs as the prologue of the product it feeds
 (``norm_linear``, ``norm_swiglu``), the residual add as the epilogue of ``wo`` and ``w_down``
@@ -48,7 +51,8 @@ from kernels.llm.rope import Rotary
 from models.llama.config import LlamaConfig
 from models.llama.params import split_qkv, stack_layers
 
-PATHS = ("xla", "pallas", "cpu")
+PATHS = ("xla", "pallas", "cpu", "cpu-q8")
+CPU_PATHS = ("cpu", "cpu-q8")  # the compiled kernels' paths: llama.cpp's row-block weight layout
 
 
 def _jnp_prefill_attention(attention: Callable):
@@ -158,11 +162,12 @@ def _pallas_ops() -> Ops:
                _jnp_prefill_attention(flash_attention.flash_attention), _pallas_decode_attention)
 
 
-def _cpu_ops() -> Ops:
+def _cpu_ops(activations: str) -> Ops:
     from kernels.cpu import attention, qmatmul
     from kernels.cpu import rmsnorm as cpu_rmsnorm
 
-    return composed(cpu_rmsnorm.rmsnorm, qmatmul.linear, qmatmul.swiglu_op,
+    return composed(cpu_rmsnorm.rmsnorm, functools.partial(qmatmul.linear, activations=activations),
+                    functools.partial(qmatmul.swiglu_op, activations=activations),
                     prefill_attention=attention.prefill_attention, decode_attention=attention.decode_attention,
                     embedding=qmatmul.embedding_lookup, layout=qmatmul.cpu_layout, select_layer=qmatmul.select_layer)
 
@@ -172,7 +177,8 @@ OPS = {
                             prefill_attention=_jnp_prefill_attention(flash_attention.reference),
                             decode_attention=_jnp_decode_attention(decode_attention.reference)),
     "pallas": _pallas_ops,
-    "cpu": _cpu_ops,
+    "cpu": lambda: _cpu_ops("f32"),
+    "cpu-q8": lambda: _cpu_ops("q8"),
 }
 
 
@@ -196,7 +202,7 @@ def lay_out(params: dict, cfg: LlamaConfig, path: str = "xla") -> dict:
     """``prepare`` without the placement: host arrays stay on the host (``models.llama.sharding``
     places them across a mesh instead)."""
     ops = ops_for(path)
-    if path != "cpu" and any(type(leaf).__name__ == "BlockWeight" for leaf in jax.tree.leaves(
+    if path not in CPU_PATHS and any(type(leaf).__name__ == "BlockWeight" for leaf in jax.tree.leaves(
             params, is_leaf=lambda x: type(x).__name__ == "BlockWeight")):
         raise ValueError(f"these weights are laid out for the cpu path; load the model again for path {path!r}")
     layers = params["layers"]

@@ -124,8 +124,8 @@ def check_layout(cfg: LlamaConfig, layout: Layout, *, group: int | None = None) 
 
 def check_path(path: str) -> None:
     """The execution paths that run sharded: ``xla`` and ``pallas``."""
-    if path == "cpu":
-        raise ValueError("the cpu path's compiled kernels run unsharded on the host (host devices of a sharded "
+    if path in forward.CPU_PATHS:
+        raise ValueError(f"the {path} path's compiled kernels run unsharded on the host (host devices of a sharded "
                          "run share the same cores); drop --devices or choose --path xla or pallas")
 
 

@@ -1,7 +1,8 @@
 // TinyPallas CPU kernels for LLaMA decode and prefill, called from jitted JAX programs through XLA's
 // FFI (custom calls on the host). Built per ISA by kernels/cpu/build.py: -DTP_ISA_SCALAR, _AVX2,
-// _AVX512VNNI or _NEON selects the integer dot-product body in qdot.h. Every knob of a kernel's
-// Config arrives as an FFI attribute, so one library serves every config the autotuner tries.
+// _AVX512VNNI or _NEON selects the integer dot-product body in qdot.h and the f32 one in fdot.h.
+// Every knob of a kernel's Config arrives as an FFI attribute, so one library serves every config
+// the autotuner tries.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -10,6 +11,7 @@
 #include <vector>
 
 #include "pool.h"
+#include "fdot.h"
 #include "qdot.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -24,11 +26,24 @@ template <class T> T* scratch(std::vector<T>& v, size_t n) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Quantized matmul: out (M, N) = x (M, K) @ W^T, W stored as N rows of K/32 blocks.
+// Quantized matmul: out (M, N) = x (M, K) @ W^T, W stored as N rows of K/32 blocks. Two activation
+// modes: q8 (x quantized to 8 bits per block, integer block dots: llama.cpp's arithmetic, qdot.h)
+// and f32 (x as it is, weights decoded to f32 in registers: the xla path's arithmetic, fdot.h).
 // ---------------------------------------------------------------------------------------------
 
+enum Activations : int { kActF32 = 0, kActQ8 = 1 };  // qmatmul.ACTIVATIONS order
+
+// f32 activations: the rows, and each 32-block's sum (the m term of Q4_0 / Q4_1 blocks).
+struct FloatRows {
+  const float* x = nullptr;
+  int64_t m = 0, k = 0;
+  float* sums = nullptr;  // (M, K/32)
+  int64_t blocks() const { return k / 32; }
+};
+
 struct GemmShape {
-  const QuantizedRows* x;
+  const QuantizedRows* xq;  // the activations of the q8 mode
+  const FloatRows* xf;      // ... and of the f32 mode
   const uint8_t* w;
   int64_t row_bytes;  // K/32 * block bytes
   int64_t prefetch;   // software prefetch distance ahead of the weight stream, bytes (0: off)
@@ -40,8 +55,8 @@ using MicroFn = void (*)(const GemmShape&, int64_t m0, int64_t n0, float* out, i
 // multiplied with BM activation blocks (register blocking); U independent accumulator sets break
 // the floating-point dependency chain (unrolling K by U blocks).
 template <int F, int BM, int BN, int U>
-void micro(const GemmShape& g, int64_t m0, int64_t n0, float* out, int64_t ldo) {
-  const QuantizedRows& x = *g.x;
+void q8_micro(const GemmShape& g, int64_t m0, int64_t n0, float* out, int64_t ldo) {
+  const QuantizedRows& x = *g.xq;
   const int64_t nb = x.blocks();
   FLanes acc[U][BM][BN];
   float mins[BM][BN];
@@ -90,55 +105,160 @@ void micro(const GemmShape& g, int64_t m0, int64_t n0, float* out, int64_t ldo) 
     }
 }
 
+// The f32 mode's block of outputs, same blocking: per block, d * (q . x) accumulates in f32 lanes
+// and m * (the block's sum of x) in a scalar (see fdot.h).
+template <int F, int BM, int BN, int U>
+void f32_micro(const GemmShape& g, int64_t m0, int64_t n0, float* out, int64_t ldo) {
+  const FloatRows& x = *g.xf;
+  const int64_t nb = x.blocks();
+  FVec acc[U][BM][BN];
+  float mins[BM][BN];
+  for (int u = 0; u < U; ++u)
+    for (int i = 0; i < BM; ++i)
+      for (int j = 0; j < BN; ++j) acc[u][i][j] = fv_zero();
+  for (int i = 0; i < BM; ++i)
+    for (int j = 0; j < BN; ++j) mins[i][j] = 0.0f;
+  const uint8_t* wr[BN];
+  for (int j = 0; j < BN; ++j) wr[j] = g.w + (n0 + j) * g.row_bytes;
+  constexpr int kBytes = FormatInfo<F>::bytes;
+
+  auto step = [&](int64_t b, FVec (&a)[BM][BN]) {
+    FVec q[BN][kBlockVecs];
+    float dw[BN], mw[BN];
+    for (int j = 0; j < BN; ++j) {
+      const uint8_t* blk = wr[j] + b * kBytes;
+      __builtin_prefetch(blk + g.prefetch);  // as in q8_micro
+      decode_block<F>(blk, q[j]);
+      block_scales<F>(blk, &dw[j], &mw[j]);
+    }
+    for (int i = 0; i < BM; ++i) {
+      const int64_t row = m0 + i;
+      const float* xr = x.x + row * x.k + b * 32;
+      const float sx = x.sums[row * nb + b];
+      for (int j = 0; j < BN; ++j) {
+        a[i][j] = fv_fma(block_fdot(q[j], xr), fv_set1(dw[j]), a[i][j]);
+        if constexpr (F != Q8_0) mins[i][j] += mw[j] * sx;
+      }
+    }
+  };
+
+  int64_t b = 0;
+  for (; b + U <= nb; b += U)
+    for (int u = 0; u < U; ++u) step(b + u, acc[u]);
+  for (; b < nb; ++b) step(b, acc[0]);
+  for (int i = 0; i < BM; ++i)
+    for (int j = 0; j < BN; ++j) {
+      float total = 0.0f;
+      for (int u = 0; u < U; ++u) total += fv_sum(acc[u][i][j]);
+      out[i * ldo + j] = total + mins[i][j];
+    }
+}
+
+template <int A, int F, int BM, int BN, int U>
+void micro(const GemmShape& g, int64_t m0, int64_t n0, float* out, int64_t ldo) {
+  if constexpr (A == kActQ8) q8_micro<F, BM, BN, U>(g, m0, n0, out, ldo);
+  else f32_micro<F, BM, BN, U>(g, m0, n0, out, ldo);
+}
+
 constexpr int kSizes[] = {1, 2, 4};
 inline int size_index(int v) { return v >= 4 ? 2 : v >= 2 ? 1 : 0; }
 
-template <int F, int BM, int BN> MicroFn pick_u(int unroll) {
-  return unroll >= 2 ? &micro<F, BM, BN, 2> : &micro<F, BM, BN, 1>;
+template <int A, int F, int BM, int BN> MicroFn pick_u(int unroll) {
+  return unroll >= 2 ? &micro<A, F, BM, BN, 2> : &micro<A, F, BM, BN, 1>;
 }
-template <int F, int BM> MicroFn pick_bn(int bn, int unroll) {
+template <int A, int F, int BM> MicroFn pick_bn(int bn, int unroll) {
   switch (size_index(bn)) {
-    case 2: return pick_u<F, BM, 4>(unroll);
-    case 1: return pick_u<F, BM, 2>(unroll);
-    default: return pick_u<F, BM, 1>(unroll);
+    case 2: return pick_u<A, F, BM, 4>(unroll);
+    case 1: return pick_u<A, F, BM, 2>(unroll);
+    default: return pick_u<A, F, BM, 1>(unroll);
   }
 }
-template <int F> MicroFn pick_bm(int bm, int bn, int unroll) {
+template <int A, int F> MicroFn pick_bm(int bm, int bn, int unroll) {
   switch (size_index(bm)) {
-    case 2: return pick_bn<F, 4>(bn, unroll);
-    case 1: return pick_bn<F, 2>(bn, unroll);
-    default: return pick_bn<F, 1>(bn, unroll);
+    case 2: return pick_bn<A, F, 4>(bn, unroll);
+    case 1: return pick_bn<A, F, 2>(bn, unroll);
+    default: return pick_bn<A, F, 1>(bn, unroll);
   }
 }
-inline MicroFn pick_micro(int format, int bm, int bn, int unroll) {
+template <int A> MicroFn pick_format(int format, int bm, int bn, int unroll) {
   switch (format) {
-    case Q4_0: return pick_bm<Q4_0>(bm, bn, unroll);
-    case Q4_1: return pick_bm<Q4_1>(bm, bn, unroll);
-    default: return pick_bm<Q8_0>(bm, bn, unroll);
+    case Q4_0: return pick_bm<A, Q4_0>(bm, bn, unroll);
+    case Q4_1: return pick_bm<A, Q4_1>(bm, bn, unroll);
+    default: return pick_bm<A, Q8_0>(bm, bn, unroll);
   }
+}
+inline MicroFn pick_micro(int activations, int format, int bm, int bn, int unroll) {
+  return activations == kActF32 ? pick_format<kActF32>(format, bm, bn, unroll)
+                                : pick_format<kActQ8>(format, bm, bn, unroll);
 }
 
 struct GemmConfig {
-  int block_m, block_n, tile_m, tile_n, order, unroll, threads, prefetch;
+  int block_m, block_n, tile_m, tile_n, order, unroll, threads, prefetch, activations;
 };
 
-// One (tile_m x tile_n) tile of outputs. order 0: weight rows outer (each BN-row weight panel stays
-// in L1 while the tile's activation rows pass over it); order 1: activation rows outer.
-inline void gemm_tile(int format, const GemmConfig& c, const GemmShape& g, int64_t m0, int64_t m1, int64_t n0,
-                      int64_t n1, float* out, int64_t ldo) {
-  const int bm = kSizes[size_index(c.block_m)], bn = kSizes[size_index(c.block_n)];
-  const MicroFn full = pick_micro(format, bm, bn, c.unroll);
-  auto block = [&](int64_t m, int64_t n) {
-    const int rm = (int)std::min<int64_t>(bm, m1 - m), rn = (int)std::min<int64_t>(bn, n1 - n);
-    float* o = out + (m - m0) * ldo + (n - n0);
-    if (rm == bm && rn == bn) {
-      full(g, m, n, o, ldo);
-    } else {  // tails: one row/column at a time
-      const MicroFn one = pick_micro(format, 1, 1, c.unroll);
-      for (int i = 0; i < rm; ++i)
-        for (int j = 0; j < rn; ++j) one(g, m + i, n + j, o + i * ldo + j, ldo);
+// Tiles of at least this many activation rows (prefill) run the f32 mode as a dense product: the
+// tile's weight rows are dequantized once into an f32 panel, which every row then reuses.
+constexpr int64_t kPanelRows = 4;
+
+// Weight rows [n0, n1) dequantized to f32, (n1 - n0, K) row-major: w = fma(q, d, m), the xla path's
+// dequantized value exactly (fdot.h).
+template <int F> void dequantize_rows(const GemmShape& g, int64_t n0, int64_t n1, int64_t k, float* panel) {
+  constexpr int kBytes = FormatInfo<F>::bytes;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = g.w + n * g.row_bytes;
+    float* dst = panel + (n - n0) * k;
+    for (int64_t b = 0; b < k / 32; ++b) {
+      const uint8_t* blk = row + b * kBytes;
+      FVec q[kBlockVecs];
+      float d, m;
+      decode_block<F>(blk, q);
+      block_scales<F>(blk, &d, &m);
+      const FVec dv = fv_set1(d), mv = fv_set1(m);
+      for (int r = 0; r < kBlockVecs; ++r) fv_store(dst + b * 32 + r * kFLanes, fv_fma(q[r], dv, mv));
     }
-  };
+  }
+}
+
+// out[i][j] = x[m0 + i] . panel[j] for a BM x BN block: BM + BN vector loads feed BM * BN fmas.
+template <int BM, int BN>
+void dense_micro(const float* x, const float* panel, int64_t k, float* out, int64_t ldo) {
+  FVec acc[BM][BN];
+  for (int i = 0; i < BM; ++i)
+    for (int j = 0; j < BN; ++j) acc[i][j] = fv_zero();
+  for (int64_t e = 0; e < k; e += kFLanes) {
+    FVec w[BN];
+    for (int j = 0; j < BN; ++j) w[j] = fv_load(panel + j * k + e);
+    for (int i = 0; i < BM; ++i) {
+      const FVec xv = fv_load(x + i * k + e);
+      for (int j = 0; j < BN; ++j) acc[i][j] = fv_fma(xv, w[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < BM; ++i)
+    for (int j = 0; j < BN; ++j) out[i * ldo + j] = fv_sum(acc[i][j]);
+}
+
+using DenseFn = void (*)(const float*, const float*, int64_t, float*, int64_t);
+
+template <int BM> DenseFn pick_dense_bn(int bn) {
+  switch (size_index(bn)) {
+    case 2: return &dense_micro<BM, 4>;
+    case 1: return &dense_micro<BM, 2>;
+    default: return &dense_micro<BM, 1>;
+  }
+}
+inline DenseFn pick_dense(int bm, int bn) {
+  switch (size_index(bm)) {
+    case 2: return pick_dense_bn<4>(bn);
+    case 1: return pick_dense_bn<2>(bn);
+    default: return pick_dense_bn<1>(bn);
+  }
+}
+
+// Visit the BM x BN blocks of a tile in the config's order. order 0: weight rows outer (each BN-row
+// weight panel stays in L1 while the tile's activation rows pass over it); order 1: activation rows outer.
+template <class Block>
+inline void for_blocks(const GemmConfig& c, int bm, int bn, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
+                       const Block& block) {
   if (c.order == 0) {
     for (int64_t n = n0; n < n1; n += bn)
       for (int64_t m = m0; m < m1; m += bm) block(m, n);
@@ -146,6 +266,55 @@ inline void gemm_tile(int format, const GemmConfig& c, const GemmShape& g, int64
     for (int64_t m = m0; m < m1; m += bm)
       for (int64_t n = n0; n < n1; n += bn) block(m, n);
   }
+}
+
+thread_local std::vector<float> t_panel;
+
+inline void f32_panel_tile(int format, const GemmConfig& c, const GemmShape& g, int64_t m0, int64_t m1, int64_t n0,
+                           int64_t n1, float* out, int64_t ldo) {
+  const int64_t k = g.xf->k;
+  float* panel = scratch(t_panel, (size_t)((n1 - n0) * k));
+  switch (format) {
+    case Q4_0: dequantize_rows<Q4_0>(g, n0, n1, k, panel); break;
+    case Q4_1: dequantize_rows<Q4_1>(g, n0, n1, k, panel); break;
+    default: dequantize_rows<Q8_0>(g, n0, n1, k, panel); break;
+  }
+  const int bm = kSizes[size_index(c.block_m)], bn = kSizes[size_index(c.block_n)];
+  const DenseFn full = pick_dense(bm, bn), one = &dense_micro<1, 1>;
+  const float* x = g.xf->x;
+  for_blocks(c, bm, bn, m0, m1, n0, n1, [&](int64_t m, int64_t n) {
+    const int rm = (int)std::min<int64_t>(bm, m1 - m), rn = (int)std::min<int64_t>(bn, n1 - n);
+    float* o = out + (m - m0) * ldo + (n - n0);
+    const float* p = panel + (n - n0) * k;
+    if (rm == bm && rn == bn) {
+      full(x + m * k, p, k, o, ldo);
+    } else {  // tails: one row/column at a time
+      for (int i = 0; i < rm; ++i)
+        for (int j = 0; j < rn; ++j) one(x + (m + i) * k, p + j * k, k, o + i * ldo + j, ldo);
+    }
+  });
+}
+
+// One (tile_m x tile_n) tile of outputs.
+inline void gemm_tile(int format, const GemmConfig& c, const GemmShape& g, int64_t m0, int64_t m1, int64_t n0,
+                      int64_t n1, float* out, int64_t ldo) {
+  if (c.activations == kActF32 && m1 - m0 >= kPanelRows) {
+    f32_panel_tile(format, c, g, m0, m1, n0, n1, out, ldo);
+    return;
+  }
+  const int bm = kSizes[size_index(c.block_m)], bn = kSizes[size_index(c.block_n)];
+  const MicroFn full = pick_micro(c.activations, format, bm, bn, c.unroll);
+  const MicroFn one = pick_micro(c.activations, format, 1, 1, c.unroll);
+  for_blocks(c, bm, bn, m0, m1, n0, n1, [&](int64_t m, int64_t n) {
+    const int rm = (int)std::min<int64_t>(bm, m1 - m), rn = (int)std::min<int64_t>(bn, n1 - n);
+    float* o = out + (m - m0) * ldo + (n - n0);
+    if (rm == bm && rn == bn) {
+      full(g, m, n, o, ldo);
+    } else {  // tails: one row/column at a time
+      for (int i = 0; i < rm; ++i)
+        for (int j = 0; j < rn; ++j) one(g, m + i, n + j, o + i * ldo + j, ldo);
+    }
+  });
 }
 
 thread_local std::vector<int8_t> t_xq;
@@ -167,12 +336,29 @@ inline QuantizedRows quantize_rows(const float* x, int64_t m, int64_t k, int thr
   return q;
 }
 
+inline FloatRows float_rows(const float* x, int64_t m, int64_t k) {
+  FloatRows f;
+  f.x = x;
+  f.m = m;
+  f.k = k;
+  f.sums = scratch(t_xs, (size_t)(m * k / 32));
+  for (int64_t i = 0; i < m * k / 32; ++i) {
+    FVec s = fv_load(x + i * 32);
+    for (int r = 1; r < kBlockVecs; ++r) s = fv_add(s, fv_load(x + i * 32 + r * kFLanes));
+    f.sums[i] = fv_sum(s);
+  }
+  return f;
+}
+
 // out (M, N): the plain product, or with `up` given, silu(x W_gate^T) * (x W_up^T) (SwiGLU).
 void qmatmul(const float* x, int64_t m, int64_t k, const uint8_t* w, int format, const uint8_t* up, int up_format,
              int64_t n, float* out, const GemmConfig& c) {
-  const QuantizedRows xq = quantize_rows(x, m, k, c.threads);
-  const GemmShape gw{&xq, w, k / 32 * block_bytes(format), c.prefetch};
-  const GemmShape gu{&xq, up, k / 32 * block_bytes(up_format), c.prefetch};
+  QuantizedRows xq;
+  FloatRows xf;
+  if (c.activations == kActF32) xf = float_rows(x, m, k);
+  else xq = quantize_rows(x, m, k, c.threads);
+  const GemmShape gw{&xq, &xf, w, k / 32 * block_bytes(format), c.prefetch};
+  const GemmShape gu{&xq, &xf, up, k / 32 * block_bytes(up_format), c.prefetch};
   const int64_t tm = std::max<int64_t>(1, c.tile_m), tn = std::max<int64_t>(1, c.tile_n);
   const int64_t m_tiles = (m + tm - 1) / tm, n_tiles = (n + tn - 1) / tn;
   parallel_for(c.threads, m_tiles * n_tiles, [&](int64_t t) {
@@ -512,7 +698,8 @@ static const uint8_t* layer_rows(ffi::Buffer<ffi::U8>& w, int64_t layer, int64_t
 static ffi::Error QMatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w, ffi::Buffer<ffi::U8> up,
                               ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> out, int64_t format,
                               int64_t up_format, int64_t swiglu, int64_t block_m, int64_t block_n, int64_t tile_m,
-                              int64_t tile_n, int64_t order, int64_t unroll, int64_t threads, int64_t prefetch) {
+                              int64_t tile_n, int64_t order, int64_t unroll, int64_t threads, int64_t prefetch,
+                              int64_t activations) {
   auto xd = x.dimensions();
   if (xd.size() != 2 || xd[1] % 32) return bad("qmatmul: x (M, K) with K % 32 == 0");
   const int64_t m = xd[0], k = xd[1], li = layer.typed_data()[0];
@@ -526,7 +713,8 @@ static ffi::Error QMatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w, f
   if (out->dimensions().size() != 2 || out->dimensions()[0] != m || out->dimensions()[1] != n)
     return bad("qmatmul: output shape");
   tp::GemmConfig c{(int)block_m, (int)block_n, (int)tile_m, (int)tile_n, (int)order, (int)unroll,
-                   (int)std::max<int64_t>(1, threads), (int)std::max<int64_t>(0, prefetch)};
+                   (int)std::max<int64_t>(1, threads), (int)std::max<int64_t>(0, prefetch),
+                   activations == tp::kActF32 ? tp::kActF32 : tp::kActQ8};
   tp::qmatmul(x.typed_data(), m, k, wp, (int)format, up_p, (int)up_format, n, out->typed_data(), c);
   return ffi::Error::Success();
 }
@@ -548,7 +736,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(TpQMatmul, QMatmulImpl,
                                   .Attr<int64_t>("order")
                                   .Attr<int64_t>("unroll")
                                   .Attr<int64_t>("threads")
-                                  .Attr<int64_t>("prefetch"));
+                                  .Attr<int64_t>("prefetch")
+                                  .Attr<int64_t>("activations"));
 
 static ffi::Error RmsnormImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> residual, ffi::Buffer<ffi::F32> weight,
                               ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> h, float eps,

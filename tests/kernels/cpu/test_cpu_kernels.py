@@ -1,8 +1,11 @@
 """The compiled CPU kernels against their jnp references, on every ISA body this machine runs.
 
 The scalar and AVX2 bodies are forced through ``Config.isa`` on a machine that also runs AVX-512,
-so each body is checked here, not only the fastest. Tolerances: the quantized matmul's per-block
-dot products are exact integers in the kernel and in the reference, so only the f32 sums of scaled
+so each body is checked here, not only the fastest. Tolerances: in the quantized matmul's f32 mode
+every product d * q * x is the xla path's and only the order of f32 sums differs, so each output is
+within 2e-6 of sum_k |x_k| |W_kn| (about 16 f32 roundings of the largest possible partial sum; 1e-7
+is measured) of the exact (float64) product and of the xla path's; in the q8 mode the per-block dot
+products are exact integers in the kernel and in the reference, so only the f32 sums of scaled
 blocks differ in order (1e-5 relative to the output's scale); attention and RMSNorm are f32 with
 reordered sums (2e-5 absolute on O(1) values).
 """
@@ -32,24 +35,61 @@ def _shared_kernel_builds(monkeypatch):
     monkeypatch.setenv("TINYPALLAS_KERNEL_CACHE", str(KERNEL_CACHE))
 
 
+EXACT_TOL = 2e-6  # f32 mode, relative to sum_k |x_k| |W_kn| (module docstring)
+
+
 def _close(got, want, rel=1e-5):
     scale = float(jnp.max(jnp.abs(want))) + 1e-6
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=rel * scale, rtol=0)
 
 
+def _exact(got, x, w, want=None):
+    """got within EXACT_TOL of the float64 product (and of ``want``, e.g. the xla path's), per output."""
+    x64, w64 = np.asarray(x, np.float64).reshape(-1, x.shape[-1]), np.asarray(qmatmul.dequantize(w), np.float64)
+    bound = EXACT_TOL * (np.abs(x64) @ np.abs(w64))
+    got = np.asarray(got, np.float64).reshape(bound.shape)
+    for other in (x64 @ w64, want):
+        if other is not None:
+            excess = np.abs(got - np.asarray(other, np.float64).reshape(bound.shape)) - bound
+            assert excess.max() <= 0, f"{(excess > 0).sum()} outputs off by up to {excess.max():.2e} past the bound"
+
+
+def _check_mode(got, x, w, mode, want):
+    if mode == "f32":
+        _exact(got, x, w, want)
+    else:
+        _close(got, want)
+
+
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("fmt", qmatmul.FORMATS)
-def test_quantized_matmul_matches_reference_on_every_isa(isa, fmt):
-    for m, k, n in ((1, 576, 96), (5, 96, 37)):  # a decode GEMV; tails in M and N
+@pytest.mark.parametrize("mode", qmatmul.ACTIVATIONS)
+def test_quantized_matmul_matches_reference_on_every_isa(isa, fmt, mode):
+    # a decode GEMV; tails in M and N; a prefill-like tile of 9 rows (the f32 mode's dequantized panel)
+    for m, k, n in ((1, 576, 96), (5, 96, 37), (9, 160, 20)):
         w = qmatmul.random_weight(k, n, fmt, seed=m)
         x = jax.random.normal(jax.random.key(3), (m, k))
-        want = jax.jit(qmatmul.reference)(x, w)
-        for cfg in (qmatmul.Config(isa=isa), qmatmul.Config(isa=isa, threads=2, block_m=4, block_n=4, tile_m=4,
-                                                               tile_n=8, unroll=2, order="m_outer", prefetch=0)):
-            _close(qmatmul.quantized_matmul(x, w, config=cfg), want)
-        # what the 8-bit activations cost against the plain f32 product: about 1% here
-        dense = qmatmul.dense_reference(x, w)
-        assert float(jnp.max(jnp.abs(want - dense))) < 0.03 * float(jnp.max(jnp.abs(dense)))
+        want = jax.jit(qmatmul.reference, static_argnames="activations")(x, w, activations=mode)
+        for cfg in (qmatmul.Config(isa=isa, activations=mode),
+                    qmatmul.Config(isa=isa, threads=2, block_m=4, block_n=4, tile_m=4, tile_n=8, unroll=2,
+                                   order="m_outer", prefetch=0, activations=mode)):
+            _check_mode(qmatmul.quantized_matmul(x, w, config=cfg), x, w, mode, want)
+        if mode == "q8":  # what the 8-bit activations cost against the plain f32 product: about 1% here
+            dense = qmatmul.reference(x, w)
+            assert float(jnp.max(jnp.abs(want - dense))) < 0.03 * float(jnp.max(jnp.abs(dense)))
+
+
+@pytest.mark.parametrize("bits, symmetric", [(4, False), (4, True), (8, True)])
+def test_f32_mode_is_the_xla_paths_product(bits, symmetric):
+    """The product the xla path computes from the same quantized weight (kernels.llm.w4a16.xla_matmul,
+    per-group partial sums scaled afterwards), within the f32-sum-order bound, on the fastest body."""
+    w = jax.random.normal(jax.random.key(7), (1536, 72)) * 0.05
+    q = w4a16.quantize(w, bits=bits, group=32, symmetric=symmetric)
+    b = jax.device_put(qmatmul.cpu_layout(q))
+    for m in (1, 6):
+        x = jax.random.normal(jax.random.key(m), (m, 1536)) * 3.0
+        got = qmatmul.quantized_matmul(x, b, config=qmatmul.Config(isa=ISAS[-1], tile_m=8))
+        _exact(got, x, b, w4a16.xla_matmul(x, q))
 
 
 _AWKWARD = {}  # one odd-sized problem (tails in M, N and K's block count), built once
@@ -59,19 +99,20 @@ def _awkward():
     if not _AWKWARD:
         w = qmatmul.random_weight(96, 37, "q4_1")
         x = jax.random.normal(jax.random.key(9), (7, 96))
-        _AWKWARD.update(x=x, w=w, want=jax.jit(qmatmul.reference)(x, w))
+        _AWKWARD.update(x=x, w=w, **{mode: jax.jit(qmatmul.reference, static_argnames="activations")(
+            x, w, activations=mode) for mode in qmatmul.ACTIVATIONS})
     return _AWKWARD
 
 
-@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(bm=st.sampled_from((1, 2, 4)), bn=st.sampled_from((1, 2, 4)), tile_m=st.integers(1, 8),
        tile_n=st.integers(1, 40), order=st.sampled_from(qmatmul.ORDERS), unroll=st.sampled_from((1, 2)),
-       threads=st.integers(1, 3), prefetch=st.sampled_from((0, 64, 4096)))
-def test_quantized_matmul_any_tiling(bm, bn, tile_m, tile_n, order, unroll, threads, prefetch):
+       threads=st.integers(1, 3), prefetch=st.sampled_from((0, 64, 4096)), mode=st.sampled_from(qmatmul.ACTIVATIONS))
+def test_quantized_matmul_any_tiling(bm, bn, tile_m, tile_n, order, unroll, threads, prefetch, mode):
     p = _awkward()
     cfg = qmatmul.Config(isa=ISAS[-1], threads=threads, block_m=bm, block_n=bn, tile_m=tile_m, tile_n=tile_n,
-                         order=order, unroll=unroll, prefetch=prefetch)
-    _close(qmatmul.quantized_matmul(p["x"], p["w"], config=cfg), p["want"])
+                         order=order, unroll=unroll, prefetch=prefetch, activations=mode)
+    _check_mode(qmatmul.quantized_matmul(p["x"], p["w"], config=cfg), p["x"], p["w"], mode, p[mode])
 
 
 def test_activation_quantization_is_llama_cpps_q8():
@@ -102,11 +143,15 @@ def test_cpu_layout_is_exact(bits, group, symmetric):
 
 
 @pytest.mark.parametrize("isa", ISAS)
-def test_swiglu_matches_reference(isa):
+@pytest.mark.parametrize("mode", qmatmul.ACTIVATIONS)
+def test_swiglu_matches_reference(isa, mode):
     wg, wu = qmatmul.random_weight(128, 40, "q4_0", 1), qmatmul.random_weight(128, 40, "q4_1", 2)
-    x = jax.random.normal(jax.random.key(4), (3, 128))
-    cfg = qmatmul.Config(isa=isa, threads=2, tile_n=16)
-    _close(qmatmul.swiglu(x, wg, wu, config=cfg), jax.jit(qmatmul.swiglu_reference)(x, wg, wu))
+    for m in (3, 6):  # GEMV-like tiles and a dequantized-panel tile
+        x = jax.random.normal(jax.random.key(4), (m, 128))
+        cfg = qmatmul.Config(isa=isa, threads=2, tile_n=16, tile_m=8, activations=mode)
+        want = jax.jit(qmatmul.swiglu_reference, static_argnames="activations")(x, wg, wu, activations=mode)
+        # f32 mode: the products' bound, plus silu's exp (an ulp or so from XLA's), at 2e-6 of the scale
+        _close(qmatmul.swiglu(x, wg, wu, config=cfg), want, rel=1e-5 if mode == "q8" else 2e-6)
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -157,6 +202,10 @@ def test_bad_inputs_are_clear_errors():
         qmatmul.Config(block_n=3)
     with pytest.raises(ValueError, match="isa='sse9'"):
         qmatmul.Config(isa="sse9")
+    with pytest.raises(ValueError, match="activations='int4'"):
+        qmatmul.quantized_matmul(jnp.ones((1, 64)), w, activations="int4")
+    with pytest.raises(ValueError, match="activations='q8' but config.activations='f32'"):
+        qmatmul.quantized_matmul(jnp.ones((1, 64)), w, activations="q8", config=qmatmul.Config())
     unsupported = next((i for i in build.ISAS if i not in ISAS), None)
     if unsupported:
         with pytest.raises(build.BuildError, match=f"does not run the {unsupported} kernels"):
