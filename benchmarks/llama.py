@@ -376,82 +376,151 @@ def _ratio(name: str, ours_seconds, theirs_seconds) -> dict:
             f"{name}_hi": high}
 
 
+class CpuContender:
+    """Ours on one execution path: a compiled decode step (its cache carried from call to call) and a
+    compiled prefill returning the last position's logits, as llama.cpp's eval does. Compiled under
+    the thread limit in force (``kernels.cpu.build.thread_limit``)."""
+
+    def __init__(self, params, cfg, path: str, *, context: list[int], prompt: list[int], cache_len: int):
+        self.params = params
+        self.cache = forward.init_cache(cfg, 1, cache_len)
+        self.tok, self.pos = jnp.array([1], jnp.int32), jnp.array([len(context)], jnp.int32)
+        step = jax.jit(functools.partial(forward.decode, cfg=cfg, path=path), donate_argnames=("cache",))
+        self.decode = step.lower(params, self.tok, self.pos, self.cache).compile()
+        self.prompt = jnp.array([prompt], jnp.int32)
+        prefill = jax.jit(lambda p, t: forward.prefill(p, t, forward.init_cache(cfg, 1, cache_len), cfg=cfg,
+                                                       path=path, lengths=jnp.array([t.shape[1]]))[0])
+        self.prefill = prefill.lower(params, self.prompt).compile()
+
+    def decode_once(self):
+        logits, self.cache = self.decode(self.params, self.tok, self.pos, self.cache)
+        return logits
+
+    def prefill_once(self):
+        return self.prefill(self.params, self.prompt)
+
+
+def _our_seconds(fn, warmup: int, repeats: int) -> float:
+    return time_callable(fn, warmup=warmup, repeats=repeats).median_seconds
+
+
+def _peer_seconds(peer, method: str, ids: list[int], repeats: int) -> float:
+    """Median seconds of one of llama.cpp's timed calls, timed in its child (``models.llama.peers``)."""
+    return peer.call(method, ids, repeats=repeats)["median_seconds"]
+
+
 def cpu_benchmark(args) -> dict:
-    """SmolLM2 Q4_1 decode and prefill, ours (``--path``, the compiled cpu kernels by default) against
-    llama.cpp in a child process, same thread count, in interleaved rounds: each round times ours,
-    then theirs, with the same protocol (``autotune.measure.time_callable``; llama.cpp is timed
-    inside its child). The report gives medians over rounds with 95% bootstrap intervals, the ratio's
-    interval resampling rounds in pairs (a shared CPU makes single rounds noisy)."""
+    """SmolLM2 Q4_1 decode and prefill, ours on each path of ``args.path`` (the compiled kernels in
+    both activation modes by default: ``cpu``, exact, and ``cpu-q8``, llama.cpp's arithmetic) against
+    llama.cpp in a child process, at each thread count of ``args.threads``, the same count on both
+    sides. Rounds are interleaved: each times every contender once (decode, then prefill), in an order
+    rotated every round, with one protocol (``autotune.measure.time_callable``; llama.cpp is timed
+    inside its child). The report gives medians over rounds with 95% bootstrap intervals, each
+    ratio's interval resampling rounds in pairs (a shared CPU makes single rounds noisy)."""
+    import os
+
     from kernels.cpu import build
     from models.llama import load, peers
     from models.llama.generate import CACHE_MULTIPLE
     from models.llama.gguf_loader import bundled_model_path
 
-    threads = args.threads or build.default_threads()
-    build.default_threads = lambda: threads  # the kernels' heuristic configs use this many threads
-    path = args.path
-    model = load(execution=path)
-    cfg = model.config
-    context = model.tokenizer.encode("The history of computing began with mechanical calculators and " * 2)
-    prefill_ids = (model.tokenizer.encode("The history of computing began with mechanical calculators. " * 40)
-                   )[:args.prefill_tokens]
+    paths = args.path
+    loaded = {}  # one load per weight layout: cpu and cpu-q8 share llama.cpp's row blocks
+    for path in paths:
+        layout = "cpu" if path in forward.CPU_PATHS else path
+        if layout not in loaded:
+            loaded[layout] = load(execution=layout)
+    models = {path: loaded["cpu" if path in forward.CPU_PATHS else path] for path in paths}
+    first = next(iter(loaded.values()))
+    cfg, tokenizer = first.config, first.tokenizer
+    context = tokenizer.encode("The history of computing began with mechanical calculators and " * 2)
+    prefill_ids = tokenizer.encode("The history of computing began with mechanical calculators. " * 40)[
+        :args.prefill_tokens]
     cache_len = -(-(max(len(context), len(prefill_ids)) + 2 * args.tokens + 8) // CACHE_MULTIPLE) * CACHE_MULTIPLE
-
-    step = jax.jit(functools.partial(forward.decode, cfg=cfg, path=path), donate_argnames=("cache",))
-    state = {"cache": forward.init_cache(cfg, 1, cache_len)}
-    tok, pos = jnp.array([1], jnp.int32), jnp.array([len(context)], jnp.int32)
-
-    def decode_once():
-        logits, state["cache"] = step(model.params, tok, pos, state["cache"])
-        return logits
-
-    # As llama.cpp's eval: logits of the last position only.
-    prefill = jax.jit(lambda p, t: forward.prefill(p, t, forward.init_cache(cfg, 1, cache_len), cfg=cfg, path=path,
-                                                   lengths=jnp.array([t.shape[1]]))[0])
-    prompt = jnp.array([prefill_ids], jnp.int32)
     rounds = 2 if args.quick else args.rounds
-    result = {"kind": "cpu", "model": "SmolLM2-135M-Instruct Q4_1 (bundled)", "path": path, "threads": threads,
-              "isa": build.best_isa() if path == "cpu" else None, "cpu": build.cpu_name(),
+    prefill_repeats = 3 if args.quick else 5
+    result = {"kind": "cpu", "model": "SmolLM2-135M-Instruct Q4_1 (bundled)", "paths": paths,
+              "isa": build.best_isa() if set(paths) & set(forward.CPU_PATHS) else None, "cpu": build.cpu_name(),
               "decode_context": len(context), "decode_tokens_per_round": args.tokens,
-              "prefill_tokens": len(prefill_ids), "rounds": rounds}
-    ours_dec, ours_pre, theirs_dec, theirs_pre = [], [], [], []
-    llm = None
-    try:
-        if peers.available("llama_cpp"):
-            llm = peers.llama_cpp(bundled_model_path(), n_ctx=cache_len + 512, n_batch=512, n_threads=threads,
-                                  n_threads_batch=threads, seed=0)
-            result["llama_cpp"] = llm.call("info")
-        else:
-            result["llama_cpp_error"] = "llama-cpp-python is not installed: pip install llama-cpp-python"
-        for r in range(rounds):
-            ours_dec.append(time_callable(decode_once, warmup=3, repeats=args.tokens).median_seconds)
+              "prefill_tokens": len(prefill_ids), "rounds": rounds, "load_average_start": os.getloadavg(),
+              "runs": []}
+    for threads in args.threads:
+        run = {"threads": threads}
+        result["runs"].append(run)
+        with build.thread_limit(threads):
+            jax.clear_caches()  # the steps are traced anew: kernels take this thread count at trace time
+            ours = {path: CpuContender(models[path].params, cfg, path, context=context, prompt=prefill_ids,
+                                       cache_len=cache_len) for path in paths}
+        # name -> (decode, prefill): each returns the median seconds of one round's calls
+        timers = {path: (functools.partial(_our_seconds, c.decode_once, 3, args.tokens),
+                         functools.partial(_our_seconds, c.prefill_once, 1, prefill_repeats))
+                  for path, c in ours.items()}
+        seconds = {name: {"decode": [], "prefill": []} for name in [*timers, "llama.cpp"]}
+        llm = None
+        try:
+            if peers.available("llama_cpp"):
+                llm = peers.llama_cpp(bundled_model_path(), n_ctx=cache_len + rounds * (args.tokens + 4) + 64,
+                                      n_batch=512, n_threads=threads, n_threads_batch=threads, seed=0)
+                run["llama_cpp_info"] = llm.call("info")
+                timers["llama.cpp"] = (functools.partial(_peer_seconds, llm, "timed_decode", context, args.tokens),
+                                       functools.partial(_peer_seconds, llm, "timed_prefill", prefill_ids,
+                                                         prefill_repeats))
+            else:
+                run["llama_cpp_error"] = "llama-cpp-python is not installed: pip install llama-cpp-python"
+            names = list(timers)
+            for r in range(rounds):
+                order = names[r % len(names):] + names[:r % len(names)]
+                for phase, what in enumerate(("decode", "prefill")):
+                    for name in order:
+                        seconds[name][what].append(timers[name][phase]())
+                print(f"  {threads} thread(s), round {r + 1}/{rounds}: " + "; ".join(
+                    f"{name} {1 / seconds[name]['decode'][-1]:.1f} tok/s decode, "
+                    f"{len(prefill_ids) / seconds[name]['prefill'][-1]:.0f} prefill" for name in names), flush=True)
+        except peers.PeerError as e:
+            run["llama_cpp_error"] = str(e)
+        finally:
             if llm:
-                theirs_dec.append(llm.call("timed_decode", context, repeats=args.tokens)["median_seconds"])
-            ours_pre.append(time_callable(lambda: prefill(model.params, prompt), warmup=1,
-                                          repeats=3 if args.quick else 5).median_seconds)
-            if llm:
-                theirs_pre.append(llm.call("timed_prefill", prefill_ids, repeats=3 if args.quick else 5)
-                                  ["median_seconds"])
-            print(f"  round {r + 1}/{rounds}: ours {1 / ours_dec[-1]:.1f} tok/s decode, "
-                  f"{len(prefill_ids) / ours_pre[-1]:.0f} tok/s prefill"
-                  + (f"; llama.cpp {1 / theirs_dec[-1]:.1f}, {len(prefill_ids) / theirs_pre[-1]:.0f}" if llm else ""))
-    except peers.PeerError as e:
-        result["llama_cpp_error"] = str(e)
-    finally:
-        if llm:
-            llm.close()
-    result.update(_summary("decode_tok_s", [1 / t for t in ours_dec]))
-    result.update(_summary("prefill_tok_s", [len(prefill_ids) / t for t in ours_pre]))
-    if theirs_dec and len(theirs_dec) == len(ours_dec):
-        result.update(_summary("llama_cpp_decode_tok_s", [1 / t for t in theirs_dec]))
-        result.update(_summary("llama_cpp_prefill_tok_s", [len(prefill_ids) / t for t in theirs_pre]))
-        result.update(_ratio("decode_ratio", ours_dec, theirs_dec))
-        result.update(_ratio("prefill_ratio", ours_pre, theirs_pre))
-    if args.layout is not None:  # the xla path (the cpu path runs unsharded); host devices share the cores
-        xla_model = model if path == "xla" else load(execution="xla")
+                llm.close()
+        for name, times in seconds.items():
+            if not times["decode"] or len(times["decode"]) != len(times["prefill"]):
+                continue
+            entry = {}
+            entry.update(_summary("decode_tok_s", [1 / t for t in times["decode"]]))
+            entry.update(_summary("prefill_tok_s", [len(prefill_ids) / t for t in times["prefill"]]))
+            theirs = seconds.get("llama.cpp")
+            if name != "llama.cpp" and theirs and len(theirs["decode"]) == len(times["decode"]):
+                entry.update(_ratio("decode_ratio", times["decode"], theirs["decode"]))
+                entry.update(_ratio("prefill_ratio", times["prefill"], theirs["prefill"]))
+            run[name] = entry
+        write(result, args.out)
+    result["load_average_end"] = os.getloadavg()
+    if args.layout is not None:  # the xla path (the cpu paths run unsharded); host devices share the cores
+        xla_model = loaded.get("xla") or load(execution="xla")
         result["sharded"] = sharded_decode(xla_model.params, cfg, "xla", args.layout, context=len(context),
                                            dtype=jnp.float32)  # (its own rounds: ours/llama.cpp take fewer)
     return result
+
+
+def print_cpu(report: dict) -> None:
+    load = ", ".join(f"{v:.1f}" for v in report["load_average_start"])
+    print(f"SmolLM2-135M Q4_1 on {report['cpu']} ({report['isa'] or 'xla'}), load average {load} at the start; "
+          f"medians of {report['rounds']} interleaved rounds [95% bootstrap interval]; ratio = ours / llama.cpp")
+    print(f"{'threads':>7} {'path':8} {'decode tok/s':>24} {'ratio':>19} {'prefill tok/s':>24} {'ratio':>19}")
+
+    def cell(entry, key):
+        return f"{entry[key]:7.1f} [{entry[key + '_lo']:.1f}, {entry[key + '_hi']:.1f}]"
+
+    def ratio(entry, key):
+        return (f"{entry[key]:5.2f} [{entry[key + '_lo']:.2f}, {entry[key + '_hi']:.2f}]" if key in entry else "-")
+
+    for run in report["runs"]:
+        for name in [*report["paths"], "llama.cpp"]:
+            if name in run:
+                e = run[name]
+                print(f"{run['threads']:>7} {name:8} {cell(e, 'decode_tok_s'):>24} {ratio(e, 'decode_ratio'):>19} "
+                      f"{cell(e, 'prefill_tok_s'):>24} {ratio(e, 'prefill_ratio'):>19}")
+        if "llama_cpp_error" in run:
+            print(f"  llama.cpp: {run['llama_cpp_error']}")
 
 
 def main(argv=None) -> int:
@@ -469,12 +538,13 @@ def main(argv=None) -> int:
     parser.add_argument("--format", choices=("both", "bf16", "w4a16", "none"), default="both",
                         help="GPU: weight formats of the decode/prefill benchmark (none: only --sweep)")
     parser.add_argument("--rounds", type=int, default=None,
-                        help="interleaved rounds (GPU: per comparison, >= 10, default 10; CPU: ours/llama.cpp, default 5)")
+                        help="interleaved rounds (GPU: per comparison, >= 10, default 10; CPU: ours/llama.cpp, default 10)")
     parser.add_argument("--devices", default=None, help="also time decode sharded: N (tensor parallel) or DxM; "
                         "on a CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N gives N devices")
-    parser.add_argument("--path", choices=("cpu", "xla"), default=None,
-                        help="CPU: our execution path (default: cpu where its kernels build, else xla)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU: threads for ours and llama.cpp (default: all)")
+    parser.add_argument("--path", choices=("cpu", "cpu-q8", "xla"), nargs="+", default=None,
+                        help="CPU: our execution paths (default: cpu and cpu-q8 where the kernels build, else xla)")
+    parser.add_argument("--threads", type=int, nargs="+", default=None,
+                        help="CPU: thread counts, each the same for ours and llama.cpp (default: 1 and all cores)")
     parser.add_argument("--profile", action="store_true", help="per-kernel table of one batch-1 decode step")
     parser.add_argument("--sweep", action="store_true", help="GPU: also time GEMV configs of the 7B shapes")
     parser.add_argument("--out", default="results/benchmark_llama.json")
@@ -498,7 +568,7 @@ def main(argv=None) -> int:
     if args.tokens is None:
         args.tokens = 8 if args.quick else 64
     if args.rounds is None:
-        args.rounds = 10 if gpu_path else 5
+        args.rounds = 10
     if args.prefill_tokens is None:
         args.prefill_tokens = 512 if gpu_path else 256
     if args.quick:
@@ -516,28 +586,22 @@ def main(argv=None) -> int:
             report.update(gpu_benchmark(args))
             print_gpu(report)
     else:
+        from kernels.cpu import build
+
         if args.path is None:
             from models.llama.__main__ import choose_path
 
-            args.path, warning = choose_path("auto", "float32")
+            path, warning = choose_path("auto", "float32")
             if warning:
                 print(warning, file=sys.stderr)
+            args.path = ["cpu", "cpu-q8"] if path == "cpu" else [path]
+        if args.threads is None:
+            args.threads = sorted({1, build.default_threads()})
+        if min(args.threads) < 1:
+            print(f"error: --threads {args.threads}: each count must be >= 1", file=sys.stderr)
+            return 2
         report.update(cpu_benchmark(args))
-
-        def line(what, ours, theirs, ratio):
-            text = (f"{what:8} ours [{report['path']}] {report[ours]:7.1f} tok/s "
-                    f"[{report[ours + '_lo']:.1f}, {report[ours + '_hi']:.1f}]")
-            if ratio in report:
-                text += (f"   llama.cpp {report[theirs]:7.1f} tok/s   ratio {report[ratio]:.2f} "
-                         f"[{report[ratio + '_lo']:.2f}, {report[ratio + '_hi']:.2f}]")
-            print(text)
-
-        print(f"SmolLM2-135M Q4_1 on {report['threads']} threads ({report['cpu']}), medians of {report['rounds']} "
-              "interleaved rounds [95% bootstrap interval]:")
-        line("decode", "decode_tok_s", "llama_cpp_decode_tok_s", "decode_ratio")
-        line("prefill", "prefill_tok_s", "llama_cpp_prefill_tok_s", "prefill_ratio")
-        if "llama_cpp_error" in report:
-            print(f"  llama.cpp: {report['llama_cpp_error']}")
+        print_cpu(report)
     for row in report.get("results", [report]):
         if "sharded" in row:
             sh = row["sharded"]

@@ -98,7 +98,7 @@ def attention(q, k_new, v_new, k_cache, v_cache, layer, starts, *, rotary: rope.
     call = jax.ffi.ffi_call(build.target("attention", cfg.isa), shapes, input_output_aliases={3: 1, 4: 2})
     return call(q, k_new.astype(jnp.float32), v_new.astype(jnp.float32), k_cache, v_cache,
                 jnp.reshape(jnp.asarray(layer, jnp.int32), (1,)), starts.astype(jnp.int32), cos, sin,
-                splits=np.int64(cfg.splits), threads=np.int64(cfg.threads))
+                splits=np.int64(cfg.splits), threads=np.int64(build.cap_threads(cfg.threads)))
 
 
 # The forward pass's ops-table forms (models.llama.forward).

@@ -9,6 +9,7 @@ Each handler is registered as ``tinypallas_<name>_<isa>``, so several ISA builds
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -194,9 +195,33 @@ def availability() -> str | None:
     return None
 
 
+_thread_limit: int | None = None
+
+
 def default_threads() -> int:
-    """One thread per core this process may run on."""
+    """One thread per core this process may run on (at most the ``thread_limit`` in force)."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cores = max(1, len(os.sched_getaffinity(0)))
     except AttributeError:
-        return max(1, os.cpu_count() or 1)
+        cores = max(1, os.cpu_count() or 1)
+    return cores if _thread_limit is None else min(cores, _thread_limit)
+
+
+def cap_threads(threads: int) -> int:
+    """A config's thread count under the ``thread_limit`` in force (what the kernel call runs)."""
+    return threads if _thread_limit is None else max(1, min(threads, _thread_limit))
+
+
+@contextlib.contextmanager
+def thread_limit(threads: int):
+    """Within the block, every CPU kernel traced runs on at most ``threads`` threads, tuned configs
+    included, and heuristic configs assume that many cores (a benchmark at a peer's thread count).
+    Read at trace time: a jitted function traced earlier keeps its threads (``jax.clear_caches()``)."""
+    global _thread_limit
+    if threads < 1:
+        raise ValueError(f"thread_limit({threads}): need at least one thread")
+    before, _thread_limit = _thread_limit, threads
+    try:
+        yield
+    finally:
+        _thread_limit = before

@@ -172,7 +172,8 @@ class Config:
     tile one thread takes at a time; order: within a tile, weight rows outer (``n_outer``: a
     weight panel stays in L1 while the rows of activations pass) or activation rows outer;
     unroll: independent accumulators over K (1 or 2), to hide the multiply-add latency;
-    prefetch: how far ahead of the weight stream (bytes) to prefetch; 0 leaves it to the hardware;
+    prefetch: how far past the block_n weight rows being read (bytes) the software prefetch runs
+    ahead of the weight stream; 0 leaves it to the hardware;
     activations: ``f32`` (exact) or ``q8`` (llama.cpp's 8-bit blocks), see the module docstring. It is
     part of the problem (``problem_key``): the two modes are tuned apart, and a caller's choice of
     mode (a correctness choice) is never overridden by a faster tuned entry of the other."""
@@ -214,7 +215,7 @@ def attrs(cfg: Config) -> dict:
     """The FFI attributes of a Config (one compiled library serves every config)."""
     return {"block_m": np.int64(cfg.block_m), "block_n": np.int64(cfg.block_n), "tile_m": np.int64(cfg.tile_m),
             "tile_n": np.int64(cfg.tile_n), "order": np.int64(ORDERS.index(cfg.order)),
-            "unroll": np.int64(cfg.unroll), "threads": np.int64(cfg.threads), "prefetch": np.int64(cfg.prefetch),
+            "unroll": np.int64(cfg.unroll), "threads": np.int64(build.cap_threads(cfg.threads)), "prefetch": np.int64(cfg.prefetch),
             "activations": np.int64(ACTIVATIONS.index(cfg.activations))}
 
 
@@ -223,9 +224,9 @@ def heuristic_config(m: int, n: int, threads: int | None = None, isa: str | None
     threads = threads or build.default_threads()
     # >= 8 tiles per thread so a late thread (a shared machine) does not leave the others waiting
     tile_n = common.largest_pow2_divisor(1 << 20, max(4, min(256, n // (8 * threads))))
-    return Config(isa=isa or build.best_isa(), threads=threads, block_m=4 if m >= 4 else 1, block_n=4 if m > 1 else 1,
-                  tile_m=64 if m > 1 else 1, tile_n=tile_n, order="n_outer", unroll=2 if m == 1 else 1,
-                  activations=activations)
+    # a GEMV reads 4 weight rows per step (one stream, prefetched ahead: 10-20% over 1 row at a time)
+    return Config(isa=isa or build.best_isa(), threads=threads, block_m=4 if m >= 4 else 1, block_n=4,
+                  tile_m=64 if m > 1 else 1, tile_n=tile_n, order="n_outer", unroll=1, activations=activations)
 
 
 def problem_key(m: int, n: int, k: int, fmt: str, activations: str = "f32") -> dict:

@@ -62,7 +62,7 @@ def rmsnorm(x: jax.Array, weight: jax.Array, *, eps: float, residual: jax.Array 
                        heuristic=lambda: heuristic_config(x2.shape[0], dim))
     out = jax.ShapeDtypeStruct(x2.shape, jnp.float32)
     y, h = jax.ffi.ffi_call(build.target("rmsnorm", cfg.isa), (out, out))(
-        x2, r2, weight.astype(jnp.float32), eps=np.float32(eps), threads=np.int64(cfg.threads))
+        x2, r2, weight.astype(jnp.float32), eps=np.float32(eps), threads=np.int64(build.cap_threads(cfg.threads)))
     return y.reshape(x.shape), h.reshape(x.shape)
 
 

@@ -10,15 +10,17 @@ as host (numpy) arrays; ``models.llama.load`` lays them out for an execution pat
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import pathlib
 import struct
+from collections.abc import Callable
 
 import numpy as np
 
 from kernels.llm.w4a16 import QuantizedWeight
 from models.llama.config import LlamaConfig
-from models.llama.params import fuse_qkv, matrix_shapes
+from models.llama.params import fuse_qkv, host_array, host_stack, matrix_shapes
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
@@ -65,10 +67,19 @@ class GGUFFile:
     version: int
     metadata: dict  # key -> int / float / bool / str / list
     tensors: dict  # name -> TensorInfo
-    buffer: np.ndarray  # the whole file, uint8 (memory-mapped)
+    buffer: np.ndarray  # the whole file, uint8 (memory-mapped: the header is parsed from it)
 
-    def data(self, t: TensorInfo) -> np.ndarray:
-        return self.buffer[t.offset:t.offset + t.nbytes]
+    def data(self, t: TensorInfo, out: np.ndarray | None = None) -> np.ndarray:
+        """A tensor's bytes, read from the file (into ``out``, uint8 of ``t.nbytes``, if given): a slice
+        of the mapping would leave its pages resident in this process (the model's size again)."""
+        out = np.empty(t.nbytes, np.uint8) if out is None else out
+        with open(self.path, "rb") as f:
+            f.seek(t.offset)
+            got = f.readinto(memoryview(out).cast("B"))
+        if got != t.nbytes:
+            raise ValueError(f"{self.path}: tensor {t.name!r} is cut short ({got} of {t.nbytes} bytes); the file "
+                             "changed while it was read or is truncated")
+        return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,9 +271,11 @@ def expected_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def _tensor_to_weight(t: TensorInfo, data: np.ndarray, row_perm: np.ndarray | None, dtype, blocks: bool = False):
+def _tensor_to_weight(t: TensorInfo, read: Callable[..., np.ndarray], row_perm: np.ndarray | None, dtype,
+                      blocks: bool = False):
     """One GGUF tensor -> a dense (K, N) array / 1-D vector, or a packed QuantizedWeight (numpy); with
-    ``blocks``, quantized tensors stay in the file's own row-block layout (``kernels.cpu.qmatmul.BlockWeight``)."""
+    ``blocks``, quantized tensors stay in the file's own row-block layout (``kernels.cpu.qmatmul.BlockWeight``).
+    ``read(out=None)``: the tensor's bytes (``GGUFFile.data``)."""
     kind = t.type_name
     if kind not in SUPPORTED_TYPES:
         raise ValueError(f"tensor {t.name!r} has type {kind}, which is not supported (supported: "
@@ -271,6 +284,7 @@ def _tensor_to_weight(t: TensorInfo, data: np.ndarray, row_perm: np.ndarray | No
         raise ValueError(f"tensor {t.name!r} is a vector stored as {kind}; norm weights must be F32, F16 or BF16")
     k, n = t.shape[0], math.prod(t.shape[1:])
     if kind in ("F32", "F16", "BF16"):
+        data = read()
         if kind == "BF16":
             dense = (data.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
         else:
@@ -285,9 +299,13 @@ def _tensor_to_weight(t: TensorInfo, data: np.ndarray, row_perm: np.ndarray | No
     if blocks:
         from kernels.cpu.qmatmul import BlockWeight
 
-        rows = data.reshape(n, k // 32 * nbytes)
-        return BlockWeight(np.array(rows if row_perm is None else rows[row_perm]), kind.lower())
-    blocks = data.reshape(n, k // 32, nbytes)
+        out = host_array((n, k // 32 * nbytes), np.uint8)  # aligned: a CPU device uses it in place
+        if row_perm is None:
+            read(out)  # straight from the file: no copy of the tensor beside it
+        else:
+            np.take(read().reshape(out.shape), row_perm, axis=0, out=out)
+        return BlockWeight(out, kind.lower())
+    blocks = read().reshape(n, k // 32, nbytes)
     if row_perm is not None:
         blocks = blocks[row_perm]
     blocks = blocks.transpose(1, 2, 0)  # (K/32, bytes, N): K-major, N contiguous
@@ -312,7 +330,9 @@ def rope_unpermute(n_heads: int, head_dim: int) -> np.ndarray:
 def load_gguf(path: str | pathlib.Path, *, dtype=np.float32, blocks: bool = False) -> GGUFModel:
     """Read a LLaMA GGUF file. ``dtype`` is the type of dense weights (quantized ones stay packed).
     Weights are host (numpy) arrays in the per-layer form of ``models.llama.params``; ``blocks``
-    keeps quantized ones in the file's row-block layout (the cpu path's; one copy, no re-striding)."""
+    keeps quantized ones in the file's row-block layout (the cpu paths'; one copy, no re-striding),
+    with the layers already stacked into aligned arrays (``params.host_array``) that a CPU device
+    uses in place."""
     gguf = read_gguf(path)
     path, tensors = gguf.path, gguf.tensors
     cfg = config_from_metadata(gguf.metadata, has_output="output.weight" in tensors)
@@ -335,7 +355,7 @@ def load_gguf(path: str | pathlib.Path, *, dtype=np.float32, blocks: bool = Fals
     def tensor(name, row_perm=None):
         t = tensors[name]
         try:
-            return _tensor_to_weight(t, gguf.data(t), row_perm, dtype, blocks)
+            return _tensor_to_weight(t, functools.partial(gguf.data, t), row_perm, dtype, blocks)
         except ValueError:
             raise
         except Exception as e:  # noqa: BLE001  (numpy errors on a malformed buffer)
@@ -344,13 +364,15 @@ def load_gguf(path: str | pathlib.Path, *, dtype=np.float32, blocks: bool = Fals
 
     q_perm = rope_unpermute(cfg.n_heads, cfg.head_dim)
     k_perm = rope_unpermute(cfg.n_kv_heads, cfg.head_dim)
-    layers = []
-    for i in range(cfg.n_layers):
-        layer = {}
-        for ours, theirs in _LAYER_TENSORS.items():
-            perm = q_perm if ours == "wq" else k_perm if ours == "wk" else None
-            layer[ours] = tensor(f"blk.{i}.{theirs}.weight", perm)
-        layers.append(fuse_qkv(layer, dtype))
+    layers = _stacked_blocks(gguf, cfg, q_perm, k_perm, tensor) if blocks else None
+    if layers is None:
+        layers = []
+        for i in range(cfg.n_layers):
+            layer = {}
+            for ours, theirs in _LAYER_TENSORS.items():
+                perm = q_perm if ours == "wq" else k_perm if ours == "wk" else None
+                layer[ours] = tensor(f"blk.{i}.{theirs}.weight", perm)
+            layers.append(fuse_qkv(layer, dtype))
     params = {
         "embed": tensor("token_embd.weight"),
         "output": None if cfg.tie_embeddings else tensor("output.weight"),
@@ -358,6 +380,47 @@ def load_gguf(path: str | pathlib.Path, *, dtype=np.float32, blocks: bool = Fals
         "layers": layers,
     }
     return GGUFModel(cfg, params, gguf.metadata, {name: t.type_name for name, t in tensors.items()})
+
+
+def _stacked_blocks(gguf: GGUFFile, cfg: LlamaConfig, q_perm: np.ndarray, k_perm: np.ndarray, tensor):
+    """The cpu paths' layers, stacked: {name: BlockWeight (L, N, row bytes)}, each layer's rows read
+    from the file straight into its slot of one aligned array (``params.host_array``: a CPU device
+    uses it in place), so the weights are held once, with no per-layer copies beside them. None when
+    a layer matrix is not block-quantized or its type varies across layers (the general path then)."""
+    from kernels.cpu.qmatmul import BlockWeight
+
+    def info(i, theirs):
+        return gguf.tensors[f"blk.{i}.{theirs}.weight"]
+
+    parts = {"wqkv": ("attn_q", "attn_k", "attn_v"), "wo": ("attn_output",), "w_gate": ("ffn_gate",),
+             "w_up": ("ffn_up",), "w_down": ("ffn_down",)}
+    kinds = {info(i, theirs).type_name for i in range(cfg.n_layers) for names in parts.values() for theirs in names}
+    if len(kinds) != 1 or kinds & {"F32", "F16", "BF16"}:
+        return None
+    kind = kinds.pop()
+    _, _, block_bytes = next(GGML_TYPES[t] for t in GGML_TYPES if GGML_TYPES[t][0] == kind)
+    scratch = np.empty(max(info(0, theirs).nbytes for names in parts.values() for theirs in names), np.uint8)
+    layers = {}
+    for name, names in parts.items():
+        infos = [info(0, theirs) for theirs in names]
+        row = infos[0].shape[0] // 32 * block_bytes
+        stack = host_array((cfg.n_layers, sum(t.shape[1] for t in infos), row), np.uint8)
+        for i in range(cfg.n_layers):
+            start = 0
+            for theirs in names:
+                t = info(i, theirs)
+                n = t.shape[1]
+                dest = stack[i, start:start + n]
+                perm = q_perm if theirs == "attn_q" else k_perm if theirs == "attn_k" else None
+                if perm is None:
+                    gguf.data(t, dest)
+                else:  # rows gathered into place (RoPE's row order): the read goes through one scratch buffer
+                    np.take(gguf.data(t, scratch[:t.nbytes]).reshape(n, row), perm, axis=0, out=dest)
+                start += n
+        layers[name] = BlockWeight(stack, kind.lower())
+    for norm in ("attn_norm", "ffn_norm"):
+        layers[norm] = host_stack([tensor(f"blk.{i}.{norm}.weight") for i in range(cfg.n_layers)])
+    return layers
 
 
 def bundled_model_path() -> pathlib.Path:

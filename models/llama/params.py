@@ -14,6 +14,26 @@ from kernels.llm.w4a16 import QuantizedWeight, dequantize, quantize
 from models.llama.config import LlamaConfig
 
 LAYER_MATRICES = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+# XLA:CPU places a host array whose data is this aligned without copying it (``jax.device_put``
+# aliases it), so weights stacked into such arrays are held in memory once, not twice.
+HOST_ALIGNMENT = 64
+
+
+def host_array(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """An uninitialized numpy array whose data starts on a ``HOST_ALIGNMENT`` boundary."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(nbytes + HOST_ALIGNMENT, np.uint8)
+    start = -raw.ctypes.data % HOST_ALIGNMENT
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
+def host_stack(arrays) -> np.ndarray:
+    """numpy arrays stacked along a new leading axis into a ``host_array``."""
+    out = host_array((len(arrays), *arrays[0].shape), np.result_type(*arrays))
+    for i, a in enumerate(arrays):
+        out[i] = a
+    return out
 
 
 def matrix_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, int]]:
@@ -77,7 +97,7 @@ def stack_layers(layers: list[dict]) -> dict:
             raise ValueError(f"tensor {name!r} has different types across layers; "
                              "mixed-precision checkpoints are not supported, requantize to one type")
         leaves = jax.tree.leaves([layer[name] for layer in layers])
-        stack = np.stack if all(isinstance(x, np.ndarray) for x in leaves) else jnp.stack
+        stack = host_stack if all(isinstance(x, np.ndarray) for x in leaves) else jnp.stack
         out[name] = jax.tree.map(lambda *xs, stack=stack: stack(xs), *[layer[name] for layer in layers])
     return out
 

@@ -261,6 +261,36 @@ def test_gguf_tensors_load_packed_and_match_gguf_dequantizer(tmp_path):
     np.testing.assert_allclose(_dense(m.params["output"]), written["output.weight"].T, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["Q4_1", "Q4_0", "mixed"])
+def test_gguf_blocks_load_stacked_in_place_and_equal_the_packed_layout(tmp_path, kind):
+    """The cpu paths' load (``blocks=True``): one block type throughout -> layers stacked on load into
+    aligned arrays that a CPU device then uses without a copy; mixed types -> the per-layer form.
+    Either way the same weights as the xla path's packed layout, row for row."""
+    from kernels.cpu import qmatmul
+
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path, types=TYPES if kind == "mixed" else dict.fromkeys(TYPES, kind))
+    packed = gguf_loader.load_gguf(path)
+    blocks = gguf_loader.load_gguf(path, blocks=True)
+    cfg = packed.config
+    stacked = blocks.params["layers"]
+    assert isinstance(stacked, list) == (kind == "mixed")
+
+    def dense(w):
+        return np.asarray(qmatmul.dequantize(w)) if isinstance(w, qmatmul.BlockWeight) else _dense(w)
+
+    for i in range(cfg.n_layers):
+        ours = stacked[i] if kind == "mixed" else {
+            name: w.at(i) if isinstance(w, qmatmul.BlockWeight) else w[i] for name, w in stacked.items()}
+        for name, want in packed.params["layers"][i].items():
+            np.testing.assert_array_equal(dense(ours[name]), _dense(want), err_msg=f"layer {i} {name}")
+    if kind != "mixed":
+        host = stacked["w_gate"].blocks
+        assert host.ctypes.data % llama_params.HOST_ALIGNMENT == 0
+        placed = forward.prepare(blocks.params, cfg, "cpu")
+        assert placed["layers"]["w_gate"].blocks.unsafe_buffer_pointer() == host.ctypes.data  # no second copy
+
+
 def test_gguf_rope_unpermute_matches_pairwise_rope_on_file_weights(tmp_path):
     """llama.cpp rotates adjacent pairs of the file's Q rows; we rotate halves of un-permuted rows."""
     path = tmp_path / "tiny.gguf"
