@@ -521,6 +521,9 @@ def print_cpu(report: dict) -> None:
                       f"{cell(e, 'prefill_tok_s'):>24} {ratio(e, 'prefill_ratio'):>19}")
         if "llama_cpp_error" in run:
             print(f"  llama.cpp: {run['llama_cpp_error']}")
+    info = next((run["llama_cpp_info"] for run in report["runs"] if "llama_cpp_info" in run), None)
+    if info:
+        print(f"llama.cpp: {info['package']} {info['version']}, {info.get('system_info', '')}")
 
 
 def main(argv=None) -> int:

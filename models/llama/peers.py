@@ -158,8 +158,11 @@ class LlamaCpp:
         self.llm = llama_cpp.Llama(model_path=str(model_path), **kwargs)
 
     def info(self) -> dict:
-        return {"package": "llama-cpp-python", "version": self.version,
-                "use_extra_bufts": bool(self.llm.model_params.use_extra_bufts)}
+        import llama_cpp
+
+        return {"package": "llama-cpp-python", "version": self.version, "module": llama_cpp.__file__,
+                "use_extra_bufts": bool(self.llm.model_params.use_extra_bufts),
+                "system_info": llama_cpp.llama_print_system_info().decode().strip()}  # the ISA it was built for
 
     def tokenize(self, text: str, add_bos: bool, special: bool) -> list[int]:
         return list(self.llm.tokenize(text.encode(), add_bos=add_bos, special=special))
