@@ -33,7 +33,6 @@ import time
 import traceback
 
 DEFAULT_RESULTS = pathlib.Path("results")
-EXPORT_FORMAT = "tinypallas-best-configs/1"
 MAX_LOCAL_WORKERS = 64
 BUNDLE_EVERY_SECONDS = 30.0  # a running sweep rewrites its bundle at most this often (and at the end)
 FORMATS = ("table", "csv", "json")
@@ -271,7 +270,7 @@ def _plan(args) -> tuple[list, int, str]:
     Raises UsageError / ValueError naming the argument and its valid values.
     """
     from autotune import registry, tuner
-    from kernels import platform, tuned
+    from tuning import platform, tuned
 
     if (args.target or args.model) and args.kernel not in (None, "mcu"):
         raise UsageError(f"--target/--model tune the MCU schedule (--kernel mcu); drop --kernel {args.kernel}")
@@ -361,7 +360,7 @@ def cmd_sweep(args) -> int:
     if args.workers > 1 and args.worker_index is None:
         # The coordinating process queries the device too: it must not take the GPU's memory.
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    from kernels import platform
+    from tuning import platform
 
     spaces, n_trials, storage = _plan(args)
     bundle = _bundle_dir(args)
@@ -506,7 +505,7 @@ def _worker_devices(workers: int) -> tuple[list[dict], str]:
     On several GPUs each worker gets one (``CUDA_VISIBLE_DEVICES``, round robin); workers that share
     a GPU each get a share of its memory instead of JAX's default 75 % (which would leave the
     second one none)."""
-    from kernels import platform
+    from tuning import platform
 
     if platform.backend() != "gpu":
         return [{} for _ in range(workers)], (f"{workers} workers on the CPU; they share its cores, so their "
@@ -552,7 +551,7 @@ def _run_workers(args, spaces, n_trials, storage, bundle) -> int:
 
     from autotune import results, tuner
     from autotune.progress import SweepProgress, complete_trials
-    from kernels import platform, tuned
+    from tuning import platform, tuned
 
     devices, where = _worker_devices(args.workers)
     names = [tuner.study_name_for(s, args.study_name) for s in spaces]
@@ -640,7 +639,7 @@ def _run_workers(args, spaces, n_trials, storage, bundle) -> int:
 def _default_kernel() -> str:
     """The main job (no --kernel, --shape or --layer): matmul on a GPU; on a CPU the compiled CPU
     kernels (real timings), where they build."""
-    from kernels import platform
+    from tuning import platform
 
     if platform.backend() == "gpu":
         return "matmul"
@@ -730,7 +729,7 @@ def cmd_show(args) -> int:
     import jax
 
     from autotune.progress import format_value
-    from kernels import platform, tuned
+    from tuning import platform, tuned
 
     rows = []
     for key, entry in sorted(tuned.load().items()):
@@ -794,62 +793,19 @@ def _output_file(path_text: str) -> pathlib.Path:
 
 
 def cmd_export(args) -> int:
-    from kernels import tuned
+    from tuning import tuned
 
     path = _output_file(args.file)
-    entries = {key: e for key, e in tuned.load().items()
-               if not args.kernel or json.loads(key)["kernel"] == args.kernel}
-    path.write_text(json.dumps({"format": EXPORT_FORMAT, "entries": entries}, indent=1, sort_keys=True))
-    print(f"exported {len(entries)} configs to {path}")
+    count = tuned.export(path, args.kernel or None)
+    print(f"exported {count} configs to {path}")
     return 0
 
 
-def _measured(entry: dict) -> tuple[str, float] | None:
-    """(objective, value) an entry was chosen by: what two entries for one key are compared on."""
-    objective = entry.get("objective") or ("seconds" if "seconds" in entry else None)
-    value = entry.get(objective) if objective else None
-    return (objective, float(value)) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
-def merge_entries(current: dict, incoming: dict) -> tuple[dict, dict]:
-    """Merge cache entries; for one key (kernel, problem, device kind, jax version) the faster
-    measured config wins (entries without a comparable measurement: the incoming one).
-    Returns (merged, counts of added/replaced/kept)."""
-    merged = dict(current)
-    counts = {"added": 0, "replaced": 0, "kept": 0}
-    for key, entry in incoming.items():
-        if key not in merged:
-            merged[key] = entry
-            counts["added"] += 1
-            continue
-        mine, theirs = _measured(merged[key]), _measured(entry)
-        as_fast = bool(mine and theirs and mine[0] == theirs[0] and mine[1] <= theirs[1])
-        if as_fast or merged[key] == entry:
-            counts["kept"] += 1
-        else:
-            merged[key] = entry
-            counts["replaced"] += 1
-    return merged, counts
-
-
 def cmd_import(args) -> int:
-    from kernels import tuned
+    from tuning import tuned
 
-    path = pathlib.Path(args.file)
-    fix = "re-export it with `python -m autotune export FILE`"
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
-    except json.JSONDecodeError as e:
-        raise UsageError(f"{path} is not JSON ({e}); {fix}") from None
-    if not isinstance(doc, dict) or doc.get("format") != EXPORT_FORMAT or "entries" not in doc:
-        raise UsageError(f"{path} is not a file written by `python -m autotune export` "
-                         f"(a JSON object with format {EXPORT_FORMAT!r} and entries)")
-    entries = tuned.validate_entries(doc["entries"], str(path), fix)
-    merged, counts = merge_entries(tuned.load(), entries)
-    tuned.save_all(merged)
-    print(f"imported {path} into {tuned.cache_path()}: added {counts['added']}, replaced {counts['replaced']} "
+    counts = tuned.import_file(args.file)
+    print(f"imported {args.file} into {tuned.cache_path()}: added {counts['added']}, replaced {counts['replaced']} "
           f"(the file's config measured faster), kept {counts['kept']} (the cache's was as fast or faster)")
     return 0
 

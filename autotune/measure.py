@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels import platform
+from tuning import platform
 
 # Relative spread (p90 - p10) / median above which a measurement is flagged as disturbed by
 # something else running on the machine (another process, clock changes, a noisy neighbour).

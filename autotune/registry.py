@@ -1,7 +1,7 @@
 """Which kernels the autotuner can sweep, by name, and what it must know of each before tuning.
 
 Each entry names a module that offers, for the autotuner:
-  ``search_space(problem: dict) -> kernels.space.SearchSpace``
+  ``search_space(problem: dict) -> tuning.space.SearchSpace``
   ``parse_shape(text: str) -> dict``      (the ``--shape`` syntax, e.g. ``"1024x1024x1024"``)
   ``DEFAULT_PROBLEMS: list[dict]``        (what a sweep with no ``--shape`` tunes)
 and optionally ``PRESETS: dict[str, list[dict]]`` (``--layer mobilenetv2``: named problem lists).

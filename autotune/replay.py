@@ -13,7 +13,7 @@ import pathlib
 
 from autotune import measure, registry
 from autotune.report import Table, problem_label, timing_cell
-from kernels import platform
+from tuning import platform
 
 
 def _intervals_overlap(a: tuple[float, float], b: tuple[float, float]) -> bool:

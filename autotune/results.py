@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import jax
 import numpy as np
 
-from kernels import platform
+from tuning import platform
 
 if TYPE_CHECKING:  # optuna is needed for sweeps only; benchmarks without one run without it
     import optuna

@@ -35,8 +35,8 @@ from sqlalchemy.engine import make_url
 
 from autotune import measure, registry
 from autotune.measure import Timing, default_repeats
-from kernels import platform, tuned
-from kernels.space import SearchSpace
+from tuning import platform, tuned
+from tuning.space import SearchSpace
 
 # A worker's heartbeat every HEARTBEAT_SECONDS; a RUNNING trial without one for GRACE_SECONDS
 # belongs to a dead worker and is failed and re-enqueued. TINYPALLAS_HEARTBEAT_SECONDS shortens

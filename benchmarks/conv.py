@@ -31,8 +31,8 @@ from jax import lax
 
 import kernels.conv as kc
 from autotune import measure, report, results
-from kernels import platform
 from kernels.conv.inverted_residual import MOBILENETV2_BLOCKS
+from tuning import platform
 
 ir = importlib.import_module("kernels.conv.inverted_residual")  # the package exports the function of that name
 QUICK_LAYERS = [kc.conv_problem(8, 8, 16, 16, 3), kc.conv_problem(8, 8, 16, 32, 3, 2),

@@ -22,8 +22,8 @@ import jax.numpy as jnp
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from autotune import measure, report, results
-from kernels import platform
 from models import execute, tflite_import, tflm, zoo
+from tuning import platform
 
 SMALL = ["mlperf_tiny_ad01_fc_autoencoder_int8", "mlperf_tiny_kws01_dscnn_int8", "mlperf_tiny_ic01_resnet8_cifar10_int8"]
 

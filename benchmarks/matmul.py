@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from autotune import measure, report, results
 from kernels import matmul as mm
-from kernels import platform
+from tuning import platform
 
 SQUARE = [1024, 2048, 4096, 8192]
 LLAMA_MNK = [(m, n, k) for m in (1, 16, 128, 2048) for (k, n) in ((4096, 4096), (4096, 11008), (11008, 4096))]

@@ -22,8 +22,9 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 from kernels import matmul as mm
-from kernels import platform, quant, tuned
-from kernels.space import Knob, SearchSpace
+from kernels import quant
+from tuning import platform, tuned
+from tuning.space import Knob, SearchSpace
 
 
 @dataclasses.dataclass(frozen=True)

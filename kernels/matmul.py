@@ -26,8 +26,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from kernels import platform, tuned
-from kernels.space import Knob, SearchSpace
+from tuning import platform, tuned
+from tuning.space import Knob, SearchSpace
 
 ORDERS = ("m_major", "n_major", "grouped")
 ACTIVATIONS = (None, "relu", "relu6", "gelu", "silu")

@@ -18,9 +18,9 @@ import pathlib
 import tempfile
 
 import mcu
-from kernels.space import Knob, Objective, SearchSpace
 from mcu import boards, build, cmsis_nn, codegen, patch, specialized
 from models import quantization, tflite_import, zoo
+from tuning.space import Knob, Objective, SearchSpace
 
 KERNEL = "mcu"
 DEFAULT_PROBLEMS = [{"model": "mlperf_tiny_kws01_dscnn_int8", "target": "stm32f746"}]
@@ -162,7 +162,7 @@ def search_space(problem: dict) -> SearchSpace:
 
 def tuned_config(path: str, target: str) -> codegen.Config | None:
     """The schedule the autotuner stored for this model and board, if any."""
-    from kernels import tuned
+    from tuning import tuned
 
     params = tuned.lookup(KERNEL, problem_key(path, target))
     return None if params is None else for_board(to_config(params), boards.board(target))

@@ -17,10 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels import tuned
 from kernels.cpu import build
 from kernels.llm import common, rope
-from kernels.space import Knob, SearchSpace
+from tuning import tuned
+from tuning.space import Knob, SearchSpace
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,10 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from autotune.measure import time_callable
-from kernels import tuned
 from kernels.cpu import build
 from kernels.llm import common
-from kernels.space import Knob, SearchSpace
+from tuning import tuned
+from tuning.space import Knob, SearchSpace
 
 VARIANTS = ("ijk", "ikj", "tiled", "unrolled", "simd")
 

@@ -17,11 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels import tuned
 from kernels.cpu import build
 from kernels.llm import common, w4a16
 from kernels.llm.w4a16 import QuantizedWeight
-from kernels.space import Knob, SearchSpace
+from tuning import tuned
+from tuning.space import Knob, SearchSpace
 
 FORMATS = ("q4_0", "q4_1", "q8_0")
 FORMAT_IDS = {"q4_0": 0, "q4_1": 1, "q8_0": 2}

@@ -10,11 +10,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels import tuned
 from kernels.cpu import build
 from kernels.llm import common
 from kernels.llm.rmsnorm import reference
-from kernels.space import Knob, SearchSpace
+from tuning import tuned
+from tuning.space import Knob, SearchSpace
 
 __all__ = ["Config", "reference", "rmsnorm", "search_space"]
 

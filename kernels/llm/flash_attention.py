@@ -15,9 +15,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from kernels import platform, tuned
 from kernels.llm import common, rope
-from kernels.space import Knob, SearchSpace
+from tuning import platform, tuned
+from tuning.space import Knob, SearchSpace
 
 _NEG = -1e30  # finite "minus infinity": exp(_NEG - m) is 0 without inf - inf = nan
 

@@ -57,7 +57,7 @@ def _check(args) -> None:
 def choose_path(requested: str, dtype: str) -> tuple[str, str | None]:
     """(execution path, warning or None). ``auto``: the compiled kernels on a CPU where they build
     and the dtype is float32, else xla; ``cpu`` where they cannot run falls back to xla, with a warning."""
-    from kernels import platform
+    from tuning import platform
 
     if requested in ("xla", "pallas"):
         return requested, None

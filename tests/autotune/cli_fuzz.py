@@ -29,8 +29,7 @@ SHAPES = {
 
 def fixtures(work: pathlib.Path) -> dict:
     """Files and URLs the cases point to: good, damaged and impossible ones."""
-    from autotune import cli
-    from kernels import tuned
+    from tuning import tuned
 
     work.mkdir(parents=True, exist_ok=True)
     (work / "afile").write_text("x")
@@ -39,11 +38,11 @@ def fixtures(work: pathlib.Path) -> dict:
     (work / "list.json").write_text("[1, 2, 3]")
     (work / "trunc.json").write_text('{"format": "tinypallas-best-configs/1", "entries": {"')
     key = tuned.cache_key("matmul", {"m": 16, "n": 16, "k": 16, "dtype": "float32"})
-    good = {"format": cli.EXPORT_FORMAT, "entries": {key: {"params": {"block_m": 16}, "seconds": 1e-3}}}
+    good = {"format": tuned.EXPORT_FORMAT, "entries": {key: {"params": {"block_m": 16}, "seconds": 1e-3}}}
     (work / "good.json").write_text(json.dumps(good))
-    (work / "noentries.json").write_text(json.dumps({"format": cli.EXPORT_FORMAT}))
-    (work / "badkeys.json").write_text(json.dumps({"format": cli.EXPORT_FORMAT, "entries": {"k": {"params": {}}}}))
-    (work / "badentries.json").write_text(json.dumps({"format": cli.EXPORT_FORMAT, "entries": {key: [1]}}))
+    (work / "noentries.json").write_text(json.dumps({"format": tuned.EXPORT_FORMAT}))
+    (work / "badkeys.json").write_text(json.dumps({"format": tuned.EXPORT_FORMAT, "entries": {"k": {"params": {}}}}))
+    (work / "badentries.json").write_text(json.dumps({"format": tuned.EXPORT_FORMAT, "entries": {key: [1]}}))
     (work / "model.tflite").write_bytes(b"TFL3" + bytes(64))
     storage = f"sqlite:///{work}/fuzz.db"
     _stored_study(storage)
@@ -61,7 +60,7 @@ def fixtures(work: pathlib.Path) -> dict:
 def _stored_study(storage: str) -> None:
     """A small finished study, so that list, plot and show have something to read."""
     from autotune import tuner
-    from kernels.space import Knob, SearchSpace
+    from tuning.space import Knob, SearchSpace
 
     space = SearchSpace(kernel="fuzz", problem={"n": 1}, knobs=(Knob("a", (1, 2, 3, 4)),), violations=lambda p: [],
                         to_config=lambda p: p, measure=lambda p: {"seconds": 1e-3 * p["a"]}, default={"a": 2})
@@ -166,6 +165,7 @@ def _alarm(signum, frame):
 
 def run_case(argv: list[str]) -> dict:
     from autotune import cli
+
 
     if "sweep" in argv and "--dry-run" not in argv:
         argv = argv + ["--dry-run"]

@@ -14,9 +14,9 @@ import optuna
 import pytest
 
 from autotune import cli, plots, tuner
-from kernels import tuned
-from kernels.space import Knob, SearchSpace
 from tests.conftest import REPO
+from tuning import tuned
+from tuning.space import Knob, SearchSpace
 
 
 def _run(argv, capsys) -> tuple[int, str, str]:
@@ -84,11 +84,11 @@ def test_damaged_cache_is_named_with_the_fix(content, fragment, tmp_path, monkey
 
 
 @pytest.mark.parametrize("doc, fragment", [
-    ({"format": cli.EXPORT_FORMAT}, "not a file written by"),
+    ({"format": tuned.EXPORT_FORMAT}, "not a file written by"),
     ([1, 2], "not a file written by"),
-    ({"format": cli.EXPORT_FORMAT, "entries": [1]}, "holds a JSON list"),
-    ({"format": cli.EXPORT_FORMAT, "entries": {"nojson": {"params": {}}}}, "is not a cache key"),
-    ({"format": cli.EXPORT_FORMAT, "entries": {tuned.cache_key("matmul", {"m": 1}, "cpu", "0"): 3}}, "no params"),
+    ({"format": tuned.EXPORT_FORMAT, "entries": [1]}, "holds a JSON list"),
+    ({"format": tuned.EXPORT_FORMAT, "entries": {"nojson": {"params": {}}}}, "is not a cache key"),
+    ({"format": tuned.EXPORT_FORMAT, "entries": {tuned.cache_key("matmul", {"m": 1}, "cpu", "0"): 3}}, "no params"),
 ])
 def test_import_of_malformed_files_is_refused(doc, fragment, tmp_path, capsys):
     bad = tmp_path / "bad.json"
@@ -102,7 +102,7 @@ def test_import_merges_keeping_the_faster_config(tmp_path, capsys):
     tuned.save_all({k1: {"params": {"block_m": 16}, "seconds": 2.0, "objective": "seconds"},
                     k2: {"params": {"block_m": 32}, "seconds": 1.0, "objective": "seconds"}})
     other = tmp_path / "other.json"
-    other.write_text(json.dumps({"format": cli.EXPORT_FORMAT, "entries": {
+    other.write_text(json.dumps({"format": tuned.EXPORT_FORMAT, "entries": {
         k1: {"params": {"block_m": 64}, "seconds": 1.5, "objective": "seconds"},  # faster: replaces
         k2: {"params": {"block_m": 128}, "seconds": 3.0, "objective": "seconds"},  # slower: kept out
         k3: {"params": {"block_m": 256}, "seconds": 9.0, "objective": "seconds"}}}))  # new: added
