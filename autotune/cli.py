@@ -30,16 +30,13 @@ import subprocess
 import sys
 import threading
 import time
-import traceback
+
+import cli
 
 DEFAULT_RESULTS = pathlib.Path("results")
 MAX_LOCAL_WORKERS = 64
 BUNDLE_EVERY_SECONDS = 30.0  # a running sweep rewrites its bundle at most this often (and at the end)
 FORMATS = ("table", "csv", "json")
-
-
-class UsageError(Exception):
-    """A mistake in the command line or its inputs: reported as one ``error:`` line, exit 2."""
 
 
 def default_storage() -> str:
@@ -50,58 +47,8 @@ def default_storage() -> str:
 # Arguments
 # ----------------------------------------------------------------------------------------------
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a mistake is one line (``error: ...``) rather than usage + message."""
-
-    def error(self, message: str):
-        print(f"error: {message}; see `{self.prog} --help`", file=sys.stderr)
-        raise SystemExit(2)
-
-    def format_help(self) -> str:
-        lazy = getattr(self, "lazy_epilog", None)
-        if lazy is not None:
-            self.epilog = lazy()
-        return super().format_help()
-
-
 class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     pass
-
-
-def _whole_number(low: int, high: int | None = None):
-    """An argparse type: a whole number in [low, high]."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if value < low or (high is not None and value > high):
-            bound = f"{low} or more" if high is None else f"between {low} and {high}"
-            raise argparse.ArgumentTypeError(f"{value} must be {bound}")
-        return value
-
-    return parse
-
-
-_positive_int = _whole_number(1)
-_seed = _whole_number(0, 2**31 - 1)
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"{text} must be a finite number of seconds > 0")
-    return value
-
-
-def _name(text: str) -> str:
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", text):
-        raise argparse.ArgumentTypeError(f"{text!r} must be 1-100 letters, digits, '.', '_' or '-'")
-    return text
 
 
 def _sweep_epilog() -> str:
@@ -130,12 +77,11 @@ def _sweep_epilog() -> str:
 
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                        help="show the traceback of an error")
-    p = _Parser(prog="python -m autotune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                allow_abbrev=False)
-    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    cli.add_debug(common)
+    p = cli.ArgumentParser(prog="python -m autotune", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    cli.add_debug(p)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=cli.ArgumentParser)
 
     s = sub.add_parser("sweep", help="tune kernels with Optuna", parents=[common], formatter_class=_Formatter,
                        allow_abbrev=False, description="Tune one kernel on one or more problems; one Optuna study "
@@ -150,20 +96,20 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--target", "--board", dest="target", help="MCU board whose schedule for --model is tuned "
                    "(`list boards`)")
     s.add_argument("--model", help="the int8 .tflite model whose MCU schedule --target tunes")
-    s.add_argument("--trials", type=_positive_int, default=None,
+    s.add_argument("--trials", type=cli.whole_number(1), default=None,
                    help="COMPLETE trials per problem, counted over every worker of the study "
                         "(default: 12 on CPU, 40 on GPU); a re-run resumes")
-    s.add_argument("--timeout", type=_seconds, default=None, help="seconds per problem and worker")
+    s.add_argument("--timeout", type=cli.seconds, default=None, help="seconds per problem and worker")
     s.add_argument("--storage", default=None,
                    help="Optuna storage URL shared by workers: sqlite:///PATH.db or postgresql://USER@HOST/DB "
                         "(default: results/autotune.sqlite3)")
-    s.add_argument("--seed", type=_seed, default=0, help="sampler seed (worker i of --workers uses seed + i)")
+    s.add_argument("--seed", type=cli.whole_number(0, 2**31 - 1), default=0, help="sampler seed (worker i of --workers uses seed + i)")
     s.add_argument("--no-warm-start", action="store_true",
                    help="new studies start from the heuristic default only, not from the nearest tuned problems")
-    s.add_argument("--study-name", type=_name, default=None, help="prefix of the study names (one study per problem)")
+    s.add_argument("--study-name", type=cli.name, default=None, help="prefix of the study names (one study per problem)")
     s.add_argument("--results", default=None,
                    help="folder for the results bundle (default: results/sweeps/TIME-KERNEL-HOST-PID)")
-    s.add_argument("--workers", type=_positive_int, default=1,
+    s.add_argument("--workers", type=cli.whole_number(1), default=1,
                    help="local worker processes sharing the studies and the --trials budget "
                         "(one per GPU where there are several)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar (lines per trial are still "
@@ -191,7 +137,7 @@ def _parser() -> argparse.ArgumentParser:
 
     ex = sub.add_parser("export", help="write the best-config cache to FILE", parents=[common],
                         formatter_class=_Formatter, allow_abbrev=False)
-    ex.add_argument("file")
+    ex.add_argument("file", type=cli.output_file)
     ex.add_argument("--kernel", default=None)
     im = sub.add_parser("import", help="merge a file written by `export` into the best-config cache (for one "
                         "key, the faster config wins)", parents=[common], formatter_class=_Formatter,
@@ -267,37 +213,37 @@ def _problem_text(problem: dict) -> str:
 def _plan(args) -> tuple[list, int, str]:
     """Everything a sweep checks before it touches a study: (search spaces, trials, storage URL).
 
-    Raises UsageError / ValueError naming the argument and its valid values.
+    Raises ValueError naming the argument and its valid values.
     """
     from autotune import registry, tuner
     from tuning import platform, tuned
 
     if (args.target or args.model) and args.kernel not in (None, "mcu"):
-        raise UsageError(f"--target/--model tune the MCU schedule (--kernel mcu); drop --kernel {args.kernel}")
+        raise ValueError(f"--target/--model tune the MCU schedule (--kernel mcu); drop --kernel {args.kernel}")
     if args.target or args.model:
         from mcu import boards
 
         if not (args.target and args.model):
-            raise UsageError("--target and --model go together: --target stm32f746 --model PATH.tflite")
+            raise ValueError("--target and --model go together: --target stm32f746 --model PATH.tflite")
         if args.target not in boards.BOARDS:
-            raise UsageError(f"unknown board {args.target!r} for --target; choose one of: {', '.join(boards.BOARDS)}")
+            raise ValueError(f"unknown board {args.target!r} for --target; choose one of: {', '.join(boards.BOARDS)}")
         if args.shape or args.layer:
-            raise UsageError("--model/--target name the problem; drop --shape/--layer")
+            raise ValueError("--model/--target name the problem; drop --shape/--layer")
         args.kernel = "mcu"
     args.kernel = args.kernel or ("matmul" if args.shape or args.layer else _default_kernel())
     entry = registry.entry(args.kernel)
     if args.dtype is not None and args.dtype not in entry.dtypes:
         valid = f"choose one of: {', '.join(entry.dtypes)}" if entry.dtypes else "it takes none"
-        raise UsageError(f"--dtype {args.dtype!r} is not a dtype of --kernel {args.kernel}; {valid}")
+        raise ValueError(f"--dtype {args.dtype!r} is not a dtype of --kernel {args.kernel}; {valid}")
     if args.layer and args.shape:
-        raise UsageError("--layer and --shape both name the problems; give one of them")
+        raise ValueError("--layer and --shape both name the problems; give one of them")
     module = registry.kernel_module(args.kernel)
     if args.kernel == "mcu" and args.model:
         problems = [module.parse_shape(f"{args.model}@{args.target}")]
     elif args.layer:
         presets = getattr(module, "PRESETS", {})
         if args.layer not in presets:
-            raise UsageError(f"--layer {args.layer!r} is not offered by --kernel {args.kernel}; "
+            raise ValueError(f"--layer {args.layer!r} is not offered by --kernel {args.kernel}; "
                              f"choose one of: {', '.join(sorted(presets)) or 'none (use --shape)'}")
         problems = list(presets[args.layer])
     elif args.shape:
@@ -334,7 +280,7 @@ def _make_dir(path: pathlib.Path, what: str) -> None:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UsageError(f"{what} {path}: cannot create the folder ({e.strerror or e}); choose another path") from None
+        raise ValueError(f"{what} {path}: cannot create the folder ({e.strerror or e}); choose another path") from None
 
 
 def _raise_interrupt(signum, frame):
@@ -355,7 +301,7 @@ def _stored_study(name: str, storage: str):
 
 def cmd_sweep(args) -> int:
     if args.workers > MAX_LOCAL_WORKERS:
-        raise UsageError(f"--workers {args.workers}: at most {MAX_LOCAL_WORKERS} on one machine; for more, run "
+        raise ValueError(f"--workers {args.workers}: at most {MAX_LOCAL_WORKERS} on one machine; for more, run "
                          "one sweep per host on a shared PostgreSQL --storage (examples/slurm_sweep.sbatch)")
     if args.workers > 1 and args.worker_index is None:
         # The coordinating process queries the device too: it must not take the GPU's memory.
@@ -630,7 +576,7 @@ def _run_workers(args, spaces, n_trials, storage, bundle) -> int:
     if failed:
         i, code = failed[0]
         last = next((line for line in reversed(tails[i]) if line.startswith("error:")), tails[i][-1] if tails[i] else "")
-        raise UsageError(f"worker {i} exited with status {code}: {last.removeprefix('error: ')}")
+        raise ValueError(f"worker {i} exited with status {code}: {last.removeprefix('error: ')}")
     _print_summary(out, platform.interpret_default() and args.kernel != "mcu" and not args.kernel.startswith("cpu"))
     print(f"results bundle: {bundle.resolve()}")
     return 0
@@ -762,7 +708,7 @@ def cmd_plot(args) -> int:
 
     url, storage = _existing_storage(args.storage)
     if storage is None:
-        raise UsageError(f"no storage at {url}; run a sweep first or pass --storage")
+        raise ValueError(f"no storage at {url}; run a sweep first or pass --storage")
     names = [args.study_name] if args.study_name else [s.study_name for s in optuna.get_all_study_summaries(
         storage, include_best_trial=False)]
     if not names:
@@ -775,7 +721,7 @@ def cmd_plot(args) -> int:
         try:
             study = optuna.load_study(study_name=name, storage=storage)
         except KeyError:
-            raise UsageError(f"no study named {name!r} in {url}; `python -m autotune list studies"
+            raise ValueError(f"no study named {name!r} in {url}; `python -m autotune list studies"
                              f"{'' if args.storage is None else ' --storage ' + args.storage}` lists them") from None
         written += plots.plot_study(study, output)
     for path in written:
@@ -783,21 +729,11 @@ def cmd_plot(args) -> int:
     return 0
 
 
-def _output_file(path_text: str) -> pathlib.Path:
-    path = pathlib.Path(path_text)
-    if path.is_dir():
-        raise UsageError(f"{path} is a folder; give a file name, e.g. {path / 'configs.json'}")
-    if not path.parent.is_dir():
-        raise UsageError(f"folder {path.parent} does not exist; create it or write elsewhere")
-    return path
-
-
 def cmd_export(args) -> int:
     from tuning import tuned
 
-    path = _output_file(args.file)
-    count = tuned.export(path, args.kernel or None)
-    print(f"exported {count} configs to {path}")
+    count = tuned.export(args.file, args.kernel or None)
+    print(f"exported {count} configs to {args.file}")
     return 0
 
 
@@ -824,7 +760,7 @@ def cmd_replay(args) -> int:
     from autotune import replay, report
 
     if args.repeats is not None and args.repeats < 10:
-        raise UsageError(f"--repeats {args.repeats}: intervals need at least 10 samples")
+        raise ValueError(f"--repeats {args.repeats}: intervals need at least 10 samples")
     table, _ = replay.replay(args.bundle, repeats=args.repeats)  # a ValueError is one error line (main)
     print(report.render([table], args.format))
     return 0
@@ -834,40 +770,21 @@ COMMANDS = {"sweep": cmd_sweep, "list": cmd_list, "show": cmd_show, "plot": cmd_
             "import": cmd_import, "report": cmd_report, "replay": cmd_replay}
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    import sqlalchemy.exc
-
-    return UsageError, ValueError, OSError, sqlalchemy.exc.SQLAlchemyError
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status (2 for every mistake in the arguments)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    import sqlalchemy.exc
+
+    return cli.run(_main, argv, user_errors=(sqlalchemy.exc.SQLAlchemyError,))
+
+
+def _main(argv: list[str]) -> int:
     parser = _parser()
-    if not argv:
+    args = parser.parse_args(argv)
+    if args.command is None:  # bare `python -m autotune` (or only --debug): what it can do
         parser.print_help()
         return 0
-    debug = "--debug" in argv
-    try:
-        args = parser.parse_args(argv)
-        if args.command in ("sweep", "list", "plot"):
-            import optuna
+    if args.command in ("sweep", "list", "plot"):
+        import optuna
 
-            optuna.logging.set_verbosity(optuna.logging.ERROR)  # trials are reported one line each
-        if args.command is None:
-            parser.print_help()
-            return 0
-        return COMMANDS[args.command](args)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:  # noqa: BLE001 - every error ends in one line; --debug shows where it came from
-        if debug:
-            traceback.print_exc()
-        message = " ".join(str(e).split()) or type(e).__name__
-        if isinstance(e, _user_errors()):
-            print(f"error: {message}", file=sys.stderr)
-            return 2
-        print(f"error: unexpected {type(e).__name__}: {message[:500]} (a bug: please report it with the output "
-              "of --debug)", file=sys.stderr)
-        return 1
+        optuna.logging.set_verbosity(optuna.logging.ERROR)  # trials are reported one line each
+    return COMMANDS[args.command](args)

@@ -10,18 +10,14 @@ import os
 import pathlib
 import sys
 
+import cli
+
 PATH_CHOICES = ("auto", "xla", "pallas", "cpu")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, not argparse's usage block
-        print(f"error: {message} (see `python -m models.llama generate --help`)", file=sys.stderr)
-        sys.exit(2)
-
-
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m models.llama")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = cli.ArgumentParser(prog="python -m models.llama")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=cli.ArgumentParser)
     g = sub.add_parser("generate", help="generate text (defaults to the bundled SmolLM2-135M-Instruct)")
     g.add_argument("--prompt", required=True)
     g.add_argument("--model", default=None, help="path to a .gguf file or a safetensors checkpoint folder")
@@ -35,6 +31,7 @@ def _parser() -> argparse.ArgumentParser:
                         "auto (default): cpu on a CPU where its kernels build, else xla")
     g.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     g.add_argument("--no-chat", action="store_true", help="use the prompt as raw text, not a chat turn")
+    cli.add_debug(g)
     return parser
 
 
@@ -86,6 +83,11 @@ def enable_compilation_cache() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit status 0; 2 with one ``error:`` line for a mistake in the arguments or the model."""
+    return cli.run(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     try:
         _check(args)
@@ -120,9 +122,6 @@ def main(argv: list[str] | None = None) -> int:
         result = generate(model.params, model.config, [ids], max_tokens=args.max_tokens, stop_ids=tok.stop_ids,
                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                           path=path, dtype=jnp.dtype(args.dtype), on_token=stream)
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
