@@ -178,7 +178,7 @@ def test_corrupt_cache_is_named(tmp_path, monkeypatch):
     path = tmp_path / "broken.json"
     path.write_text("{not json")
     monkeypatch.setenv("TINYPALLAS_CACHE", str(path))
-    with pytest.raises(ValueError, match="not valid JSON.*delete it"):
+    with pytest.raises(ValueError, match="not valid JSON.*delete the file"):
         mm.matmul(jnp.ones((4, 4)), jnp.ones((4, 4)))
 
 
