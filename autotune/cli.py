@@ -55,21 +55,18 @@ def _sweep_epilog() -> str:
     """The kernels with their --shape syntax, dtypes and presets (imports every kernel module)."""
     from autotune import registry
 
-    lines = ["kernels (--kernel), their --shape syntax, --dtype values and --layer presets:"]
+    lines = ["kernels (--kernel), how their problems are named (--shape, --layer, --model) and --dtype values:"]
     for name, entry in registry.KERNELS.items():
         try:
-            module = registry.kernel_module(name)
+            flags = entry.flags()
         except Exception as e:  # noqa: BLE001 - help must print even when an optional dependency is missing
             lines.append(f"  {name:18s} (unavailable here: {type(e).__name__}: {e})")
             continue
-        doc = (getattr(module, "parse_shape", None).__doc__ or "").strip().splitlines()
-        lines.append(f"  {name:18s} --shape {doc[0] if doc else '(default problems only)'}")
+        rows = [f"{flag} {text}" for flag, text in flags.items()] or ["(default problems only)"]
         if entry.dtypes:
-            lines.append(f"  {'':18s} --dtype {', '.join(entry.dtypes)}")
-        presets = getattr(module, "PRESETS", {})
-        if presets:
-            lines.append(f"  {'':18s} --layer {', '.join(f'{k} ({len(v)} problems)' for k, v in presets.items())}")
-    lines.append("MCU boards (--target/--board): `python -m autotune list boards`.")
+            rows.append(f"--dtype {', '.join(entry.dtypes)}")
+        lines += [f"  {name if i == 0 else '':18s} {row}" for i, row in enumerate(rows)]
+    lines.append("Boards for --target: `python -m autotune list boards`.")
     lines.append("Several workers share one study and one --trials budget: --workers N here, or one "
                  "`sweep` per host on one PostgreSQL --storage (examples/slurm_sweep.sbatch).")
     return "\n".join(lines)
@@ -93,9 +90,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="problem shape, repeatable, in the kernel's syntax below (default: its default problems)")
     s.add_argument("--layer", help="a named list of problems the kernel offers (below), e.g. mobilenetv2")
     s.add_argument("--dtype", help="operand dtype, among the kernel's (below)")
-    s.add_argument("--target", "--board", dest="target", help="MCU board whose schedule for --model is tuned "
-                   "(`list boards`)")
-    s.add_argument("--model", help="the int8 .tflite model whose MCU schedule --target tunes")
+    s.add_argument("--target", "--board", dest="target", help="the board a --model runs on (`list boards`)")
+    s.add_argument("--model", help="a model file or reference model name, for the kernels whose problems are models "
+                   "(below)")
     s.add_argument("--trials", type=cli.whole_number(1), default=None,
                    help="COMPLETE trials per problem, counted over every worker of the study "
                         "(default: 12 on CPU, 40 on GPU); a re-run resumes")
@@ -218,47 +215,18 @@ def _plan(args) -> tuple[list, int, str]:
     from autotune import registry, tuner
     from tuning import platform, tuned
 
-    if (args.target or args.model) and args.kernel not in (None, "mcu"):
-        raise ValueError(f"--target/--model tune the MCU schedule (--kernel mcu); drop --kernel {args.kernel}")
-    if args.target or args.model:
-        from mcu import boards
-
-        if not (args.target and args.model):
-            raise ValueError("--target and --model go together: --target stm32f746 --model PATH.tflite")
-        if args.target not in boards.BOARDS:
-            raise ValueError(f"unknown board {args.target!r} for --target; choose one of: {', '.join(boards.BOARDS)}")
-        if args.shape or args.layer:
-            raise ValueError("--model/--target name the problem; drop --shape/--layer")
-        args.kernel = "mcu"
-    args.kernel = args.kernel or ("matmul" if args.shape or args.layer else _default_kernel())
+    gpu = platform.backend() == "gpu"
+    args.kernel = args.kernel or registry.default_kernel(gpu=gpu, problems=bool(args.shape or args.layer),
+                                                         model=bool(args.model or args.target))
     entry = registry.entry(args.kernel)
-    if args.dtype is not None and args.dtype not in entry.dtypes:
-        valid = f"choose one of: {', '.join(entry.dtypes)}" if entry.dtypes else "it takes none"
-        raise ValueError(f"--dtype {args.dtype!r} is not a dtype of --kernel {args.kernel}; {valid}")
-    if args.layer and args.shape:
-        raise ValueError("--layer and --shape both name the problems; give one of them")
-    module = registry.kernel_module(args.kernel)
-    if args.kernel == "mcu" and args.model:
-        problems = [module.parse_shape(f"{args.model}@{args.target}")]
-    elif args.layer:
-        presets = getattr(module, "PRESETS", {})
-        if args.layer not in presets:
-            raise ValueError(f"--layer {args.layer!r} is not offered by --kernel {args.kernel}; "
-                             f"choose one of: {', '.join(sorted(presets)) or 'none (use --shape)'}")
-        problems = list(presets[args.layer])
-    elif args.shape:
-        problems = [module.parse_shape(s) for s in args.shape]
-    else:
-        gpu_problems = getattr(module, "GPU_PROBLEMS", None)
-        problems = list(gpu_problems if platform.backend() == "gpu" and gpu_problems else module.DEFAULT_PROBLEMS)
-    if args.dtype:
-        problems = [{**p, "dtype": args.dtype} for p in problems]
+    problems = entry.problems(shapes=args.shape, layer=args.layer, model=args.model, target=args.target,
+                              dtype=args.dtype, gpu=gpu)
     spaces = []
     for problem in problems:
-        space = module.search_space(problem)
+        space = entry.load().search_space(problem)
         tuner.check_fits(space)
         spaces.append(space)
-    trials = args.trials or (12 if platform.interpret_default() else 40)
+    trials = args.trials or (40 if gpu else 12)
     storage = args.storage or default_storage()
     if args.dry_run:
         _existing_storage(storage)  # a dry run creates no database
@@ -312,7 +280,7 @@ def cmd_sweep(args) -> int:
     bundle = _bundle_dir(args)
     worker = args.worker_index is not None
     seed = args.seed + (args.worker_index or 0)
-    interpreted = platform.interpret_default() and args.kernel != "mcu" and not args.kernel.startswith("cpu")
+    interpreted = any(space.interpreted for space in spaces)
     if not worker:
         print(f"tinypallas autotune: kernel={args.kernel} device={platform.device_kind()} problems={len(spaces)} "
               f"trials/problem={n_trials} seed={args.seed} workers={args.workers}", flush=True)
@@ -321,11 +289,11 @@ def cmd_sweep(args) -> int:
             print("CPU: Pallas runs in interpret mode; the timings are of the interpreter, not of compiled "
                   "kernels.", flush=True)
     if args.dry_run:
-        from autotune import registry, tuner
+        from autotune import tuner
 
         rows = [[tuner.study_name_for(s, args.study_name), _problem_text(s.problem),
-                 _bytes_text(registry.problem_bytes(s.kernel, s.problem)), len(s.knobs)] for s in spaces]
-        print_rows("plan (dry run: nothing ran)", ["study", "problem", "operands", "knobs"], rows)
+                 _bytes_text(s.problem_bytes()), len(s.knobs)] for s in spaces]
+        print_rows("plan (dry run: nothing ran)", ["study", "problem", "operands and result", "knobs"], rows)
         return 0
     if not worker:
         _make_dir(bundle, "--results")
@@ -350,7 +318,7 @@ def _run_sweep(args, spaces, n_trials, storage, bundle, seed, worker, interprete
     done: list = []
     current: dict = {}
     last_write = [time.monotonic()]
-    env = results.environment(seed=seed)
+    env = results.environment(seed=seed, interpreted=interpreted)
 
     progress = SweepProgress(len(spaces), n_trials, bar=None if not args.no_progress else False,
                              lines=True if worker else None)
@@ -477,11 +445,10 @@ def _worker_devices(workers: int) -> tuple[list[dict], str]:
 def _worker_argv(args, index: int) -> list[str]:
     argv = [sys.executable, "-m", "autotune", "sweep", "--kernel", args.kernel, "--seed", str(args.seed),
             "--worker-index", str(index), "--no-progress"]
-    if args.kernel == "mcu" and args.model:
-        argv += ["--target", args.target, "--model", args.model]
     for shape in args.shape:
         argv += ["--shape", shape]
-    for flag, value in (("--layer", args.layer), ("--dtype", args.dtype), ("--trials", args.trials),
+    for flag, value in (("--layer", args.layer), ("--model", args.model), ("--target", args.target),
+                        ("--dtype", args.dtype), ("--trials", args.trials),
                         ("--timeout", args.timeout), ("--storage", args.storage or default_storage()),
                         ("--study-name", args.study_name)):
         if value is not None:
@@ -497,7 +464,7 @@ def _run_workers(args, spaces, n_trials, storage, bundle) -> int:
 
     from autotune import results, tuner
     from autotune.progress import SweepProgress, complete_trials
-    from tuning import platform, tuned
+    from tuning import tuned
 
     devices, where = _worker_devices(args.workers)
     names = [tuner.study_name_for(s, args.study_name) for s in spaces]
@@ -560,9 +527,9 @@ def _run_workers(args, spaces, n_trials, storage, bundle) -> int:
         best_params, best_values = tuner.best_of(study, space)
         if best_params is not None:
             tuned.store(space.kernel, space.problem, best_params, **best_values, study=name,
-                        objective=space.objectives[0].name, interpreted=platform.interpret_default())
+                        objective=space.objectives[0].name, interpreted=space.interpreted)
         out.append(tuner.TuneResult(study, space, best_params, best_values))
-    env = results.environment(seed=args.seed)
+    env = results.environment(seed=args.seed, interpreted=any(s.interpreted for s in spaces))
     env["workers"] = args.workers
     env["warm_start_sources"] = {r.study.study_name: r.study.user_attrs.get("warm_start") for r in out}
     if out:
@@ -577,21 +544,9 @@ def _run_workers(args, spaces, n_trials, storage, bundle) -> int:
         i, code = failed[0]
         last = next((line for line in reversed(tails[i]) if line.startswith("error:")), tails[i][-1] if tails[i] else "")
         raise ValueError(f"worker {i} exited with status {code}: {last.removeprefix('error: ')}")
-    _print_summary(out, platform.interpret_default() and args.kernel != "mcu" and not args.kernel.startswith("cpu"))
+    _print_summary(out, any(space.interpreted for space in spaces))
     print(f"results bundle: {bundle.resolve()}")
     return 0
-
-
-def _default_kernel() -> str:
-    """The main job (no --kernel, --shape or --layer): matmul on a GPU; on a CPU the compiled CPU
-    kernels (real timings), where they build."""
-    from tuning import platform
-
-    if platform.backend() == "gpu":
-        return "matmul"
-    from kernels.cpu import build
-
-    return "cpu" if build.availability() is None else "matmul"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -618,23 +573,21 @@ def cmd_list(args) -> int:
     if args.what == "kernels":
         rows = []
         for name, entry in registry.KERNELS.items():
-            module = registry.kernel_module(name)
-            doc = (getattr(module, "parse_shape", None).__doc__ or "").strip().splitlines()
-            rows.append([name, entry.module, ", ".join(entry.dtypes) or "-", ", ".join(getattr(module, "PRESETS", {})),
-                         doc[0] if doc else ""])
-        print_rows("kernels (--kernel)", ["kernel", "module", "dtypes", "layers", "shape"], rows, args.format)
+            flags = entry.flags()
+            presets = getattr(entry.load(), "PRESETS", {})
+            rows.append([name, entry.module, ", ".join(entry.dtypes) or "-", ", ".join(presets),
+                         flags.get("--shape", ""), flags.get("--model", "")])
+        print_rows("kernels (--kernel)", ["kernel", "module", "dtypes", "layers", "shape", "model"], rows, args.format)
     elif args.what == "layers":
         rows = []
-        for name in registry.KERNELS:
-            for layer, problems in getattr(registry.kernel_module(name), "PRESETS", {}).items():
+        for name, entry in registry.KERNELS.items():
+            for layer, problems in getattr(entry.load(), "PRESETS", {}).items():
                 rows.append([name, layer, len(problems)])
         print_rows("layer presets (--kernel K --layer L)", ["kernel", "layer", "problems"], rows, args.format)
     elif args.what == "boards":
-        from mcu import boards
-
-        rows = [[b.name, b.cpu, b.sram_bytes // 1024, b.flash_bytes // 1024, b.clock_hz // 1_000_000]
-                for b in boards.BOARDS.values()]
-        print_rows("MCU boards (--target)", ["board", "cpu", "sram_kib", "flash_kib", "mhz"], rows, args.format)
+        targets = registry.targets()
+        columns = list(dict.fromkeys(key for target in targets for key in target)) or ["board"]
+        print_rows("boards (--target)", columns, [[t.get(c, "") for c in columns] for t in targets], args.format)
     else:
         return _list_studies(args)
     return 0

@@ -111,14 +111,19 @@ def _nvidia_smi() -> dict | str | None:
     return dict(zip(_SMI_FIELDS, values)) if len(values) == len(_SMI_FIELDS) else out
 
 
-def environment(seed: int | None = None, warm_start_sources: dict | None = None) -> dict:
+def environment(seed: int | None = None, warm_start_sources: dict | None = None,
+                interpreted: bool | None = None) -> dict:
     """One record of what produced a number: code (git commit, dirty flag, package version),
     software (jax, jaxlib, optuna, CUDA, driver, cuDNN/cuBLAS where readable, ``XLA_FLAGS``),
     hardware (CPU model, GPU name, clocks, caches), the seed, the command line and, for sweeps,
-    the warm-start sources of every study (``{study: [{"problem": ..., "params": ...}, ...]}``)."""
+    the warm-start sources of every study (``{study: [{"problem": ..., "params": ...}, ...]}``).
+
+    interpreted: whether the timings are of the Pallas interpreter; a sweep passes what its search
+        spaces declare, and None means Pallas kernels on this device (``platform.interpret_default()``).
+    """
     commit = (_git("rev-parse", "HEAD") or "").strip()
     status = _git("status", "--porcelain", "--untracked-files=no")
-    interpreted = platform.interpret_default()
+    interpreted = platform.interpret_default() if interpreted is None else interpreted
     return {
         "date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "git_commit": commit if len(commit) == 40 else None,

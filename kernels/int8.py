@@ -373,8 +373,7 @@ def search_space(problem: dict) -> SearchSpace:
         pad = ((kh // 2, kh // 2), ((taps // kh) // 2, (taps // kh) // 2))
 
         def make_inputs(seed):
-            x = np.random.default_rng(seed).integers(-128, 128, (1, side, m // side, c), dtype=np.int8)
-            return (jnp.asarray(x),)
+            return (jax.random.randint(jax.random.key(seed), (1, side, m // side, c), -128, 128, jnp.int8),)
 
         def fn(cfg: Config):
             return functools.partial(depthwise_conv2d, w=w, bias=None, stride=(1, 1), dilation=(1, 1), padding=pad,
@@ -388,12 +387,15 @@ def search_space(problem: dict) -> SearchSpace:
         def violations(params: dict) -> list[str]:
             return mm.config_violations(Config(**params).gemm(), m, n, k, jnp.int8)
 
+        # Per-channel requantization drawn from 64 real multipliers quantized the TFLite way; jax
+        # only inside make_inputs, so its shapes evaluate abstractly (SearchSpace.problem_bytes).
+        table = tuple(jnp.asarray(v) for v in quant.quantize_multipliers(rng.uniform(1e-4, 1e-2, 64)))
+
         def make_inputs(seed):
-            r = np.random.default_rng(seed)
-            mult, shift = quant.quantize_multipliers(r.uniform(1e-4, 1e-2, n))
-            return (jnp.asarray(r.integers(-128, 128, (m, k), dtype=np.int8)),
-                    jnp.asarray(r.integers(-128, 128, (k, n), dtype=np.int8)),
-                    jnp.asarray(r.integers(-5000, 5000, n, dtype=np.int32)), jnp.asarray(mult), jnp.asarray(shift))
+            ka, kb, kbias, kq = jax.random.split(jax.random.key(seed), 4)
+            channel = jax.random.randint(kq, (n,), 0, 64)
+            return (jax.random.randint(ka, (m, k), -128, 128, jnp.int8), jax.random.randint(kb, (k, n), -128, 128, jnp.int8),
+                    jax.random.randint(kbias, (n,), -5000, 5000, jnp.int32), table[0][channel], table[1][channel])
 
         def fn(cfg: Config):
             return functools.partial(gemm_requant, output_offset=-3, act_min=-128, act_max=127, config=cfg)
@@ -401,4 +403,4 @@ def search_space(problem: dict) -> SearchSpace:
         knobs += [Knob("num_warps", (2, 4, 8)), Knob("num_stages", (2, 3, 4))]
     return SearchSpace(kernel=KERNEL, problem=problem, knobs=tuple(knobs), violations=violations,
                        to_config=lambda params: Config(**params), fn=fn, make_inputs=make_inputs,
-                       default=heuristic_config(problem).params())
+                       default=heuristic_config(problem).params(), interpreted=platform.interpret_default())

@@ -450,6 +450,7 @@ def search_space(problem: dict) -> SearchSpace:
         fn=lambda cfg: functools.partial(matmul, config=cfg),
         make_inputs=make_inputs,
         default=heuristic_config(m, n, k, dtype).params(),
+        interpreted=platform.interpret_default(),
     )
 
 

@@ -12,13 +12,10 @@ import sys
 
 import pytest
 
-from kernels.cpu import build as cpu_build
 from mcu import __main__ as mcu_cli
 from models import diff
 from tests.cli_fuzz import PROFILES
 from tests.conftest import REPO
-
-KERNEL_CACHE = cpu_build.cache_dir()  # resolved before the per-test cache folder is set: one build for all
 
 KWS = "mlperf_tiny_kws01_dscnn_int8"
 
@@ -87,8 +84,7 @@ def test_diff_mistakes_are_one_line(argv, expected, files, model_path, capsys):
 def _battery(tmp_path, cli: str, seed: int, count: int, timeout: int) -> None:
     """Run ``count`` cases of ``tests.cli_fuzz`` for ``cli`` in a child process and check each answer."""
     env = {k: v for k, v in os.environ.items() if k != "CMSIS_NN_ROOT"}
-    env.update(PYTHONPATH=str(REPO), TINYPALLAS_CACHE=str(tmp_path / "cache.json"),
-               TINYPALLAS_KERNEL_CACHE=str(KERNEL_CACHE))
+    env.update(PYTHONPATH=str(REPO), TINYPALLAS_CACHE=str(tmp_path / "cache.json"))
     work = tmp_path / "work"
     proc = subprocess.run([sys.executable, "-m", "tests.cli_fuzz", cli, str(seed), str(count), str(work)], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=timeout, check=False)

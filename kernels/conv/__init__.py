@@ -486,6 +486,7 @@ def search_space(problem: dict) -> SearchSpace:
         fn=fn,
         make_inputs=make_inputs,
         default=heuristic_config(g, dtype).params(),
+        interpreted=platform.interpret_default(),
     )
 
 

@@ -307,4 +307,5 @@ def search_space(problem: dict) -> SearchSpace:
         fn=lambda cfg: functools.partial(inverted_residual, stride=s, config=cfg),
         make_inputs=make_inputs,
         default=heuristic_config(problem).params(),
+        interpreted=platform.interpret_default(),
     )

@@ -226,4 +226,4 @@ def search_space(problem: dict) -> SearchSpace:
     return SearchSpace(kernel="decode_attention", problem=problem, knobs=tuple(knobs), violations=violations,
                        to_config=lambda p: Config(**{**Config().params(), **p}),
                        fn=lambda cfg: functools.partial(decode_attention, config=cfg), make_inputs=make_inputs,
-                       default=heuristic_config(s, b, hkv).params())
+                       default=heuristic_config(s, b, hkv).params(), interpreted=platform.interpret_default())

@@ -178,4 +178,4 @@ def search_space(problem: dict) -> SearchSpace:
     return SearchSpace(kernel="flash_attention", problem=problem, knobs=tuple(knobs), violations=violations,
                        to_config=lambda p: Config(**{**Config().params(), **p}),
                        fn=lambda cfg: functools.partial(flash_attention, config=cfg), make_inputs=make_inputs,
-                       default=heuristic_config(t, d).params())
+                       default=heuristic_config(t, d).params(), interpreted=platform.interpret_default())

@@ -135,4 +135,5 @@ def search_space(problem: dict) -> SearchSpace:
 
     return SearchSpace(kernel="rmsnorm", problem=problem, knobs=tuple(knobs),
                        violations=lambda p: [] if rows % p["block_rows"] == 0 else ["block_rows must divide rows"],
-                       to_config=to_config, fn=fn, make_inputs=make_inputs, default=heuristic_config(rows, dim).params())
+                       to_config=to_config, fn=fn, make_inputs=make_inputs, default=heuristic_config(rows, dim).params(),
+                       interpreted=platform.interpret_default())

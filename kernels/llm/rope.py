@@ -197,4 +197,4 @@ def search_space(problem: dict) -> SearchSpace:
                        violations=lambda p: [] if rows % p["block_rows"] == 0 else ["block_rows must divide rows"],
                        to_config=lambda p: Config(**{**Config().params(), **p}),
                        fn=lambda cfg: functools.partial(rope, theta=10000.0, config=cfg), make_inputs=make_inputs,
-                       default=heuristic_config(rows).params())
+                       default=heuristic_config(rows).params(), interpreted=platform.interpret_default())

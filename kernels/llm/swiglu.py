@@ -164,5 +164,5 @@ def search_space(problem: dict) -> SearchSpace:
     return SearchSpace(kernel="swiglu", problem=problem, knobs=knobs, violations=base.violations,
                        to_config=base.to_config, fn=lambda cfg: functools.partial(swiglu, config=cfg),
                        make_inputs=make_inputs,
-                       default=heuristic_config(m, n, k, bits, group).params())
+                       default=heuristic_config(m, n, k, bits, group).params(), interpreted=base.interpreted)
 

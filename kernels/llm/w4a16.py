@@ -648,4 +648,5 @@ def search_space(problem: dict) -> SearchSpace:
         fn=fn,
         make_inputs=make_inputs,
         default=heuristic_config(m, n, k, bits, group, residual=True).params(),
+        interpreted=platform.interpret_default(),
     )
