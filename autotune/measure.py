@@ -500,6 +500,13 @@ def compare(contenders: Mapping[str, Workload | Callable[[], Any]], *, baseline:
 # ---------------------------------------------------------------------------------------------
 
 
+def peak_flops(program: Callable[[], Any], flops: float, *, repeats: int = 9) -> float:
+    """A compute ceiling (flop/s): ``flops`` over the time of ``program`` (e.g. a CPU's FMA chains,
+    ``kernels.cpu.matmul.fma_peak``). The fastest tenth of the samples, not the median: the others
+    ran beside whatever else shares the machine, and a ceiling is what the hardware can do."""
+    return flops / time_callable(program, warmup=1, repeats=repeats).p10_seconds
+
+
 def read_bandwidth(nbytes: int | None = None, *, repeats: int | None = None) -> dict:
     """Measured device-to-device read stream: bytes over the time of ``jnp.sum`` of an f32 array
     of ``nbytes`` (default: 8x the last-level cache, at least 256 MiB on a GPU), timed by this
