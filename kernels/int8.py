@@ -24,7 +24,7 @@ from jax.experimental import pallas as pl
 from kernels import matmul as mm
 from kernels import quant
 from tuning import platform, tuned
-from tuning.space import Knob, SearchSpace
+from tuning.space import Knob, SearchSpace, parse_dims
 
 
 @dataclasses.dataclass(frozen=True)
@@ -330,16 +330,9 @@ DEFAULT_PROBLEMS = [problem_key(1024, 16, 144), problem_key(256, 32, 288), probl
 
 def parse_shape(text: str) -> dict:
     """``"MxNxK"`` -> int8 GEMM problem; ``"dw:MxCxT"`` -> depthwise problem (pixels, channels, taps)."""
-    depthwise = text.lower().startswith("dw:")
-    body = text[3:] if depthwise else text
-    example = "dw:1024x32x9" if depthwise else "1024x16x144"
-    try:
-        dims = [int(d) for d in body.lower().split("x")]
-    except ValueError:
-        raise ValueError(f"--shape {text!r} is not MxNxK (GEMM) or dw:MxCxT (depthwise), e.g. {example}") from None
-    if len(dims) != 3 or min(dims) < 1:
-        raise ValueError(f"--shape {text!r} is not MxNxK (GEMM) or dw:MxCxT (depthwise) with positive sizes, e.g. {example}")
-    return depthwise_problem_key(*dims) if depthwise else problem_key(*dims)
+    if text.lower().startswith("dw:"):
+        return depthwise_problem_key(*parse_dims(text[3:], "MxCxT", "dw:1024x32x9 (pixels, channels, taps)"))
+    return problem_key(*parse_dims(text, "MxNxK", "1024x16x144, or dw:1024x32x9 for a depthwise layer"))
 
 
 def _tiles(dim: int, cap: int) -> tuple[int, ...]:

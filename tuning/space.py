@@ -22,6 +22,19 @@ _HOST_ONLY = (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversi
               jax.errors.TracerIntegerConversionError)
 
 
+def parse_dims(text: str, form: str, example: str) -> list[int]:
+    """The sizes of a ``--shape`` written as ``form``: as many ``x``-separated whole numbers >= 1
+    as ``form`` names before any ``[...]`` options (``"MxNxK"``, ``"MxNxK[:gGROUP]"``: three), or a
+    ValueError that names the form and an example."""
+    try:
+        dims = [int(d) for d in text.lower().split("x")]
+    except ValueError:
+        dims = []
+    if len(dims) != form.split("[")[0].count("x") + 1 or min(dims) < 1:
+        raise ValueError(f"shape {text!r} is not {form} with sizes >= 1, e.g. {example}")
+    return dims
+
+
 @dataclasses.dataclass(frozen=True)
 class Knob:
     """One tunable: its name (a ``Config`` field) and the values it may take.
