@@ -268,6 +268,28 @@ def comparison_row(section: str, label: str, problem: dict, comparison, contende
             "comparison": comparison.as_dict(), **extra}
 
 
+def add_row(doc: dict, path: str | pathlib.Path, row: dict) -> None:
+    """Append ``row`` to a benchmark document, rewrite its JSON (a run stopped later keeps every
+    finished row) and print one line: the row's ratios and verdicts, or its errors."""
+    doc["rows"].append(row)
+    save_json(path, doc)
+    ratios = {name: f"{r['ratio']:.2f}x {r['verdict']}" for name, r in row.get("comparison", {}).get("ratios", {}).items()}
+    print(f"{row['section']} {row['label']}: {ratios or row.get('errors')}", flush=True)
+
+
+def failed_row(section: str, label: str, problem: dict, error: Exception) -> dict:
+    """The row of a problem that could not be measured (one failing is reported, not fatal)."""
+    return {"section": section, "label": label, "problem": problem, "errors": [f"{type(error).__name__}: {str(error)[:500]}"]}
+
+
+def print_tables(doc: dict, path: str | pathlib.Path) -> None:
+    """The tables of a finished benchmark document, as ``python -m autotune report PATH`` prints them."""
+    from autotune import report
+
+    print(report.render(report.benchmark_tables(doc, pathlib.Path(path).name)))
+    print(f"wrote {path}")
+
+
 def save_json(path: str | pathlib.Path, doc: dict) -> pathlib.Path:
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
