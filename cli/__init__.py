@@ -67,6 +67,12 @@ def run(main: Callable[[list[str]], int], argv: Sequence[str] | None = None, *,
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of stdout went away (`| head`): nothing is wrong, nothing to say
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        except (OSError, ValueError):
+            pass
+        return 0
     except Exception as e:  # noqa: BLE001 - every failure ends in one line; --debug shows where it came from
         if "--debug" in argv:
             traceback.print_exc()

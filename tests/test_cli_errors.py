@@ -124,3 +124,12 @@ def test_cli_argument_fuzz_quick(tmp_path, cli, count):
 @pytest.mark.parametrize("seed", [1, 2])
 def test_cli_argument_fuzz_long(tmp_path, cli, count, seed):
     _battery(tmp_path, cli, seed=seed, count=count, timeout=7200)
+
+
+def test_a_reader_that_goes_away_ends_the_output_quietly():
+    """``python -m autotune list kernels | head -1``: no error line, exit status 0."""
+    proc = subprocess.Popen([sys.executable, "-m", "autotune", "list", "kernels"], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc.stdout.close()  # gone before the first line is written
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 0 and not err.strip(), err
