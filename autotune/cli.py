@@ -1,8 +1,9 @@
 """``python -m autotune``: sweep, list, show, plot, export, import.
 
-    python -m autotune sweep                       # matmul on a few shapes, on the device present
+    python -m autotune sweep                       # the main job: matmul on a GPU, the CPU kernels on a CPU
     python -m autotune sweep --kernel matmul --shape 4096x4096x4096 --dtype bfloat16 --trials 60
     python -m autotune sweep --workers 4 --storage postgresql://tune@db/tune --study-name lab
+    python -m autotune sweep --target stm32f746 --model mlperf_tiny_kws01_dscnn_int8   # the MCU schedule
     python -m autotune list kernels|layers|boards|studies
     python -m autotune show [--format table|csv|json]   # best configs in the cache
     python -m autotune plot --study-name NAME      # PNGs of one study (all studies without a name)

@@ -74,7 +74,7 @@ class Kernel:
         for flag, attribute in (("--shape", "parse_shape"), ("--model", "parse_model")):
             parse = getattr(module, attribute, None)
             if parse is not None:
-                out[flag] = ((parse.__doc__ or "").strip().splitlines() or [""])[0]
+                out[flag] = ((parse.__doc__ or "").strip().splitlines() or [""])[0].replace("``", "")
         presets = getattr(module, "PRESETS", {})
         if presets:
             out["--layer"] = ", ".join(f"{name} ({len(problems)} problems)" for name, problems in presets.items())

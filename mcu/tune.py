@@ -29,7 +29,7 @@ OBJECTIVES = (Objective("instructions"), Objective("peak_sram_bytes"))
 
 
 def parse_model(model: str, target: str | None = None) -> dict:
-    """``--model PATH.tflite|NAME [--target BOARD]``: a model file or a reference model's name, on a board (stm32f746)."""
+    """``PATH.tflite`` or a reference model's name, on ``--target BOARD`` (default stm32f746)."""
     return {"model": model, "target": boards.board(target or "stm32f746").name}  # a ValueError names the boards
 
 
