@@ -19,6 +19,11 @@ same threads, interleaved rounds, medians with bootstrap intervals of the per-ro
     python benchmarks/llama.py                      # whatever this machine has
     python benchmarks/llama.py --quick              # < 2 min on a CPU: fewer tokens, tiny context
     python benchmarks/llama.py --gpu-path --quick --profile   # the GPU code path, anywhere
+    python benchmarks/llama.py --devices 4          # also sharded: tensor parallel 4 (or DxM, see models.llama.sharding)
+With ``--devices``, the decode step is also timed sharded on that mesh (the pallas path in the GPU
+benchmark, xla in the CPU one), and on a 1-device mesh against the unsharded step (interleaved,
+``autotune.measure.compare``): the sharding's own overhead. On a CPU,
+``XLA_FLAGS=--xla_force_host_platform_device_count=N`` gives N devices.
 Writes JSON (``--out``) with the environment, shapes and every ratio.
 """
 from __future__ import annotations
@@ -38,7 +43,7 @@ import numpy as np
 from autotune import measure, results
 from autotune.measure import time_callable
 from models.llama import config as llama_config
-from models.llama import forward
+from models.llama import forward, sharding
 from models.llama import params as llama_params
 from tuning import platform
 
@@ -48,12 +53,17 @@ GPU_PATHS = ("xla", "pallas")
 class DecodeStep:
     """One compiled decode step with its cache carried from call to call (the cache is donated, as in
     generate): a zero-argument callable for ``autotune.measure``. Positions stay at ``context``, so
-    every call reads the same number of cached keys."""
+    every call reads the same number of cached keys. With ``mesh``, the step of ``models.llama.sharding``
+    (``params`` placed there by ``sharding.prepare``), the cache split across the mesh."""
 
-    def __init__(self, params, cfg, path: str, *, batch: int, context: int, dtype):
-        self.cache = forward.init_cache(cfg, batch, -(-(context + 1) // 256) * 256, dtype)
+    def __init__(self, params, cfg, path: str, *, batch: int, context: int, dtype, mesh=None):
+        cache_len = -(-(context + 1) // 256) * 256
+        if mesh is None:
+            self.cache, step, on = forward.init_cache(cfg, batch, cache_len, dtype), forward.decode, {}
+        else:
+            self.cache, step, on = sharding.init_cache(cfg, batch, cache_len, mesh, dtype), sharding.decode, {"mesh": mesh}
         self.args = (params, jnp.ones((batch,), jnp.int32), jnp.full((batch,), context, jnp.int32))
-        traced = forward.decode.trace(*self.args[:3], self.cache, cfg=cfg, path=path)
+        traced = step.trace(*self.args[:3], self.cache, cfg=cfg, path=path, **on)
         self.kernels = measure.pallas_calls(traced.jaxpr)
         self.compiled = traced.lower().compile()
 
@@ -161,13 +171,38 @@ def attention_comparison(cfg, *, batch: int, tokens: int, dtype, rounds: int) ->
     return out
 
 
-def gpu_benchmark(args) -> dict:
+def sharded_decode(params, cfg, path: str, layout: sharding.Layout, *, context: int, dtype,
+                   rounds: int | None = None) -> dict:
+    """Decode tok/s on ``layout``'s mesh (one sequence per data-parallel replica), and the 1-device mesh
+    against the unsharded step at batch 1 (interleaved rounds; ratio = unsharded time / sharded time,
+    so 1.0 is parity). ``params``: as loaded (each contender lays them out and places them itself)."""
+    def step(mesh=None, batch=1):
+        placed = forward.prepare(params, cfg, path) if mesh is None else sharding.prepare(params, cfg, path, mesh)
+        return DecodeStep(placed, cfg, path, batch=batch, context=context, dtype=dtype, mesh=mesh)
+
+    timing = time_callable(step(sharding.make_mesh(layout), layout.data), device=True)
+    comparison = measure.compare({"unsharded": step(), "sharded_1_device": step(sharding.make_mesh(sharding.Layout()))},
+                                 baseline="unsharded", rounds=rounds, device=True)
+    ratio = comparison.ratio("sharded_1_device")
+    return {"devices": str(layout), "path": path, "batch": layout.data, "tok_s": layout.data / timing.median_seconds,
+            "timing": timing.as_dict(),
+            "sharded_1_device_over_unsharded": ratio["ratio"],
+            "sharded_1_device_over_unsharded_interval": [ratio["ratio_ci_low"], ratio["ratio_ci_high"]],
+            "sharded_1_device_verdict": ratio["verdict"], "comparison": comparison.as_dict()}
+
+
+def gpu_config(args) -> tuple[llama_config.LlamaConfig, bool]:
+    """The GPU benchmark's model: LLaMA-2-7B shapes on a GPU; elsewhere a tiny config (the code path,
+    interpreted), with the context and group it allows. -> (config, tiny)."""
     tiny = platform.backend() != "gpu"
-    if tiny:  # the code path on a CPU: tiny shapes, interpreted kernels
-        cfg = llama_config.tiny(n_layers=2, max_seq_len=512)
+    if tiny:
         args.context, args.group = min(args.context, 40), 32
-    else:
-        cfg = dataclasses.replace(llama_config.LLAMA2_7B, n_layers=args.layers or llama_config.LLAMA2_7B.n_layers)
+        return llama_config.tiny(n_layers=2, max_seq_len=512), True
+    return dataclasses.replace(llama_config.LLAMA2_7B, n_layers=args.layers or llama_config.LLAMA2_7B.n_layers), False
+
+
+def gpu_benchmark(args) -> dict:
+    cfg, tiny = gpu_config(args)
     dtype = jnp.bfloat16 if not tiny else jnp.float32
     rounds = args.rounds
     bandwidth = measure.read_bandwidth(repeats=5 if tiny else None)
@@ -179,9 +214,9 @@ def gpu_benchmark(args) -> dict:
     for fmt, bits in (("bf16", None), ("w4a16", 4)):
         if args.format not in ("both", fmt):
             continue
-        params = llama_params.init_params(cfg, jax.random.key(0), dtype=dtype, bits=bits, group=args.group)
-        weights = llama_params.weight_bytes(params)
-        params = {path: forward.prepare(params, cfg, path) for path in GPU_PATHS}
+        raw = llama_params.init_params(cfg, jax.random.key(0), dtype=dtype, bits=bits, group=args.group)
+        weights = llama_params.weight_bytes(raw)
+        params = {path: forward.prepare(raw, cfg, path) for path in GPU_PATHS}
         row = {"format": fmt, "dtype": jnp.dtype(dtype).name, "weight_bytes": weights, "decode": [], "prefill": None}
         for batch in args.batches:
             kv_bytes = 2 * cfg.n_layers * batch * cfg.n_kv_heads * cfg.head_dim * args.context * jnp.dtype(dtype).itemsize
@@ -221,7 +256,14 @@ def gpu_benchmark(args) -> dict:
             row["prefill_error"] = f"{type(e).__name__}: {str(e)[:400]}"
         report["results"].append(row)
         write(report, args.out)
-        del params
+        if args.layout is not None:
+            try:
+                row["sharded"] = sharded_decode(raw, cfg, "pallas", args.layout, context=args.context, dtype=dtype,
+                                                rounds=rounds)
+            except Exception as e:  # noqa: BLE001
+                row["sharded_error"] = f"{type(e).__name__}: {str(e)[:400]}"
+            write(report, args.out)
+        del params, raw
     return report
 
 
@@ -405,6 +447,10 @@ def cpu_benchmark(args) -> dict:
         result.update(_summary("llama_cpp_prefill_tok_s", [len(prefill_ids) / t for t in theirs_pre]))
         result.update(_ratio("decode_ratio", ours_dec, theirs_dec))
         result.update(_ratio("prefill_ratio", ours_pre, theirs_pre))
+    if args.layout is not None:  # the xla path (the cpu path runs unsharded); host devices share the cores
+        xla_model = model if path == "xla" else load(execution="xla")
+        result["sharded"] = sharded_decode(xla_model.params, cfg, "xla", args.layout, context=len(context),
+                                           dtype=jnp.float32)  # (its own rounds: ours/llama.cpp take fewer)
     return result
 
 
@@ -424,6 +470,8 @@ def main(argv=None) -> int:
                         help="GPU: weight formats of the decode/prefill benchmark (none: only --sweep)")
     parser.add_argument("--rounds", type=int, default=None,
                         help="interleaved rounds (GPU: per comparison, >= 10, default 10; CPU: ours/llama.cpp, default 5)")
+    parser.add_argument("--devices", default=None, help="also time decode sharded: N (tensor parallel) or DxM; "
+                        "on a CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N gives N devices")
     parser.add_argument("--path", choices=("cpu", "xla"), default=None,
                         help="CPU: our execution path (default: cpu where its kernels build, else xla)")
     parser.add_argument("--threads", type=int, default=None, help="CPU: threads for ours and llama.cpp (default: all)")
@@ -432,6 +480,21 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="results/benchmark_llama.json")
     args = parser.parse_args(argv)
     gpu_path = args.gpu_path or args.profile or args.sweep or platform.backend() == "gpu"
+    try:  # --devices is checked against the devices and the model before anything is timed
+        args.layout = None if args.devices is None else sharding.parse_devices(args.devices)
+        if args.layout is not None:
+            sharding.make_mesh(args.layout)
+            if gpu_path:
+                cfg, group = gpu_config(args)[0], args.group if args.format in ("both", "w4a16") else None
+            else:
+                from models.llama import fit
+
+                checkpoint = fit.read_checkpoint(None)  # the bundled model, from its header
+                cfg, group = checkpoint.config, sharding.quantization_group(checkpoint.shapes)
+            sharding.check_layout(cfg, args.layout, group=group)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.tokens is None:
         args.tokens = 8 if args.quick else 64
     if args.rounds is None:
@@ -452,7 +515,6 @@ def main(argv=None) -> int:
         if args.format != "none":
             report.update(gpu_benchmark(args))
             print_gpu(report)
-        write(report, args.out)
     else:
         if args.path is None:
             from models.llama.__main__ import choose_path
@@ -476,7 +538,16 @@ def main(argv=None) -> int:
         line("prefill", "prefill_tok_s", "llama_cpp_prefill_tok_s", "prefill_ratio")
         if "llama_cpp_error" in report:
             print(f"  llama.cpp: {report['llama_cpp_error']}")
-        write(report, args.out)
+    for row in report.get("results", [report]):
+        if "sharded" in row:
+            sh = row["sharded"]
+            low, high = sh["sharded_1_device_over_unsharded_interval"]
+            print(f"sharded {sh['path']} --devices {sh['devices']}: {sh['tok_s']:.1f} tok/s; 1-device mesh vs "
+                  f"unsharded {sh['sharded_1_device_over_unsharded']:.3f} [{low:.3f}, {high:.3f}] "
+                  f"({sh['sharded_1_device_verdict']})")
+        elif "sharded_error" in row:
+            print(f"sharded failed: {row['sharded_error'][:200]}")
+    write(report, args.out)
     print(f"wrote {args.out}")
     return 0
 

@@ -45,3 +45,9 @@ def tiny(**overrides) -> LlamaConfig:
 
 LLAMA2_7B = LlamaConfig(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, ffn_dim=11008,
                         norm_eps=1e-5, rope_theta=10000.0, max_seq_len=4096)
+# Meta's published configs (params.json of Llama-2-13b and Llama-2-70b; 70B's ffn_dim follows from its
+# ffn_dim_multiplier 1.3 and multiple_of 4096).
+LLAMA2_13B = LlamaConfig(vocab_size=32000, dim=5120, n_layers=40, n_heads=40, n_kv_heads=40, ffn_dim=13824,
+                         norm_eps=1e-5, rope_theta=10000.0, max_seq_len=4096)
+LLAMA2_70B = LlamaConfig(vocab_size=32000, dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim=28672,
+                         norm_eps=1e-5, rope_theta=10000.0, max_seq_len=4096)

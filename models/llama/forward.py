@@ -21,6 +21,8 @@ The KV cache is preallocated (L, B, Hkv, S, D), donated and carried through the 
 layer writes its new keys and values at its index in place, and attention reads the stacked cache
 at the layer's index. It holds keys before RoPE, which every attention op applies to the q and k
 it reads (inside the kernel on the pallas and cpu paths).
+``run_prefill`` and ``run_decode`` are the passes over any ops table: ``models.llama.sharding`` runs them
+per device under ``shard_map``, with head counts taken from that device's weights and cache.
 """
 from __future__ import annotations
 
@@ -84,7 +86,8 @@ class Ops:
     ``dtype``: the activations' dtype):
 
     ``norm_linear(h, norm_w, w, *, eps, dtype)`` -> rmsnorm(h) @ W;
-    ``linear_residual(x, w, h)`` -> h + x @ W (float32);
+    ``linear_residual(x, w, h)`` -> h + x @ W (float32); under tensor parallelism (``models.llama.sharding``)
+    W is split along K and this unit also sums the devices' partial products (one all-reduce);
     ``norm_swiglu(h, norm_w, w_gate, w_up, *, eps, dtype)`` -> silu(y @ W_gate) * (y @ W_up), y = rmsnorm(h);
     ``decode_qkv(h, norm_w, wqkv, cache, layer, positions, *, cfg, dtype)`` -> (q, k, v, cache), each
     (B, 1, heads * head_dim); k, v are None when the projection wrote them into the cache itself;
@@ -125,9 +128,12 @@ def composed(rmsnorm_op: Callable, linear: Callable, swiglu_op: Callable, **rest
 
 
 def _pallas_decode_qkv(h, norm_w, wqkv, cache, layer, positions, *, cfg, dtype):
+    # Head counts from the cache: under tensor parallelism a device holds a slice of the KV heads
+    # (and their query heads), and its cache and wqkv block are that slice's.
+    n_kv_heads = cache["k"].shape[2]
     q, kc, vc = qkv_projection.qkv_projection(h[:, 0], norm_w, wqkv, cache["k"], cache["v"], layer, positions,
-                                              n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, eps=cfg.norm_eps,
-                                              dtype=dtype)
+                                              n_heads=n_kv_heads * (cfg.n_heads // cfg.n_kv_heads),
+                                              n_kv_heads=n_kv_heads, eps=cfg.norm_eps, dtype=dtype)
     return q[:, None], None, None, {"k": kc, "v": vc}
 
 
@@ -183,6 +189,12 @@ LINEAR_WEIGHTS = ("wqkv", "wo", "w_gate", "w_up", "w_down")
 def prepare(params: dict, cfg: LlamaConfig, path: str = "xla") -> dict:
     """Lay the weights out for ``path`` on this backend, once: stack the layers (CPU), re-lay
     quantized weights for the path's kernels, and place everything on the device. Idempotent."""
+    return jax.device_put(lay_out(params, cfg, path))
+
+
+def lay_out(params: dict, cfg: LlamaConfig, path: str = "xla") -> dict:
+    """``prepare`` without the placement: host arrays stay on the host (``models.llama.sharding``
+    places them across a mesh instead)."""
     ops = ops_for(path)
     if path != "cpu" and any(type(leaf).__name__ == "BlockWeight" for leaf in jax.tree.leaves(
             params, is_leaf=lambda x: type(x).__name__ == "BlockWeight")):
@@ -197,7 +209,7 @@ def prepare(params: dict, cfg: LlamaConfig, path: str = "xla") -> dict:
     layers = [lay_out(lp) for lp in layers] if isinstance(layers, list) else lay_out(layers)
     embed = ops.layout(params["embed"])
     output = None if params["output"] is None else ops.layout(params["output"])
-    return jax.device_put({**params, "embed": embed, "output": output, "layers": layers})
+    return {**params, "embed": embed, "output": output, "layers": layers}
 
 
 def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32) -> dict:
@@ -216,7 +228,7 @@ def _run_layers(params, cfg: LlamaConfig, ops: Ops, tokens, cache, project, atte
     Returns (logits, cache); with ``last`` (B,) only the logits at those positions (the output
     projection is the largest matmul of a prefill)."""
     b, t = tokens.shape
-    hd = cfg.head_dim
+    hd = cfg.head_dim  # head counts come from the weights: a device holding some heads runs this unchanged
     dtype = cache["k"].dtype  # the activations' dtype
     h = ops.embedding(params["embed"], tokens, dtype).astype(jnp.float32)  # (B, T, dim): the residual stream
 
@@ -224,11 +236,11 @@ def _run_layers(params, cfg: LlamaConfig, ops: Ops, tokens, cache, project, atte
         h, cache = carry
         lp = params["layers"][i] if isinstance(params["layers"], list) else ops.select_layer(params["layers"], i)
         q, k, v, cache = project(h, lp, cache, i)
-        q = q.reshape(b, t, cfg.n_heads, hd)
+        q = q.reshape(b, t, -1, hd)
         if k is not None:
-            k, v = k.reshape(b, t, cfg.n_kv_heads, hd), v.reshape(b, t, cfg.n_kv_heads, hd)
+            k, v = k.reshape(b, t, -1, hd), v.reshape(b, t, -1, hd)
         attn, cache = attend(q, k, v, cache, i)
-        h = ops.linear_residual(attn.reshape(b, t, cfg.n_heads * hd), lp["wo"], h)
+        h = ops.linear_residual(attn.reshape(b, t, -1), lp["wo"], h)
         act = ops.norm_swiglu(h, lp["ffn_norm"], lp["w_gate"], lp["w_up"], eps=cfg.norm_eps, dtype=dtype)
         h = ops.linear_residual(act, lp["w_down"], h)
         return (h, cache), None
@@ -256,7 +268,19 @@ def prefill(params: dict, tokens: jax.Array, cache: dict, *, cfg: LlamaConfig, p
     Rows shorter than T may be right-padded: causal attention keeps padding from reaching real tokens,
     and decode overwrites the padded cache slots.
     """
-    ops = ops_for(path)
+    return run_prefill(ops_for(path), params, tokens, cache, cfg, lengths)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "path"), donate_argnames=("cache",))
+def decode(params: dict, tokens: jax.Array, positions: jax.Array, cache: dict, *, cfg: LlamaConfig,
+           path: str = "xla"):
+    """One token per sequence: tokens (B,), positions (B,) -> (logits (B, vocab), cache)."""
+    return run_decode(ops_for(path), params, tokens, positions, cache, cfg)
+
+
+def run_prefill(ops: Ops, params: dict, tokens: jax.Array, cache: dict, cfg: LlamaConfig,
+                lengths: jax.Array | None = None):
+    """``prefill``'s body over any ops table (traced inside a jit or a ``shard_map``)."""
     dtype = cache["k"].dtype
 
     def project(h, lp, cache, i):
@@ -270,11 +294,8 @@ def prefill(params: dict, tokens: jax.Array, cache: dict, *, cfg: LlamaConfig, p
     return _run_layers(params, cfg, ops, tokens, cache, project, attend, last)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "path"), donate_argnames=("cache",))
-def decode(params: dict, tokens: jax.Array, positions: jax.Array, cache: dict, *, cfg: LlamaConfig,
-           path: str = "xla"):
-    """One token per sequence: tokens (B,), positions (B,) -> (logits (B, vocab), cache)."""
-    ops = ops_for(path)
+def run_decode(ops: Ops, params: dict, tokens: jax.Array, positions: jax.Array, cache: dict, cfg: LlamaConfig):
+    """``decode``'s body over any ops table."""
     dtype = cache["k"].dtype
 
     def project(h, lp, cache, i):

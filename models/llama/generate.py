@@ -15,8 +15,9 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
-from models.llama import forward
+from models.llama import forward, sharding
 from models.llama.config import LlamaConfig
 
 CACHE_MULTIPLE = 256  # cache length granularity: the decode kernel splits the cache in blocks
@@ -41,10 +42,17 @@ def sample(logits: jax.Array, key: jax.Array, *, temperature: float, top_k: int,
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "path", "temperature", "top_k", "top_p"),
+def _steps(mesh: Mesh | None):
+    """(prefill, decode) of ``forward``, or of ``sharding`` on a mesh."""
+    if mesh is None:
+        return forward.prefill, forward.decode
+    return functools.partial(sharding.prefill, mesh=mesh), functools.partial(sharding.decode, mesh=mesh)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "path", "mesh", "temperature", "top_k", "top_p"),
                    donate_argnames=("cache",))
-def _prefill_and_sample(params, tokens, lengths, cache, key, *, cfg, path, temperature, top_k, top_p):
-    logits, cache = forward.prefill(params, tokens, cache, cfg=cfg, path=path, lengths=lengths)
+def _prefill_and_sample(params, tokens, lengths, cache, key, *, cfg, path, mesh, temperature, top_k, top_p):
+    logits, cache = _steps(mesh)[0](params, tokens, cache, cfg=cfg, path=path, lengths=lengths)
     last = logits[:, 0]
     return sample(last, key, temperature=temperature, top_k=top_k, top_p=top_p), last, cache
 
@@ -52,15 +60,16 @@ def _prefill_and_sample(params, tokens, lengths, cache, key, *, cfg, path, tempe
 SYNC_EVERY = 16  # decode steps the device runs between two looks from the host (streamed as one chunk)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "path", "temperature", "top_k", "top_p", "chunk"),
+@functools.partial(jax.jit, static_argnames=("cfg", "path", "mesh", "temperature", "top_k", "top_p", "chunk"),
                    donate_argnames=("cache",))
 def _decode_chunk(params, tokens, positions, cache, key, first_step, limit, done, stop_ids, *, cfg, path,
-                  temperature, top_k, top_p, chunk):
+                  mesh, temperature, top_k, top_p, chunk):
     """Up to ``min(chunk, limit)`` decode steps as one ``lax.while_loop``, which ends early once every
     row has sampled a stop token. Step i feeds each row's last token at its position, samples the
     next (key: ``fold_in(key, first_step + i + 1)``) and records it in column i of ``produced``, or -1
     where the row had stopped or stops now. Returns (produced (B, chunk), steps run, last tokens,
-    positions, cache, done)."""
+    positions, cache, done). On a mesh, the rows are split over its data axis and each step
+    is ``sharding.decode``; the loop and the stop test stay on the devices all the same."""
     b = tokens.shape[0]
 
     def running(state):
@@ -69,7 +78,7 @@ def _decode_chunk(params, tokens, positions, cache, key, first_step, limit, done
 
     def step(state):
         i, tok, pos, cache, produced, done = state
-        logits, cache = forward.decode(params, tok, pos, cache, cfg=cfg, path=path)
+        logits, cache = _steps(mesh)[1](params, tok, pos, cache, cfg=cfg, path=path)
         nxt = sample(logits, jax.random.fold_in(key, first_step + i + 1), temperature=temperature, top_k=top_k,
                      top_p=top_p)
         stop = jnp.any(nxt[:, None] == stop_ids[None, :], axis=1)
@@ -110,11 +119,14 @@ def cache_length(needed: int, cfg: LlamaConfig) -> int:
 def generate(params: dict, cfg: LlamaConfig, prompts: list[list[int]], *, max_tokens: int, stop_ids=(),
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0, path: str = "xla",
              dtype=jnp.float32, on_token: Callable[[int], None] | None = None,
-             sync_every: int = SYNC_EVERY) -> Generation:
+             sync_every: int = SYNC_EVERY, mesh: Mesh | None = None) -> Generation:
     """Generate up to ``max_tokens`` for each prompt (a batch; rows may differ in length).
 
     ``on_token(id)`` is called per token of the first prompt as it is produced (streaming), in chunks
     of up to ``sync_every`` tokens: the device decodes that many steps between two host syncs.
+    ``mesh``: run sharded (``models.llama.sharding``): the batch split over its ``data`` axis (padded
+    with copies of the last prompt to a multiple of it; their tokens are dropped), the model over
+    its ``model`` axis.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
@@ -125,15 +137,23 @@ def generate(params: dict, cfg: LlamaConfig, prompts: list[list[int]], *, max_to
     if temperature < 0 or top_k < 0 or not 0.0 < top_p <= 1.0:
         raise ValueError(f"sampling needs temperature >= 0 (0 = greedy), top_k >= 0 (0 = off) and 0 < top_p <= 1 "
                          f"(1 = off); got temperature={temperature}, top_k={top_k}, top_p={top_p}")
-    params = forward.prepare(params, cfg, path)  # a no-op for params loaded for this path
+    n_prompts = len(prompts)
+    if mesh is None:
+        params = forward.prepare(params, cfg, path)  # a no-op for params loaded for this path
+    else:
+        params = sharding.prepare(params, cfg, path, mesh)  # a no-op for params placed on this mesh
+        prompts = list(prompts) + [prompts[-1]] * (sharding.padded_batch(n_prompts, sharding.layout_of(mesh)) - n_prompts)
     b = len(prompts)
     lengths = np.array([len(p) for p in prompts], np.int32)
     t = int(lengths.max())
     tokens = np.zeros((b, t), np.int32)
     for i, p in enumerate(prompts):
         tokens[i, : len(p)] = p
-    cache = forward.init_cache(cfg, b, cache_length(t + max_tokens, cfg), dtype)
-    knobs = {"cfg": cfg, "path": path, "temperature": float(temperature), "top_k": int(top_k), "top_p": float(top_p)}
+    if mesh is None:
+        cache = forward.init_cache(cfg, b, cache_length(t + max_tokens, cfg), dtype)
+    else:
+        cache = sharding.init_cache(cfg, b, cache_length(t + max_tokens, cfg), mesh, dtype)
+    knobs = {"cfg": cfg, "path": path, "mesh": mesh, "temperature": float(temperature), "top_k": int(top_k), "top_p": float(top_p)}
     key = jax.random.key(seed)
     tokens_j, lengths_j = jnp.asarray(tokens), jnp.asarray(lengths)
     stop = sorted({int(s) for s in stop_ids})
@@ -158,7 +178,9 @@ def generate(params: dict, cfg: LlamaConfig, prompts: list[list[int]], *, max_to
                 if i == 0 and on_token is not None:
                     on_token(int(column[i]))
 
-    done = np.isin(first, stop)
+    # Rows padded for the data axis count as stopped from the start: they never keep the on-device
+    # loop running (sampled, a copy of a prompt may not stop when its original does).
+    done = np.isin(first, stop) | (np.arange(b) >= n_prompts)
     take(np.where(done, -1, first))
     decoded = 0
     decode_seconds = 0.0
@@ -180,4 +202,5 @@ def generate(params: dict, cfg: LlamaConfig, prompts: list[list[int]], *, max_to
             if steps < limit:  # every row stopped
                 break
         decode_seconds = time.perf_counter() - t0
-    return Generation(out, int(lengths.sum()), prefill_seconds, decoded, decode_seconds, compile_seconds)
+    return Generation(out[:n_prompts], int(lengths[:n_prompts].sum()), prefill_seconds, decoded, decode_seconds,
+                      compile_seconds)

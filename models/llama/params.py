@@ -58,8 +58,12 @@ def fuse_qkv(layer: dict, dtype=jnp.float32) -> dict:
 
 
 def split_qkv(x: jax.Array, cfg: LlamaConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The output (..., Nq + 2 Nkv) of the fused projection -> q, k, v along the last axis."""
-    nq, nkv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    """The output (..., Nq + 2 Nkv) of the fused projection -> q, k, v along the last axis.
+
+    The sizes follow from x's width and the config's query heads per KV head, so the same split
+    serves a device holding a slice of the heads (``models.llama.sharding``)."""
+    nkv = x.shape[-1] // (cfg.n_heads // cfg.n_kv_heads + 2)
+    nq = x.shape[-1] - 2 * nkv
     return x[..., :nq], x[..., nq:nq + nkv], x[..., nq + nkv:]
 
 
