@@ -245,7 +245,8 @@ DIFF = Profile(
 
 
 # ---------------------------------------------------------------------------------------------
-# python -m models.llama: argument checks only (every model it is given is refused: no decode)
+# python -m models.llama: argument checks and fit plans only (generate is given only models that are
+# refused, so nothing decodes)
 # ---------------------------------------------------------------------------------------------
 
 def _llama_fixtures(work: pathlib.Path) -> dict:
@@ -261,7 +262,10 @@ def _llama_bases(fx: dict) -> list[list[str]]:
     generate = ["generate", "--prompt", "hi", "--model", fx["models"][0]]
     return [generate, generate + ["--max-tokens", "4", "--temperature", "0.7", "--top-k", "5", "--top-p", "0.9"],
             generate + ["--seed", "3", "--path", "xla", "--dtype", "bfloat16", "--no-chat"],
-            ["generate", "--prompt", "a longer prompt", "--model", fx["models"][3], "--path", "pallas"]]
+            ["generate", "--prompt", "a longer prompt", "--model", fx["models"][3], "--path", "pallas"],
+            generate + ["--devices", "2", "--memory-gb", "0.05"],
+            ["plan", "--config", "llama2-7b", "--format", "w4a16", "--devices", "2x2", "--batch", "8"],
+            ["plan", "--model", fx["models"][0], "--context", "512"]]
 
 
 def _llama_issues(fx: dict) -> list[list[str]]:
@@ -274,7 +278,7 @@ def _llama_issues(fx: dict) -> list[list[str]]:
 
 def _llama_values(fx: dict, rng: random.Random) -> list[str]:
     words = ["0.5", "1.5", "-0.5", "auto", "xla", "pallas", "cpu", "gpu", "float32", "bfloat16", "int3", "generate",
-             "hello world"]
+             "plan", "hello world", "2x2", "3", "0x2", "llama2-7b", "llama2-70b", "w4a16", "bf16", "q9"]
     return NUMBERS + NOISE + words + fx["models"] + [str(rng.randint(-10**6, 10**6))]
 
 
@@ -293,7 +297,9 @@ def _llama_prepare(argv: list[str], fx: dict) -> list[str]:
 LLAMA = Profile(
     entry="models.llama.__main__", fixtures=_llama_fixtures, bases=_llama_bases, issues=_llama_issues,
     options={"generate": ["--prompt", "--model", "--max-tokens", "--temperature", "--top-k", "--top-p", "--seed",
-                          "--path", "--dtype", "--no-chat", "--debug"]},
+                          "--path", "--dtype", "--no-chat", "--devices", "--memory-gb", "--debug"],
+             "plan": ["--model", "--config", "--format", "--group", "--dtype", "--path", "--context", "--batch",
+                      "--table", "--devices", "--memory-gb", "--debug"]},
     values=_llama_values, retarget=_llama_retarget, weights=(40, 20, 8, 8, 8, 6, 10), prepare=_llama_prepare)
 
 PROFILES = {"autotune": AUTOTUNE, "mcu": MCU, "models.diff": DIFF, "models.llama": LLAMA}
