@@ -133,6 +133,7 @@ def _autotune_issues(fx: dict) -> list[list[str]]:
         ["import", p[7]], ["import", p[8]], ["sweep", "--target", "nosuchboard", "--model", p[11]],
         sweep + ["--trials", "0"], sweep + ["--trials", "-1"], sweep + ["--timeout", "-5"], sweep + ["--dtype", "int3"],
         ["sweep", "--shape", "1000000000x1000000000x1000000000", "--storage", s],
+        ["sweep", "--shape", "99999999999999999999x1x1", "--storage", s],
         ["plot", "--storage", s, "--study-name", "nope"],
     ]
 

@@ -125,8 +125,12 @@ class SearchSpace:
             return None
         try:
             inputs = jax.eval_shape(lambda: self.make_inputs(0))
+            result = jax.eval_shape(self.fn(self.to_config(self.default or {})), *inputs)
         except _HOST_ONLY:
             return None
-        result = jax.eval_shape(self.fn(self.to_config(self.default or {})), *inputs)
+        except OverflowError:  # a size past what an array index (int64) holds: no device has that memory
+            problem = " ".join(f"{k}={v}" for k, v in self.problem.items())
+            raise ValueError(f"{self.kernel} problem {problem}: a size is too large to index an array; "
+                             "choose a smaller --shape") from None
         return sum(math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
                    for leaf in jax.tree.leaves((inputs, result)))

@@ -34,6 +34,13 @@ def test_problem_bytes_of_a_problem_no_device_holds_allocate_nothing():
     assert time.perf_counter() - start < 30  # abstract evaluation: 12 EB were never allocated
 
 
+def test_sizes_past_an_array_index_are_a_clear_error():
+    space = registry.kernel_module("matmul").search_space(registry.kernel_module("matmul").parse_shape(
+        "99999999999999999999x1x1"))
+    with pytest.raises(ValueError, match="too large to index an array; choose a smaller --shape"):
+        space.problem_bytes()
+
+
 def test_spaces_that_measure_or_pack_weights_on_the_host_have_no_byte_count():
     q4 = registry.kernel_module("cpu_q4_gemv")
     assert q4.search_space(q4.parse_shape("1x64x64")).problem_bytes() is None  # numpy packing: no abstract form
