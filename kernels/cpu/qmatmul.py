@@ -24,11 +24,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels import tuned
 from kernels.cpu import build
 from kernels.llm import common, w4a16
 from kernels.llm.w4a16 import QuantizedWeight
-from kernels.space import Knob, SearchSpace
+from tuning import tuned
+from tuning.space import Knob, SearchSpace, parse_dims
 
 FORMATS = ("q4_0", "q4_1", "q8_0")
 ACTIVATIONS = ("f32", "q8")  # the FFI attribute is the index
@@ -348,13 +348,10 @@ def parse_shape(text: str) -> dict:
     head, _, rest = text.partition(":")
     fmt, _, mode = rest.partition(":")
     fmt, mode = fmt or "q4_1", mode or "f32"
-    try:
-        m, n, k = (int(v) for v in head.lower().split("x"))
-    except ValueError:
-        raise ValueError(f"shape {text!r} is not MxNxK[:FORMAT[:ACTIVATIONS]], e.g. 1x1536x576:q4_1") from None
-    if fmt not in FORMATS or mode not in ACTIVATIONS or min(m, n, k) < 1 or k % BLOCK:
-        raise ValueError(f"shape {text!r}: need M, N, K >= 1, K a multiple of 32, a format in {FORMATS} "
-                         f"and activations in {ACTIVATIONS}")
+    m, n, k = parse_dims(head, "MxNxK[:FORMAT[:ACTIVATIONS]]", "1x1536x576:q4_1")
+    if fmt not in FORMATS or mode not in ACTIVATIONS or k % BLOCK:
+        raise ValueError(f"shape {text!r}: need K a multiple of 32, a format in {FORMATS} and activations in "
+                         f"{ACTIVATIONS}")
     return problem_key(m, n, k, fmt, mode)
 
 
