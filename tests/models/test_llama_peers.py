@@ -84,28 +84,50 @@ def test_logits_close_to_llama_cpp(path, model, llm, request):
     assert (ours.argmax(-1) == theirs.argmax(-1)).mean() >= 0.95
 
 
+LONG_PROMPT = ("Charles Babbage designed the Analytical Engine in the 1830s, and Ada Lovelace wrote what many call "
+               "the first program for it. A century later Alan Turing described a universal machine; engineers then "
+               "built Colossus and ENIAC. Transistors replaced vacuum tubes, integrated circuits replaced "
+               "transistors, and by the 1970s a whole processor fit on one chip. ") * 3 + "In short, the computer"
+# Short, code, non-English, chat-templated and numeric prompts; LONG_PROMPT (~300 tokens) runs on its own
+# (a ragged batch pads every row to its longest).
 VARIED = PROMPTS + ["12 + 35 =", "Le chat est", "<|im_start|>user\nWhat is a GPU?<|im_end|>\n<|im_start|>assistant\n",
                     "List three fruits:\n1.", "SELECT name FROM users WHERE", "In 1492, Columbus",
                     "<|im_start|>user\nWrite a haiku about the sea.<|im_end|>\n<|im_start|>assistant\n",
-                    "Q: What is 7 times 8?\nA:"]
+                    "Q: What is 7 times 8?\nA:", "Der schnelle braune Fuchs springt über", "東京は日本の首都で、",
+                    "3.14159, 2.71828, 1.41421,"]
 GREEDY_TOKENS = 24
+
+
+def _greedy(m, path: str, prompts: list[list[int]]) -> list[list[int]]:
+    short = generate.generate(m.params, m.config, prompts[:-1], max_tokens=GREEDY_TOKENS, path=path).tokens
+    return short + generate.generate(m.params, m.config, prompts[-1:], max_tokens=GREEDY_TOKENS, path=path).tokens
 
 
 @pytest.fixture(scope="module")
 def xla_greedy(model):
-    prompts = [model.tokenizer.encode(p, parse_special=True) for p in VARIED]
-    return prompts, generate.generate(model.params, model.config, prompts, max_tokens=GREEDY_TOKENS, path="xla").tokens
+    prompts = [model.tokenizer.encode(p, parse_special=True) for p in [*VARIED, LONG_PROMPT]]
+    return prompts, _greedy(model, "xla", prompts)
 
 
 def test_cpu_path_greedy_tokens_equal_xla_path(model, cpu_model, xla_greedy):
     """The cpu path (f32 activations, the default) computes the xla path's products in another order
-    of f32 sums (logits within ~1e-4): every continuation equal, token for token. A near tie closer
-    than that would still flip; none is among these prompts."""
+    of f32 sums: every continuation equal, token for token, with no allowance for near ties."""
     prompts, ours = xla_greedy
-    theirs = generate.generate(cpu_model.params, cpu_model.config, prompts, max_tokens=GREEDY_TOKENS,
-                               path="cpu").tokens
-    for text, a, b in zip(VARIED, ours, theirs):
+    theirs = _greedy(cpu_model, "cpu", prompts)
+    for text, a, b in zip([*VARIED, LONG_PROMPT], ours, theirs):
         assert a == b, (text, model.tokenizer.decode(a), model.tokenizer.decode(b))
+
+
+def test_cpu_path_logits_equal_xla_path_up_to_f32_summation_order(model, cpu_model):
+    """Every position of the long prompt: logits within 1e-3 absolute of the xla path's (measured
+    about 1e-4; logits span about +-20), where cpu-q8's 8-bit activations move them by about 0.3."""
+    ids = model.tokenizer.encode(LONG_PROMPT)
+    out = {}
+    for path, m in (("xla", model), ("cpu", cpu_model)):
+        logits, _ = forward.prefill(m.params, jnp.array([ids]), forward.init_cache(m.config, 1, 512), cfg=m.config,
+                                    path=path)
+        out[path] = np.asarray(logits[0])
+    np.testing.assert_allclose(out["cpu"], out["xla"], atol=1e-3, rtol=0)
 
 
 def test_cpu_q8_path_greedy_tokens_equal_xla_path_until_a_near_tie(model, cpu_model, xla_greedy):
@@ -114,8 +136,7 @@ def test_cpu_q8_path_greedy_tokens_equal_xla_path_until_a_near_tie(model, cpu_mo
     the cpu-q8 path's differ by less than 0.5 (the size of the 8-bit activation error, as against
     llama.cpp). A broken kernel diverges at once, on confident tokens."""
     prompts, ours = xla_greedy
-    theirs = generate.generate(cpu_model.params, cpu_model.config, prompts, max_tokens=GREEDY_TOKENS,
-                               path="cpu-q8").tokens
+    theirs = _greedy(cpu_model, "cpu-q8", prompts)
     exact = 0
     for ids, a, b in zip(prompts, ours, theirs):
         if a == b:
@@ -123,10 +144,10 @@ def test_cpu_q8_path_greedy_tokens_equal_xla_path_until_a_near_tie(model, cpu_mo
             continue
         first = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
         logits, _ = forward.prefill(model.params, jnp.array([ids + a[:first]]),
-                                    forward.init_cache(model.config, 1, 256), cfg=model.config)
+                                    forward.init_cache(model.config, 1, 512), cfg=model.config)
         last = np.asarray(logits[0, -1])
         assert last[a[first]] - last[b[first]] < 0.5, (first, model.tokenizer.decode(a), model.tokenizer.decode(b))
-    assert exact >= len(VARIED) // 4, f"only {exact} of {len(VARIED)} continuations equal the xla path's"
+    assert exact >= len(prompts) // 4, f"only {exact} of {len(prompts)} continuations equal the xla path's"
 
 
 def test_greedy_continuations_equal_llama_cpp(model, llm):
