@@ -12,9 +12,11 @@ wall time and its summed kernel time. ``--sweep`` times GEMV configs of the 7B s
 body and the Mosaic GPU one).
 On a CPU, ``--gpu-path --quick`` runs the same code on a tiny config with interpreted kernels: it
 checks that every stage runs; its speeds mean nothing.
-CPU (default off a GPU): SmolLM2-135M-Instruct Q4_1 decode and 256-token prefill tok/s, ours
-(``--path cpu`` by default) against llama.cpp (run in a child process through models/llama/peers.py),
-same threads, interleaved rounds, medians with bootstrap intervals of the per-round ratios.
+CPU (default off a GPU): SmolLM2-135M-Instruct Q4_1 decode and 256-token prefill, ours (``--path cpu``
+and ``cpu-q8`` by default) against llama.cpp (a child process, models/llama/peers.py) at 1 thread and at
+all cores, the same count on both sides, through ``autotune.measure.compare``; then the wall time and
+peak memory of a second ``python -m models.llama generate --max-tokens 1`` against llama.cpp's. The JSON
+is a ``tinypallas-benchmark/2`` document: ``python -m autotune report OUT`` prints its tables.
 
     python benchmarks/llama.py                      # whatever this machine has
     python benchmarks/llama.py --quick              # < 2 min on a CPU: fewer tokens, tiny context
@@ -363,23 +365,10 @@ def print_gpu(report: dict) -> None:
             print_profile(f"{r['format']} xla", r["profile_xla"])
 
 
-def _summary(name: str, values) -> dict:
-    low, high = measure.bootstrap_interval(values)
-    return {name: float(np.median(values)), f"{name}_lo": low, f"{name}_hi": high,
-            f"{name}_rounds": [float(v) for v in values]}
-
-
-def _ratio(name: str, ours_seconds, theirs_seconds) -> dict:
-    """Speed-up of ours over theirs: median(theirs) / median(ours), the rounds resampled in pairs."""
-    low, high = measure.ratio_interval(theirs_seconds, ours_seconds)
-    return {name: float(np.median(theirs_seconds) / np.median(ours_seconds)), f"{name}_lo": low,
-            f"{name}_hi": high}
-
-
 class CpuContender:
-    """Ours on one execution path: a compiled decode step (its cache carried from call to call) and a
-    compiled prefill returning the last position's logits, as llama.cpp's eval does. Compiled under
-    the thread limit in force (``kernels.cpu.build.thread_limit``)."""
+    """Ours on one execution path: a compiled decode step (its cache carried from call to call, every
+    step at the same position) and a compiled prefill returning the last position's logits, as
+    llama.cpp's eval does. Compiled under the thread limit in force (``kernels.cpu.build.thread_limit``)."""
 
     def __init__(self, params, cfg, path: str, *, context: list[int], prompt: list[int], cache_len: int):
         self.params = params
@@ -392,137 +381,184 @@ class CpuContender:
                                                        path=path, lengths=jnp.array([t.shape[1]]))[0])
         self.prefill = prefill.lower(params, self.prompt).compile()
 
-    def decode_once(self):
-        logits, self.cache = self.decode(self.params, self.tok, self.pos, self.cache)
+    def decode_steps(self, n: int):
+        logits = None
+        for _ in range(n):
+            logits, self.cache = self.decode(self.params, self.tok, self.pos, self.cache)
         return logits
 
     def prefill_once(self):
         return self.prefill(self.params, self.prompt)
 
 
-def _our_seconds(fn, warmup: int, repeats: int) -> float:
-    return time_callable(fn, warmup=warmup, repeats=repeats).median_seconds
+def _tokens_per_second(comparison: measure.Comparison, tokens: int) -> dict:
+    """Each contender's tok/s: ``tokens`` over its median seconds per call, with the 95% interval."""
+    out = {}
+    for name, timing in comparison.timings.items():
+        low, high = timing.interval_seconds
+        out[name] = {"median": tokens / timing.median_seconds, "ci": [tokens / high, tokens / low]}
+    return out
 
 
-def _peer_seconds(peer, method: str, ids: list[int], repeats: int) -> float:
-    """Median seconds of one of llama.cpp's timed calls, timed in its child (``models.llama.peers``)."""
-    return peer.call(method, ids, repeats=repeats)["median_seconds"]
+def _blocking(fn):
+    return lambda: jax.block_until_ready(fn())
+
+
+def cpu_speed_rows(args, doc: dict, models: dict, cfg, context: list[int], prefill_ids: list[int]) -> None:
+    """Decode and prefill of ours on each path of ``args.path`` against llama.cpp (a child process,
+    ``models.llama.peers``), at each thread count of ``args.threads``, the same on both sides: one
+    ``autotune.measure.compare`` per phase and thread count (interleaved rounds, order rotated each
+    round, 95% intervals), baseline llama.cpp, so a speed-up above 1 is ours faster. A decode call is
+    ``args.tokens`` steps, all at position ``len(context)``; a prefill call evaluates the whole
+    prompt from an empty cache. llama.cpp is timed from this process, one pipe round trip per call
+    included (a fraction of a millisecond, under 1% of either call)."""
+    from kernels.cpu import build
+    from models.llama import peers
+    from models.llama.gguf_loader import bundled_model_path
+
+    cache_len = doc["settings"]["cache_len"]
+    for threads in args.threads:
+        with build.thread_limit(threads):
+            jax.clear_caches()  # the steps are traced anew: kernels take this thread count at trace time
+            ours = {path: CpuContender(models[path].params, cfg, path, context=context, prompt=prefill_ids,
+                                       cache_len=cache_len) for path in args.path}
+        llm = None
+        try:
+            llm = peers.llama_cpp(bundled_model_path(), n_ctx=cache_len, n_batch=512, n_threads=threads,
+                                  n_threads_batch=threads, seed=0)
+            doc.setdefault("llama_cpp", llm.call("info"))
+            phases = {
+                "decode": (args.tokens, {"llama.cpp": functools.partial(llm.call, "decode_steps", context, args.tokens)}
+                           | {p: _blocking(functools.partial(c.decode_steps, args.tokens)) for p, c in ours.items()}),
+                "prefill": (len(prefill_ids), {"llama.cpp": functools.partial(llm.call, "prefill", prefill_ids)}
+                            | {p: _blocking(c.prefill_once) for p, c in ours.items()}),
+            }
+            for phase, (tokens, contenders) in phases.items():
+                problem = {"phase": phase, "threads": threads, "tokens_per_call": tokens,
+                           "context": len(context) if phase == "decode" else 0}
+                try:
+                    comparison = measure.compare(contenders, baseline="llama.cpp", rounds=args.rounds, warmup=1)
+                    row = results.comparison_row(
+                        phase, f"{threads} thread(s)", problem, comparison,
+                        {"llama.cpp": {"what": f"llama.cpp ({doc['llama_cpp']['version']}), {threads} thread(s)"}}
+                        | {p: {"what": f"ours, --path {p}, {threads} thread(s)"} for p in ours},
+                        tokens_per_second=_tokens_per_second(comparison, tokens))
+                except peers.PeerError as e:
+                    row = results.failed_row(phase, f"{threads} thread(s)", problem, e)
+                results.add_row(doc, args.out, row)
+        except peers.PeerError as e:  # llama.cpp would not start: reported, not fatal
+            results.add_row(doc, args.out, results.failed_row("decode", f"{threads} thread(s)", {"threads": threads}, e))
+        finally:
+            if llm:
+                llm.close()
+
+
+def startup_and_memory(args, rounds: int) -> dict:
+    """Wall time and peak memory of a whole ``python -m models.llama generate --max-tokens 1`` against
+    llama.cpp generating one token in a process of its own (``peers.llama_cpp_command``), interleaved
+    (``autotune.measure.compare``). The first call of each is the untimed warm-up, so ours runs with
+    JAX's persistent compilation cache filled: the figure is a second start. Peak memory: the
+    process's maximum resident set (``ru_maxrss`` of ``os.wait4``)."""
+    import os
+    import subprocess
+
+    from models.llama import peers
+    from models.llama.gguf_loader import bundled_model_path
+
+    prompt = "What is the capital of France?"
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")])))
+    commands = {"llama.cpp": peers.llama_cpp_command(bundled_model_path(), prompt, 1),
+                "ours": [sys.executable, "-m", "models.llama", "generate", "--prompt", prompt, "--max-tokens", "1"]}
+    peak_kib: dict[str, list[int]] = {name: [] for name in commands}
+
+    def run(name: str) -> None:
+        proc = subprocess.Popen(commands[name], cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        stderr = proc.stderr.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{name} exited with {proc.returncode}: {stderr.decode()[-500:]}")
+        peak_kib[name].append(usage.ru_maxrss)  # KiB on Linux
+
+    comparison = measure.compare({name: functools.partial(run, name) for name in commands}, baseline="llama.cpp",
+                                 rounds=rounds, warmup=0)
+    timed = {name: values[-comparison.rounds:] for name, values in peak_kib.items()}  # not the warm-up calls
+    peak = {name: {"median_mib": float(np.median(v)) / 1024, "max_mib": max(v) / 1024, "samples_kib": v}
+            for name, v in timed.items()}
+    ours = comparison.timings["ours"]
+    return {"commands": {name: " ".join(cmd[1:]) for name, cmd in commands.items()},
+            "start_to_exit_seconds": {name: {"median": t.median_seconds, "ci": list(t.interval_seconds)}
+                                      for name, t in comparison.timings.items()},
+            "goal_seconds": 3.0, "goal_met": ours.interval_seconds[1] <= 3.0,
+            "peak_rss": peak, "peak_rss_ratio": peak["ours"]["median_mib"] / peak["llama.cpp"]["median_mib"],
+            "peak_rss_goal_ratio": 2.0, "comparison": comparison.as_dict()}
 
 
 def cpu_benchmark(args) -> dict:
-    """SmolLM2 Q4_1 decode and prefill, ours on each path of ``args.path`` (the compiled kernels in
-    both activation modes by default: ``cpu``, exact, and ``cpu-q8``, llama.cpp's arithmetic) against
-    llama.cpp in a child process, at each thread count of ``args.threads``, the same count on both
-    sides. Rounds are interleaved: each times every contender once (decode, then prefill), in an order
-    rotated every round, with one protocol (``autotune.measure.time_callable``; llama.cpp is timed
-    inside its child). The report gives medians over rounds with 95% bootstrap intervals, each
-    ratio's interval resampling rounds in pairs (a shared CPU makes single rounds noisy)."""
+    """The CPU benchmark's document (``autotune.results.benchmark_document``, read back by
+    ``python -m autotune report``): decode and prefill rows (``cpu_speed_rows``), then the start-up
+    and peak-memory section (``startup_and_memory``), the JSON rewritten after each."""
     import os
 
     from kernels.cpu import build
-    from models.llama import load, peers
+    from models.llama import load
     from models.llama.generate import CACHE_MULTIPLE
-    from models.llama.gguf_loader import bundled_model_path
 
-    paths = args.path
     loaded = {}  # one load per weight layout: cpu and cpu-q8 share llama.cpp's row blocks
-    for path in paths:
+    for path in args.path:
         layout = "cpu" if path in forward.CPU_PATHS else path
         if layout not in loaded:
             loaded[layout] = load(execution=layout)
-    models = {path: loaded["cpu" if path in forward.CPU_PATHS else path] for path in paths}
+    models = {path: loaded["cpu" if path in forward.CPU_PATHS else path] for path in args.path}
     first = next(iter(loaded.values()))
     cfg, tokenizer = first.config, first.tokenizer
     context = tokenizer.encode("The history of computing began with mechanical calculators and " * 2)
     prefill_ids = tokenizer.encode("The history of computing began with mechanical calculators. " * 40)[
         :args.prefill_tokens]
-    cache_len = -(-(max(len(context), len(prefill_ids)) + 2 * args.tokens + 8) // CACHE_MULTIPLE) * CACHE_MULTIPLE
-    rounds = 2 if args.quick else args.rounds
-    prefill_repeats = 3 if args.quick else 5
-    result = {"kind": "cpu", "model": "SmolLM2-135M-Instruct Q4_1 (bundled)", "paths": paths,
-              "isa": build.best_isa() if set(paths) & set(forward.CPU_PATHS) else None, "cpu": build.cpu_name(),
-              "decode_context": len(context), "decode_tokens_per_round": args.tokens,
-              "prefill_tokens": len(prefill_ids), "rounds": rounds, "load_average_start": os.getloadavg(),
-              "runs": []}
-    for threads in args.threads:
-        run = {"threads": threads}
-        result["runs"].append(run)
-        with build.thread_limit(threads):
-            jax.clear_caches()  # the steps are traced anew: kernels take this thread count at trace time
-            ours = {path: CpuContender(models[path].params, cfg, path, context=context, prompt=prefill_ids,
-                                       cache_len=cache_len) for path in paths}
-        # name -> (decode, prefill): each returns the median seconds of one round's calls
-        timers = {path: (functools.partial(_our_seconds, c.decode_once, 3, args.tokens),
-                         functools.partial(_our_seconds, c.prefill_once, 1, prefill_repeats))
-                  for path, c in ours.items()}
-        seconds = {name: {"decode": [], "prefill": []} for name in [*timers, "llama.cpp"]}
-        llm = None
+    cache_len = -(-(max(len(context) + 1, len(prefill_ids)) + 8) // CACHE_MULTIPLE) * CACHE_MULTIPLE
+    settings = {"model": "SmolLM2-135M-Instruct Q4_1 (bundled)", "paths": args.path, "threads": args.threads,
+                "rounds": args.rounds, "decode_tokens_per_call": args.tokens, "decode_context": len(context),
+                "prefill_tokens": len(prefill_ids), "cache_len": cache_len}
+    doc = results.benchmark_document(
+        "llama_cpu", settings, cpu=build.cpu_name(),
+        isa=build.best_isa() if set(args.path) & set(forward.CPU_PATHS) else None,
+        load_average_start=os.getloadavg())
+    print(f"SmolLM2-135M Q4_1 on {doc['cpu']} ({doc['isa'] or 'xla'}), load average "
+          + ", ".join(f"{v:.1f}" for v in doc["load_average_start"]) + f"; {args.rounds} interleaved rounds", flush=True)
+    cpu_speed_rows(args, doc, models, cfg, context, prefill_ids)
+    if args.startup and not args.quick:
         try:
-            if peers.available("llama_cpp"):
-                llm = peers.llama_cpp(bundled_model_path(), n_ctx=cache_len + rounds * (args.tokens + 4) + 64,
-                                      n_batch=512, n_threads=threads, n_threads_batch=threads, seed=0)
-                run["llama_cpp_info"] = llm.call("info")
-                timers["llama.cpp"] = (functools.partial(_peer_seconds, llm, "timed_decode", context, args.tokens),
-                                       functools.partial(_peer_seconds, llm, "timed_prefill", prefill_ids,
-                                                         prefill_repeats))
-            else:
-                run["llama_cpp_error"] = "llama-cpp-python is not installed: pip install llama-cpp-python"
-            names = list(timers)
-            for r in range(rounds):
-                order = names[r % len(names):] + names[:r % len(names)]
-                for phase, what in enumerate(("decode", "prefill")):
-                    for name in order:
-                        seconds[name][what].append(timers[name][phase]())
-                print(f"  {threads} thread(s), round {r + 1}/{rounds}: " + "; ".join(
-                    f"{name} {1 / seconds[name]['decode'][-1]:.1f} tok/s decode, "
-                    f"{len(prefill_ids) / seconds[name]['prefill'][-1]:.0f} prefill" for name in names), flush=True)
-        except peers.PeerError as e:
-            run["llama_cpp_error"] = str(e)
-        finally:
-            if llm:
-                llm.close()
-        for name, times in seconds.items():
-            if not times["decode"] or len(times["decode"]) != len(times["prefill"]):
-                continue
-            entry = {}
-            entry.update(_summary("decode_tok_s", [1 / t for t in times["decode"]]))
-            entry.update(_summary("prefill_tok_s", [len(prefill_ids) / t for t in times["prefill"]]))
-            theirs = seconds.get("llama.cpp")
-            if name != "llama.cpp" and theirs and len(theirs["decode"]) == len(times["decode"]):
-                entry.update(_ratio("decode_ratio", times["decode"], theirs["decode"]))
-                entry.update(_ratio("prefill_ratio", times["prefill"], theirs["prefill"]))
-            run[name] = entry
-        write(result, args.out)
-    result["load_average_end"] = os.getloadavg()
+            doc["startup"] = startup_and_memory(args, rounds=max(measure.MIN_ROUNDS, min(args.rounds, 15)))
+        except Exception as e:  # noqa: BLE001 -- reported beside the speed rows, not fatal
+            doc["startup_error"] = f"{type(e).__name__}: {str(e)[:500]}"
+    doc["load_average_end"] = os.getloadavg()
     if args.layout is not None:  # the xla path (the cpu paths run unsharded); host devices share the cores
         xla_model = loaded.get("xla") or load(execution="xla")
-        result["sharded"] = sharded_decode(xla_model.params, cfg, "xla", args.layout, context=len(context),
-                                           dtype=jnp.float32)  # (its own rounds: ours/llama.cpp take fewer)
-    return result
+        doc["sharded"] = sharded_decode(xla_model.params, cfg, "xla", args.layout, context=len(context),
+                                        dtype=jnp.float32)  # (its own rounds: ours/llama.cpp take fewer)
+    results.save_json(args.out, doc)
+    return doc
 
 
-def print_cpu(report: dict) -> None:
-    load = ", ".join(f"{v:.1f}" for v in report["load_average_start"])
-    print(f"SmolLM2-135M Q4_1 on {report['cpu']} ({report['isa'] or 'xla'}), load average {load} at the start; "
-          f"medians of {report['rounds']} interleaved rounds [95% bootstrap interval]; ratio = ours / llama.cpp")
-    print(f"{'threads':>7} {'path':8} {'decode tok/s':>24} {'ratio':>19} {'prefill tok/s':>24} {'ratio':>19}")
-
-    def cell(entry, key):
-        return f"{entry[key]:7.1f} [{entry[key + '_lo']:.1f}, {entry[key + '_hi']:.1f}]"
-
-    def ratio(entry, key):
-        return (f"{entry[key]:5.2f} [{entry[key + '_lo']:.2f}, {entry[key + '_hi']:.2f}]" if key in entry else "-")
-
-    for run in report["runs"]:
-        for name in [*report["paths"], "llama.cpp"]:
-            if name in run:
-                e = run[name]
-                print(f"{run['threads']:>7} {name:8} {cell(e, 'decode_tok_s'):>24} {ratio(e, 'decode_ratio'):>19} "
-                      f"{cell(e, 'prefill_tok_s'):>24} {ratio(e, 'prefill_ratio'):>19}")
-        if "llama_cpp_error" in run:
-            print(f"  llama.cpp: {run['llama_cpp_error']}")
-    info = next((run["llama_cpp_info"] for run in report["runs"] if "llama_cpp_info" in run), None)
-    if info:
+def print_cpu(doc: dict) -> None:
+    """Tok/s of every contender (the speed-ups and verdicts are in the report's tables above)."""
+    for row in doc["rows"]:
+        if "tokens_per_second" in row:
+            print(f"{row['section']:8} {row['label']:12} " + "  ".join(
+                f"{name} {v['median']:.1f} [{v['ci'][0]:.1f}, {v['ci'][1]:.1f}] tok/s"
+                for name, v in row["tokens_per_second"].items()))
+    if "startup" in doc:
+        s = doc["startup"]
+        print("start to exit of generate --max-tokens 1 (second start): " + ", ".join(
+            f"{name} {v['median']:.2f} s [{v['ci'][0]:.2f}, {v['ci'][1]:.2f}]"
+            for name, v in s["start_to_exit_seconds"].items())
+              + "; peak RSS " + ", ".join(f"{name} {v['median_mib']:.0f} MiB" for name, v in s["peak_rss"].items())
+              + f" (ratio {s['peak_rss_ratio']:.2f})")
+    elif "startup_error" in doc:
+        print(f"start-up: {doc['startup_error']}")
+    if doc.get("llama_cpp"):
+        info = doc["llama_cpp"]
         print(f"llama.cpp: {info['package']} {info['version']}, {info.get('system_info', '')}")
 
 
@@ -531,7 +567,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="few tokens, short context (CPU smoke run)")
     parser.add_argument("--gpu-path", action="store_true",
                         help="the GPU benchmark (default on a GPU); on a CPU: a tiny config, interpreted")
-    parser.add_argument("--tokens", type=int, default=None, help="CPU: decode steps timed per round")
+    parser.add_argument("--tokens", type=int, default=None, help="CPU: decode steps per timed call (default 32)")
     parser.add_argument("--context", type=int, default=512, help="KV positions already in the cache")
     parser.add_argument("--group", type=int, default=128, help="GPU: W4A16 group size (32, 64 or 128)")
     parser.add_argument("--layers", type=int, default=None, help="GPU: fewer layers than 32 (quick look)")
@@ -541,13 +577,15 @@ def main(argv=None) -> int:
     parser.add_argument("--format", choices=("both", "bf16", "w4a16", "none"), default="both",
                         help="GPU: weight formats of the decode/prefill benchmark (none: only --sweep)")
     parser.add_argument("--rounds", type=int, default=None,
-                        help="interleaved rounds (GPU: per comparison, >= 10, default 10; CPU: ours/llama.cpp, default 10)")
+                        help="interleaved rounds per comparison, >= 10 (default: GPU 10, CPU 20)")
     parser.add_argument("--devices", default=None, help="also time decode sharded: N (tensor parallel) or DxM; "
                         "on a CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N gives N devices")
     parser.add_argument("--path", choices=("cpu", "cpu-q8", "xla"), nargs="+", default=None,
                         help="CPU: our execution paths (default: cpu and cpu-q8 where the kernels build, else xla)")
     parser.add_argument("--threads", type=int, nargs="+", default=None,
                         help="CPU: thread counts, each the same for ours and llama.cpp (default: 1 and all cores)")
+    parser.add_argument("--no-startup", dest="startup", action="store_false",
+                        help="CPU: skip the start-up time and peak memory of generate against llama.cpp's")
     parser.add_argument("--profile", action="store_true", help="per-kernel table of one batch-1 decode step")
     parser.add_argument("--sweep", action="store_true", help="GPU: also time GEMV configs of the 7B shapes")
     parser.add_argument("--out", default="results/benchmark_llama.json")
@@ -569,9 +607,13 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.tokens is None:
-        args.tokens = 8 if args.quick else 64
+        args.tokens = 8 if args.quick else 32
     if args.rounds is None:
-        args.rounds = 10
+        args.rounds = 10 if gpu_path or args.quick else 20
+    if args.rounds < measure.MIN_ROUNDS or args.tokens < 1:
+        print(f"error: --rounds {args.rounds} --tokens {args.tokens}: need at least {measure.MIN_ROUNDS} rounds "
+              "and one token", file=sys.stderr)
+        return 2
     if args.prefill_tokens is None:
         args.prefill_tokens = 512 if gpu_path else 256
     if args.quick:
@@ -603,8 +645,10 @@ def main(argv=None) -> int:
         if min(args.threads) < 1:
             print(f"error: --threads {args.threads}: each count must be >= 1", file=sys.stderr)
             return 2
-        report.update(cpu_benchmark(args))
-        print_cpu(report)
+        doc = cpu_benchmark(args)
+        results.print_tables(doc, args.out)
+        print_cpu(doc)
+        report = doc
     for row in report.get("results", [report]):
         if "sharded" in row:
             sh = row["sharded"]

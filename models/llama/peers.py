@@ -11,6 +11,7 @@ import importlib.util
 import multiprocessing
 import pathlib
 import signal
+import sys
 import time
 from typing import Any, Self
 
@@ -173,24 +174,26 @@ class LlamaCpp:
         self.llm.eval(ids)
         return np.array(self.llm.scores[: len(ids)])
 
-    def timed_decode(self, prompt_ids: list[int], *, warmup: int = 3, repeats: int = 32) -> dict:
-        """Seconds per decoded token after ``prompt_ids``, timed here in the child with the project's
-        protocol (``autotune.measure.time_callable``: warm-up apart, median and spread of samples)."""
-        from autotune.measure import time_callable
-
-        self.llm.reset()
-        self.llm.eval(prompt_ids)
-        return time_callable(lambda: self.llm.eval([1]), warmup=warmup, repeats=repeats).as_dict()
-
-    def timed_prefill(self, prompt_ids: list[int], *, warmup: int = 1, repeats: int = 5) -> dict:
-        """Seconds to evaluate ``prompt_ids`` from an empty cache (same protocol as ``timed_decode``)."""
-        from autotune.measure import time_callable
-
-        def run():
+    def decode_steps(self, prompt_ids: list[int], n: int) -> None:
+        """Evaluate one token ``n`` times, each at position ``len(prompt_ids)`` after ``prompt_ids``
+        (evaluated once, then kept): every step reads the same cache, as the benchmark's decode step
+        of ours does. Untimed here: the caller times the call (``autotune.measure``)."""
+        if list(self.llm.input_ids[:len(prompt_ids)]) != list(prompt_ids) or self.llm.n_tokens < len(prompt_ids):
             self.llm.reset()
             self.llm.eval(prompt_ids)
+        for _ in range(n):
+            self.llm.n_tokens = len(prompt_ids)  # eval drops the cache from here on, then appends
+            self.llm.eval([1])
 
-        return time_callable(run, warmup=warmup, repeats=repeats).as_dict()
+    def prefill(self, prompt_ids: list[int]) -> None:
+        """Evaluate ``prompt_ids`` from an empty cache (untimed here, as ``decode_steps``)."""
+        self.llm.reset()
+        self.llm.eval(prompt_ids)
+
+    def chat(self, prompt: str, max_tokens: int) -> str:
+        """A reply to one user turn, through the GGUF's chat template (as ``python -m models.llama generate``)."""
+        reply = self.llm.create_chat_completion([{"role": "user", "content": prompt}], max_tokens=max_tokens)
+        return reply["choices"][0]["message"]["content"]
 
     def greedy(self, ids: list[int], n: int) -> list[int]:
         out = []
@@ -226,3 +229,16 @@ def llama_cpp(model_path: str | pathlib.Path, **kwargs) -> Peer:
 
 def transformers(gguf_path: str | pathlib.Path) -> Peer:
     return Peer("transformers (torch f32)", "models.llama.peers:Transformers", str(gguf_path))
+
+
+def llama_cpp_command(model_path: str | pathlib.Path, prompt: str, max_tokens: int) -> list[str]:
+    """A whole llama.cpp generate as its own process (``LlamaCpp`` there, nothing of ours imported):
+    the peer of ``python -m models.llama generate`` when start-up time and peak memory are measured."""
+    return [sys.executable, str(pathlib.Path(__file__)), "chat", str(model_path), prompt, str(max_tokens)]
+
+
+if __name__ == "__main__":  # run by path (``llama_cpp_command``): imports numpy and llama_cpp only
+    _, what, model, text, tokens = sys.argv
+    if what != "chat":
+        raise SystemExit(f"error: unknown command {what!r}; the only one is chat")
+    print(LlamaCpp(model, n_ctx=256).chat(text, int(tokens)))
