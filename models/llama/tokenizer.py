@@ -30,8 +30,7 @@ NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 class Tokenizer:
     """Encode/decode plus the ids and chat template a generator needs."""
 
-    _plain: object  # tokenizers.Tokenizer with user-defined tokens only
-    _special: object  # ... and control tokens parsed as well
+    _tokenizer: object  # tokenizers.Tokenizer; control tokens are parsed only when asked (``encode``)
     bos_id: int | None
     eos_id: int | None
     add_bos: bool
@@ -41,11 +40,14 @@ class Tokenizer:
 
     @property
     def vocab_size(self) -> int:
-        return self._special.get_vocab_size()
+        return self._tokenizer.get_vocab_size()
 
     def encode(self, text: str, *, add_bos: bool | None = None, parse_special: bool = False) -> list[int]:
         """Token ids of ``text``; BOS is prepended when the model asks for it (or ``add_bos``)."""
-        enc = (self._special if parse_special else self._plain).encode(text, add_special_tokens=False)
+        # One tokenizer for both (each holds the vocabulary and merges, ~15 MB): with
+        # ``encode_special_tokens`` set, control tokens in the text are encoded as plain text.
+        self._tokenizer.encode_special_tokens = not parse_special
+        enc = self._tokenizer.encode(text, add_special_tokens=False)
         ids = list(enc.ids)
         if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
             ids = [self.bos_id] + ids
@@ -54,7 +56,7 @@ class Tokenizer:
     def decode(self, ids: list[int], *, skip_special: bool = True) -> str:
         if skip_special:
             ids = [i for i in ids if i not in self.control_ids]
-        return self._special.decode(list(ids), skip_special_tokens=False)
+        return self._tokenizer.decode(list(ids), skip_special_tokens=False)
 
     def apply_chat_template(self, messages: list[dict], *, add_generation_prompt: bool = True) -> str:
         """Render the file's Jinja chat template (``tokenizer.chat_template``)."""
@@ -158,14 +160,13 @@ def from_gguf_metadata(meta: dict) -> Tokenizer:
     else:
         raise ValueError(f"tokenizer model {model!r:.80} is not supported (supported: 'gpt2' BPE, 'llama' SentencePiece)")
     try:
-        plain, special = build(), build()
+        tok = build()
         user = [AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == USER_DEFINED]
         control = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == CONTROL]
         if user:
-            plain.add_tokens(user)
-            special.add_tokens(user)
+            tok.add_tokens(user)
         if control:
-            special.add_special_tokens(control)
+            tok.add_special_tokens(control)
     except ValueError:
         raise
     except Exception as e:  # noqa: BLE001  (the tokenizers library raises its own error types)
@@ -187,7 +188,7 @@ def from_gguf_metadata(meta: dict) -> Tokenizer:
              if i is not None}
     template = meta.get("tokenizer.chat_template")
     return Tokenizer(
-        _plain=plain, _special=special, bos_id=opt_id("tokenizer.ggml.bos_token_id"), eos_id=eos,
+        _tokenizer=tok, bos_id=opt_id("tokenizer.ggml.bos_token_id"), eos_id=eos,
         add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", add_bos_default)), stop_ids=frozenset(stops),
         chat_template=template if isinstance(template, str) else None,
         control_ids=frozenset(i for i, ty in enumerate(types) if ty == CONTROL))
@@ -226,6 +227,6 @@ def from_hf_folder(folder) -> Tokenizer:
     template = conf.get("chat_template")
     if not template and (folder / "chat_template.jinja").is_file():
         template = (folder / "chat_template.jinja").read_text()
-    return Tokenizer(_plain=tok, _special=tok, bos_id=token_id("bos_token"), eos_id=eos,
+    return Tokenizer(_tokenizer=tok, bos_id=token_id("bos_token"), eos_id=eos,
                      add_bos=bool(conf.get("add_bos_token", False)), stop_ids=frozenset({eos} - {None}),
                      chat_template=template if isinstance(template, str) else None, control_ids=control)
