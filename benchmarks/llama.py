@@ -453,12 +453,28 @@ def cpu_speed_rows(args, doc: dict, models: dict, cfg, context: list[int], prefi
                 llm.close()
 
 
+# Runs argv[1:] in a child of its own and prints that child's peak resident set (KiB) as its last
+# line on stderr. A process started straight from this one would not do: exec records the forking
+# process's high-water mark in the new one's ``ru_maxrss`` (with vfork, this whole benchmark's), so
+# the child is forked from this small launcher instead.
+_PEAK_RSS_LAUNCHER = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[1], sys.argv[1:])
+_, status, usage = os.wait4(pid, 0)
+print(f"peak_rss_kib {usage.ru_maxrss}", file=sys.stderr)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def startup_and_memory(args, rounds: int) -> dict:
     """Wall time and peak memory of a whole ``python -m models.llama generate --max-tokens 1`` against
     llama.cpp generating one token in a process of its own (``peers.llama_cpp_command``), interleaved
     (``autotune.measure.compare``). The first call of each is the untimed warm-up, so ours runs with
-    JAX's persistent compilation cache filled: the figure is a second start. Peak memory: the
-    process's maximum resident set (``ru_maxrss`` of ``os.wait4``)."""
+    JAX's persistent compilation cache filled: the figure is a second start. Each runs under a small
+    launcher (``_PEAK_RSS_LAUNCHER``, tens of milliseconds, the same for both) that reports its peak
+    resident set (``ru_maxrss``)."""
     import os
     import subprocess
 
@@ -473,13 +489,12 @@ def startup_and_memory(args, rounds: int) -> dict:
     peak_kib: dict[str, list[int]] = {name: [] for name in commands}
 
     def run(name: str) -> None:
-        proc = subprocess.Popen(commands[name], cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        stderr = proc.stderr.read()
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{name} exited with {proc.returncode}: {stderr.decode()[-500:]}")
-        peak_kib[name].append(usage.ru_maxrss)  # KiB on Linux
+        proc = subprocess.run([sys.executable, "-c", _PEAK_RSS_LAUNCHER, *commands[name]], cwd=repo, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, check=False)
+        last = proc.stderr.strip().splitlines()[-1:] or [""]
+        if proc.returncode != 0 or not last[0].startswith("peak_rss_kib "):
+            raise RuntimeError(f"{name} exited with {proc.returncode}: {proc.stderr[-500:]}")
+        peak_kib[name].append(int(last[0].split()[1]))  # KiB on Linux
 
     comparison = measure.compare({name: functools.partial(run, name) for name in commands}, baseline="llama.cpp",
                                  rounds=rounds, warmup=0)
