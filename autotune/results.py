@@ -253,11 +253,13 @@ def write_bundle(directory: pathlib.Path, results: list, env: dict) -> pathlib.P
 # ---------------------------------------------------------------------------------------------
 
 
-def benchmark_document(benchmark: str, settings: dict, **extra) -> dict:
-    """The JSON a benchmark writes: its name, the environment, its settings, then ``rows``."""
+def benchmark_document(benchmark: str, settings: dict, *, interpreted: bool | None = None, **extra) -> dict:
+    """The JSON a benchmark writes: its name, the environment, its settings, then ``rows``.
+    interpreted: whether its timings are of the Pallas interpreter (default: where Pallas interprets)."""
     from autotune import report
 
-    return {"schema": report.SCHEMA, "benchmark": benchmark, "env": environment(seed=settings.get("seed")),
+    return {"schema": report.SCHEMA, "benchmark": benchmark,
+            "env": environment(seed=settings.get("seed"), interpreted=interpreted),
             "settings": settings, **extra, "rows": []}
 
 

@@ -536,7 +536,7 @@ def cpu_benchmark(args) -> dict:
                 "rounds": args.rounds, "decode_tokens_per_call": args.tokens, "decode_context": len(context),
                 "prefill_tokens": len(prefill_ids), "cache_len": cache_len}
     doc = results.benchmark_document(
-        "llama_cpu", settings, cpu=build.cpu_name(),
+        "llama_cpu", settings, interpreted=False, cpu=build.cpu_name(),  # compiled C++ and llama.cpp, no Pallas
         isa=build.best_isa() if set(args.path) & set(forward.CPU_PATHS) else None,
         load_average_start=os.getloadavg())
     print(f"SmolLM2-135M Q4_1 on {doc['cpu']} ({doc['isa'] or 'xla'}), load average "
