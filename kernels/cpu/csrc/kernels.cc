@@ -60,113 +60,93 @@ inline const uint8_t* prefetch_stream(const GemmShape& g, int64_t n0, int bn) {
   return g.prefetch > 0 ? g.w + (n0 + bn - 1) * g.row_bytes + g.prefetch : nullptr;
 }
 
+// The accumulator lanes of each activation mode: int32 block dots scaled into f32 lanes (q8), or
+// f32 products (f32, the widest float register of the ISA).
+template <int A> struct Accumulator;
+template <> struct Accumulator<kActQ8> {
+  using Lanes = FLanes;
+  static Lanes zero() { return fzero(); }
+  static float sum(Lanes v) { return hsum(v); }
+};
+template <> struct Accumulator<kActF32> {
+  using Lanes = FVec;
+  static Lanes zero() { return fv_zero(); }
+  static float sum(Lanes v) { return fv_sum(v); }
+};
+
 // A BM x BN block of outputs over the whole K: BN weight blocks are unpacked once per K step and
 // multiplied with BM activation blocks (register blocking); U independent accumulator sets break
-// the floating-point dependency chain (unrolling K by U blocks).
-template <int F, int BM, int BN, int U>
-void q8_micro(const GemmShape& g, int64_t m0, int64_t n0, float* out, int64_t ldo) {
-  const QuantizedRows& x = *g.xq;
-  const int64_t nb = x.blocks();
-  FLanes acc[U][BM][BN];
-  float mins[BM][BN];
-  for (int u = 0; u < U; ++u)
-    for (int i = 0; i < BM; ++i)
-      for (int j = 0; j < BN; ++j) acc[u][i][j] = fzero();
-  for (int i = 0; i < BM; ++i)
-    for (int j = 0; j < BN; ++j) mins[i][j] = 0.0f;
-  const uint8_t* wr[BN];
-  for (int j = 0; j < BN; ++j) wr[j] = g.w + (n0 + j) * g.row_bytes;
-  constexpr int kBytes = FormatInfo<F>::bytes;
-  const uint8_t* ahead = prefetch_stream(g, n0, BN);
-
-  auto step = [&](int64_t b, FLanes (&a)[BM][BN]) {
-    WeightBlock<F> wb[BN];
-    float dw[BN], mw[BN];
-    for (int j = 0; j < BN; ++j) {
-      const uint8_t* blk = wr[j] + b * kBytes;
-      if (ahead) __builtin_prefetch(ahead + (b * BN + j) * kBytes);
-      wb[j] = weight_block<F>(blk);
-      dw[j] = load_half(blk);
-      if constexpr (F == Q4_1) mw[j] = load_half(blk + 2);
-    }
-    for (int i = 0; i < BM; ++i) {
-      const int64_t row = m0 + i;
-      const int8_t* xq = x.qs + row * x.k + b * 32;
-      const int32_t* lanes = x.lanes + (row * nb + b) * 8;
-      const float dx = x.d[row * nb + b];
-      for (int j = 0; j < BN; ++j) {
-        a[i][j] = fma_lanes(block_dot<F>(wb[j], xq, lanes), dw[j] * dx, a[i][j]);
-        if constexpr (F == Q4_1) mins[i][j] += mw[j] * x.s[row * nb + b];
-      }
-    }
-  };
-
-  int64_t b = 0;
-  for (; b + U <= nb; b += U)
-    for (int u = 0; u < U; ++u) step(b + u, acc[u]);
-  for (; b < nb; ++b) step(b, acc[0]);
-  for (int i = 0; i < BM; ++i)
-    for (int j = 0; j < BN; ++j) {
-      float total = 0.0f;
-      for (int u = 0; u < U; ++u) total += hsum(acc[u][i][j]);
-      out[i * ldo + j] = total + mins[i][j];
-    }
-}
-
-// The f32 mode's block of outputs, same blocking: per block, d * (q . x) accumulates in f32 lanes
-// and m * (the block's sum of x) in a scalar (see fdot.h).
-template <int F, int BM, int BN, int U>
-void f32_micro(const GemmShape& g, int64_t m0, int64_t n0, float* out, int64_t ldo) {
-  const FloatRows& x = *g.xf;
-  const int64_t nb = x.blocks();
-  FVec acc[U][BM][BN];
-  float mins[BM][BN];
-  for (int u = 0; u < U; ++u)
-    for (int i = 0; i < BM; ++i)
-      for (int j = 0; j < BN; ++j) acc[u][i][j] = fv_zero();
-  for (int i = 0; i < BM; ++i)
-    for (int j = 0; j < BN; ++j) mins[i][j] = 0.0f;
-  const uint8_t* wr[BN];
-  for (int j = 0; j < BN; ++j) wr[j] = g.w + (n0 + j) * g.row_bytes;
-  constexpr int kBytes = FormatInfo<F>::bytes;
-  const uint8_t* ahead = prefetch_stream(g, n0, BN);
-
-  auto step = [&](int64_t b, FVec (&a)[BM][BN]) {
-    FVec q[BN][kBlockVecs];
-    float dw[BN], mw[BN];
-    for (int j = 0; j < BN; ++j) {
-      const uint8_t* blk = wr[j] + b * kBytes;
-      if (ahead) __builtin_prefetch(ahead + (b * BN + j) * kBytes);
-      decode_block<F>(blk, q[j]);
-      block_scales<F>(blk, &dw[j], &mw[j]);
-    }
-    for (int i = 0; i < BM; ++i) {
-      const int64_t row = m0 + i;
-      const float* xr = x.x + row * x.k + b * 32;
-      const float sx = x.sums[row * nb + b];
-      for (int j = 0; j < BN; ++j) {
-        a[i][j] = fv_fma(block_fdot(q[j], xr), fv_set1(dw[j]), a[i][j]);
-        if constexpr (F != Q8_0) mins[i][j] += mw[j] * sx;
-      }
-    }
-  };
-
-  int64_t b = 0;
-  for (; b + U <= nb; b += U)
-    for (int u = 0; u < U; ++u) step(b + u, acc[u]);
-  for (; b < nb; ++b) step(b, acc[0]);
-  for (int i = 0; i < BM; ++i)
-    for (int j = 0; j < BN; ++j) {
-      float total = 0.0f;
-      for (int u = 0; u < U; ++u) total += fv_sum(acc[u][i][j]);
-      out[i * ldo + j] = total + mins[i][j];
-    }
-}
-
+// the floating-point dependency chain (unrolling K by U blocks). Per block, d * (q . x) accumulates
+// in the lanes and m * (the block's sum of x) in a scalar (qdot.h, fdot.h).
 template <int A, int F, int BM, int BN, int U>
 void micro(const GemmShape& g, int64_t m0, int64_t n0, float* out, int64_t ldo) {
-  if constexpr (A == kActQ8) q8_micro<F, BM, BN, U>(g, m0, n0, out, ldo);
-  else f32_micro<F, BM, BN, U>(g, m0, n0, out, ldo);
+  using Acc = Accumulator<A>;
+  const int64_t nb = A == kActQ8 ? g.xq->blocks() : g.xf->blocks();
+  typename Acc::Lanes acc[U][BM][BN];
+  float mins[BM][BN];
+  for (int u = 0; u < U; ++u)
+    for (int i = 0; i < BM; ++i)
+      for (int j = 0; j < BN; ++j) acc[u][i][j] = Acc::zero();
+  for (int i = 0; i < BM; ++i)
+    for (int j = 0; j < BN; ++j) mins[i][j] = 0.0f;
+  const uint8_t* wr[BN];
+  for (int j = 0; j < BN; ++j) wr[j] = g.w + (n0 + j) * g.row_bytes;
+  constexpr int kBytes = FormatInfo<F>::bytes;
+  const uint8_t* ahead = prefetch_stream(g, n0, BN);
+
+  auto step = [&](int64_t b, typename Acc::Lanes (&a)[BM][BN]) {
+    float dw[BN], mw[BN];
+    if constexpr (A == kActQ8) {
+      const QuantizedRows& x = *g.xq;
+      WeightBlock<F> wb[BN];
+      for (int j = 0; j < BN; ++j) {
+        const uint8_t* blk = wr[j] + b * kBytes;
+        if (ahead) __builtin_prefetch(ahead + (b * BN + j) * kBytes);
+        wb[j] = weight_block<F>(blk);
+        dw[j] = load_half(blk);
+        if constexpr (F == Q4_1) mw[j] = load_half(blk + 2);
+      }
+      for (int i = 0; i < BM; ++i) {
+        const int64_t row = m0 + i;
+        const int8_t* xq = x.qs + row * x.k + b * 32;
+        const int32_t* lanes = x.lanes + (row * nb + b) * 8;
+        const float dx = x.d[row * nb + b];
+        for (int j = 0; j < BN; ++j) {
+          a[i][j] = fma_lanes(block_dot<F>(wb[j], xq, lanes), dw[j] * dx, a[i][j]);
+          if constexpr (F == Q4_1) mins[i][j] += mw[j] * x.s[row * nb + b];
+        }
+      }
+    } else {
+      const FloatRows& x = *g.xf;
+      FVec q[BN][kBlockVecs];
+      for (int j = 0; j < BN; ++j) {
+        const uint8_t* blk = wr[j] + b * kBytes;
+        if (ahead) __builtin_prefetch(ahead + (b * BN + j) * kBytes);
+        decode_block<F>(blk, q[j]);
+        block_scales<F>(blk, &dw[j], &mw[j]);
+      }
+      for (int i = 0; i < BM; ++i) {
+        const int64_t row = m0 + i;
+        const float* xr = x.x + row * x.k + b * 32;
+        const float sx = x.sums[row * nb + b];
+        for (int j = 0; j < BN; ++j) {
+          a[i][j] = fv_fma(block_fdot(q[j], xr), fv_set1(dw[j]), a[i][j]);
+          if constexpr (F != Q8_0) mins[i][j] += mw[j] * sx;
+        }
+      }
+    }
+  };
+
+  int64_t b = 0;
+  for (; b + U <= nb; b += U)
+    for (int u = 0; u < U; ++u) step(b + u, acc[u]);
+  for (; b < nb; ++b) step(b, acc[0]);
+  for (int i = 0; i < BM; ++i)
+    for (int j = 0; j < BN; ++j) {
+      float total = 0.0f;
+      for (int u = 0; u < U; ++u) total += Acc::sum(acc[u][i][j]);
+      out[i * ldo + j] = total + mins[i][j];
+    }
 }
 
 constexpr int kSizes[] = {1, 2, 4};
