@@ -391,15 +391,6 @@ class CpuContender:
         return self.prefill(self.params, self.prompt)
 
 
-def _tokens_per_second(comparison: measure.Comparison, tokens: int) -> dict:
-    """Each contender's tok/s: ``tokens`` over its median seconds per call, with the 95% interval."""
-    out = {}
-    for name, timing in comparison.timings.items():
-        low, high = timing.interval_seconds
-        out[name] = {"median": tokens / timing.median_seconds, "ci": [tokens / high, tokens / low]}
-    return out
-
-
 def _blocking(fn):
     return lambda: jax.block_until_ready(fn())
 
@@ -442,7 +433,7 @@ def cpu_speed_rows(args, doc: dict, models: dict, cfg, context: list[int], prefi
                         phase, f"{threads} thread(s)", problem, comparison,
                         {"llama.cpp": {"what": f"llama.cpp ({doc['llama_cpp']['version']}), {threads} thread(s)"}}
                         | {p: {"what": f"ours, --path {p}, {threads} thread(s)"} for p in ours},
-                        tokens_per_second=_tokens_per_second(comparison, tokens))
+                        tokens_per_call=tokens)
                 except peers.PeerError as e:
                     row = results.failed_row(phase, f"{threads} thread(s)", problem, e)
                 results.add_row(doc, args.out, row)
@@ -536,7 +527,7 @@ def cpu_benchmark(args) -> dict:
                 "rounds": args.rounds, "decode_tokens_per_call": args.tokens, "decode_context": len(context),
                 "prefill_tokens": len(prefill_ids), "cache_len": cache_len}
     doc = results.benchmark_document(
-        "llama_cpu", settings, interpreted=False, cpu=build.cpu_name(),  # compiled C++ and llama.cpp, no Pallas
+        "llama", settings, interpreted=False, cpu=build.cpu_name(),  # compiled C++ and llama.cpp, no Pallas
         isa=build.best_isa() if set(args.path) & set(forward.CPU_PATHS) else None,
         load_average_start=os.getloadavg())
     print(f"SmolLM2-135M Q4_1 on {doc['cpu']} ({doc['isa'] or 'xla'}), load average "
@@ -557,12 +548,7 @@ def cpu_benchmark(args) -> dict:
 
 
 def print_cpu(doc: dict) -> None:
-    """Tok/s of every contender (the speed-ups and verdicts are in the report's tables above)."""
-    for row in doc["rows"]:
-        if "tokens_per_second" in row:
-            print(f"{row['section']:8} {row['label']:12} " + "  ".join(
-                f"{name} {v['median']:.1f} [{v['ci'][0]:.1f}, {v['ci'][1]:.1f}] tok/s"
-                for name, v in row["tokens_per_second"].items()))
+    """Below the report's tables (tok/s, speed-ups, verdicts): start-up, peak memory, llama.cpp's build."""
     if "startup" in doc:
         s = doc["startup"]
         print("start to exit of generate --max-tokens 1 (second start): " + ", ".join(
