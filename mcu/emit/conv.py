@@ -227,8 +227,11 @@ def _strip_in_place_ok(g: dict, strip: int) -> bool:
 def depthwise_geometry(graph: Graph, op: Op, p: dict, strip: str = "all") -> dict | None:
     """The plane of the specialized depthwise, or None where it does not apply (depth multiplier
     other than 1, dilation, batches). ``strip``: output rows per pass over the plane (the
-    smallest at least that large which is exact in place; "all": the whole plane)."""
-    x, w, y = graph.tensors[op.inputs[0]], graph.tensors[op.inputs[1]], graph.tensors[op.outputs[0]]
+    smallest at least that large which is exact in place; "all": the whole plane). A depthwise
+    fused with the 1x1 conv before it (``p["pointwise"]``, mcu.codegen.fuse_pointwise) has that
+    conv's output as its input."""
+    x_name = p["pointwise"][0].outputs[0] if "pointwise" in p else op.inputs[0]
+    x, w, y = graph.tensors[x_name], graph.tensors[op.inputs[1]], graph.tensors[op.outputs[0]]
     o = op.options
     if (o["depth_multiplier"] != 1 or o["dilation_h"] != 1 or o["dilation_w"] != 1 or x.shape[0] != 1
             or x.shape[3] != y.shape[3]):
@@ -250,6 +253,24 @@ def depthwise_geometry(graph: Graph, op: Op, p: dict, strip: str = "all") -> dic
     while rows < oh and not _strip_in_place_ok(g, rows):
         rows += 1
     return {**g, "strip": rows, "plane_h": (rows - 1) * sh + kh}
+
+
+def _pointwise_source(layer: Layer, pw: Op, p: dict, planes: int) -> str:
+    """The tp_sp_pw_source of the 1x1 conv ``pw`` fused into the depthwise ``layer`` (its constants
+    are this layer's): int16 weights in blocks of ``planes`` channels, one record per channel."""
+    graph = layer.graph
+    w = graph.tensors[pw.inputs[1]]
+    filt = w.data.astype(np.int64).reshape(w.shape[0], w.shape[3])
+    req = specialized.requantization(_bias_values(graph, pw), p["output_multiplier"], p["output_shift"],
+                                     p["output_offset"], _acc_bound(graph, pw, p, np.abs(filt).sum(axis=1)),
+                                     want_doubled=True)
+    weights = layer.const("int32_t", "pw_weights",
+                          _words(specialized.fc_weights(filt, planes, "s16", req.doubled), np.int16))
+    records = layer.const("int32_t", "pw_channels", req.records)
+    fields = [w.shape[3], -(-w.shape[3] // 4), p["input_offset"], p["act_min"], p["act_max"], req.mode, int(req.doubled)]
+    return layer.out.struct("tp_sp_pw_source", f"{layer.prefix}_pw", f"{{{', '.join(str(int(v)) for v in fields)}, "
+                                                                    f"(const tp_sp_word *){weights}, "
+                                                                    f"(const tp_sp_channel *){records}}}")
 
 
 def _sp_conv_column(graph: Graph, op: Op) -> specialized.ConvColumn:
@@ -278,7 +299,14 @@ def _conv_specialized_scratch(graph: Graph, op: Op, params: dict, options: dict)
             return col.column if direct_mode(graph, op, params) == specialized.DIRECT_COLUMN else 0
         return 4 * col.column + specialized.round_up(col.segment, 4)
     g = depthwise_geometry(graph, op, params, options.get("strip", "all"))
-    return None if g is None or options.get("kernel") == "portable" else g["plane_h"] * g["plane_w"]
+    if g is None or options.get("kernel") == "portable":
+        return None
+    return g["plane_h"] * g["plane_w"] * (fused_planes(options, g) if "pointwise" in params else 1)
+
+
+def fused_planes(options: dict, g: dict) -> int:
+    """Channels per pass of a fused depthwise (the ``planes`` knob, at most its channels)."""
+    return min(int(options.get("planes", 1)), g["channels"])
 
 
 def _conv_specialized(layer: Layer) -> str | None:
@@ -302,12 +330,18 @@ def _conv_specialized(layer: Layer) -> str | None:
                                    "pad_top", "pad_left")),
                   p["input_offset"], p["act_min"], p["act_max"], req.mode, int(req.doubled),
                   g["plane_h"], g["plane_w"], g["rows_in"], g["cols_in"], g["groups"], g["strip"]]
+        planes, source = 1, "0"
+        if "pointwise" in p:
+            planes = fused_planes(layer.options, g)
+            source = "&" + _pointwise_source(layer, *p["pointwise"], planes)
         struct = layer.struct("tp_sp_dw_layer", f"{{{', '.join(str(int(v)) for v in fields)}, "
-                                                f"(const tp_sp_word *){weights}, (const tp_sp_channel *){records}}}")
+                                                f"(const tp_sp_word *){weights}, (const tp_sp_channel *){records}, "
+                                                f"{planes}, {source}}}")
         # in place (TinyEngine) when the plan gave the output the input's buffer: the same pointer
         _sp_function(layer, "tp_sp_depthwise", struct, [("const int8_t *in", x_arg), ("int8_t *out", y_arg),
                                                         ("int8_t *plane", f"(int8_t *)({layer.scratch})")])
-        return "tp_sp_depthwise" + (f" (strips of {g['strip']})" if g["strip"] < g["out_h"] else "")
+        return ("tp_sp_depthwise" + (f" (strips of {g['strip']})" if g["strip"] < g["out_h"] else "")
+                + (f" (fused 1x1, {planes} planes)" if "pointwise" in p else ""))
     fmt = layer.options.get("weights", "s16")
     unroll = int(layer.options.get("unroll", 2))
     col = _sp_conv_column(graph, op)
