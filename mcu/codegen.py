@@ -279,7 +279,7 @@ def plan_schedule(graph: Graph, config: Config, params: list[dict] | None = None
     cmsis = config.backend == "cmsis-nn"
     planar = specialized_depthwise(graph, params, config) if config.backend == "specialized" else set()
 
-    split = max(config.patch_split, -1)  # ops 0..split run patch by patch (portable kernels)
+    split = max(config.patch_split, -1)  # ops 0..split run patch by patch (portable or CMSIS-NN kernels)
     planar = {i for i in planar if i > split}
 
     def channel_in_place(ops: list[Op], first: int) -> dict[int, int] | None:
@@ -292,53 +292,65 @@ def plan_schedule(graph: Graph, config: Config, params: list[dict] | None = None
                 and graph.tensors[op.inputs[0]].shape[0] == 1}
 
     fused = {i for i, p in enumerate(params) if "pointwise" in p}  # read their input for every channel: no overlap
+    limits = ({**dict.fromkeys(planar, 0), **dict.fromkeys(fused, None)} if not cmsis
+              else dict.fromkeys(cmsis_no_overlap(graph, params, config), None))
     if config.patch_split < 0:
-        limits = ({**dict.fromkeys(planar, 0), **dict.fromkeys(fused, None)} if not cmsis
-                  else dict.fromkeys(cmsis_no_overlap(graph, params, config), None))
         plan = plan_memory(graph, params, scratch, in_place=config.in_place,
                            channel_in_place=channel_in_place(graph.ops, 0), overlap_limits=limits)
         return None, plan, None
-    if cmsis:
-        raise ValueError("patch-based inference (patch_split) runs on the portable backend only")
     seg = patch.segment(graph, params, config.patch_split, config.patch_grid)
-    patch_plan = plan_memory(patch.patch_graph(graph, seg), params[: seg.split + 1],
-                             {i: scratch_bytes(graph, graph.ops[i], params[i]) for i in range(seg.split + 1)},
+    patched = patch.patch_graph(graph, seg)
+    # the patches run the portable kernels, or CMSIS-NN's on the cmsis-nn backend (their scratch
+    # probed at the largest patch)
+    patch_scratch = (backend_scratch(patched, dataclasses.replace(config, layer_options=()), params[: seg.split + 1])
+                     if cmsis else {i: scratch_bytes(graph, graph.ops[i], params[i]) for i in range(seg.split + 1)})
+    patch_plan = plan_memory(patched, params[: seg.split + 1], patch_scratch,
                              in_place=False, caller_inputs=False)  # the segment inputs are cropped into it
     outer, _ = patch.outer_graph(graph, seg, patch_plan.peak_bytes)
     outer_scratch = {0: patch_plan.peak_bytes, **{i - seg.split: b for i, b in scratch.items() if i > seg.split}}
     plan = plan_memory(outer, [{}] + params[seg.split + 1 :], outer_scratch, in_place=config.in_place,
                        channel_in_place=channel_in_place(outer.ops, 1),
-                       overlap_limits={i - seg.split: None if i in fused else 0 for i in planar | fused})
+                       overlap_limits={i - seg.split: v for i, v in limits.items() if i > seg.split})
     return seg, plan, patch_plan
 
 
 def min_sram_config(graph: Graph, base: Config | None = None, grids: tuple[int, ...] = (2, 3, 4, 6, 8)) -> Config:
-    """The depthwise variant and patch split/grid (or none) with the smallest peak SRAM; the
-    other knobs from ``base``."""
+    """The patch split/grid (or none) with the smallest peak SRAM (the smaller grid on a tie) and,
+    on the portable backend, the depthwise variant; on the cmsis-nn backend also the 1x1 convs
+    that must run through arm_convolve_s8 to overlap their input (``fit_sram``). The other
+    knobs from ``base``."""
     base = base or Config()
-    if base.backend == "cmsis-nn":
-        return fit_sram(graph, base, 0)
-    if base.backend != "portable":
+    if base.backend not in ("portable", "cmsis-nn"):
         return base
+    cmsis = base.backend == "cmsis-nn"
+    if cmsis:
+        base = fit_sram(graph, base, 0)
     params = [quantization.op_params(graph, op) for op in graph.ops]
     best = (plan_schedule(graph, base, params)[1].peak_bytes, base)
     t = graph.tensors
 
-    def held_whole(split: int) -> int:  # the segment's inputs and output stay whole: a lower bound
+    def held_whole(split: int) -> int:  # the segment's inputs (but the caller's) and output stay whole: a lower bound
         produced = {n for op in graph.ops[: split + 1] for n in op.outputs}
         inputs = {n for op in graph.ops[: split + 1] for n in op.inputs
-                  if n is not None and not t[n].is_constant and n not in produced}
+                  if n is not None and not t[n].is_constant and n not in produced and n not in graph.inputs}
         return sum(t[n].nbytes for n in inputs) + t[graph.ops[split].outputs[0]].nbytes
 
-    for depthwise in DEPTHWISE_VARIANTS:
+    for depthwise in (base.depthwise,) if cmsis else DEPTHWISE_VARIANTS:
         for split in (-1, *patch.candidate_splits(graph)):
             if split >= 0 and held_whole(split) >= best[0]:
                 continue
             for grid in grids if split >= 0 else (base.patch_grid,):
+                if cmsis and split >= 0 and not patch.reads_from_region_start(
+                        graph, params, patch.segment(graph, params, split, grid)):
+                    continue  # some patch would fall back to a portable kernel
                 config = dataclasses.replace(base, depthwise=depthwise, patch_split=split, patch_grid=grid)
                 peak = plan_schedule(graph, config, params)[1].peak_bytes
                 if peak < best[0]:
                     best = (peak, config)
+    if cmsis and best[1].patch_split >= 0:  # the peak has moved: fit the 1x1 convs after the segment again
+        config = fit_sram(graph, dataclasses.replace(best[1], layer_options=()), 0)
+        if plan_schedule(graph, config, params)[1].peak_bytes <= best[0]:
+            return config
     return best[1]
 
 
@@ -685,8 +697,10 @@ def _emit_patches(graph: Graph, params: list[dict], seg, plan: MemoryPlan, patch
             op = graph.ops[j]
             shape = {n: (1, reg[n][0][1] - reg[n][0][0], reg[n][1][1] - reg[n][1][0], t[n].shape[3])
                      for n in [*op.inputs, op.outputs[0]] if n is not None and not t[n].is_constant}
-            column = f"ARENA + {base + patch_plan.offsets[patch_plan.scratch[j]]}" if j in patch_plan.scratch else "0"
-            layer = emit.Layer(graph, op, j, params[j], out, ptr, shape, scratch=column, conv1x1=config.variant(j))
+            buf = patch_plan.scratch.get(j)
+            column = f"ARENA + {base + patch_plan.offsets[buf]}" if buf else "0"
+            layer = emit.Layer(graph, op, j, params[j], out, ptr, shape, scratch=column,
+                               scratch_bytes=patch_plan.buffers[buf].size if buf else 0, conv1x1=config.variant(j))
             if schema.has(op.kind, schema.ELEMENTWISE):
                 if any(reg[n] != reg[op.outputs[0]] for n in shape):
                     _emit_elementwise_rows(layer, reg, config.backend)

@@ -140,8 +140,6 @@ def search_space(problem: dict) -> SearchSpace:
 
     def violations(params: dict) -> list[str]:
         config = to_config(params)
-        if config.backend == "cmsis-nn" and config.patch_split >= 0:
-            return ["patch-based inference runs on the portable and specialized backends only"]
         try:
             _, plan, _ = codegen.plan_schedule(graph, config)
         except ValueError as e:  # a split that cannot be patched

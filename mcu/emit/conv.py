@@ -31,16 +31,23 @@ def _requantization(layer: Layer) -> tuple[str, str]:
     return layer.const("int32_t", "mult", p["output_multiplier"]), layer.const("int32_t", "shift", p["output_shift"])
 
 
-def _cmsis_conv_args(graph: Graph, op: Op, p: dict, options: dict | None = None) -> dict:
+def _cmsis_conv_args(graph: Graph, op: Op, p: dict, options: dict | None = None, shapes: tuple | None = None,
+                     pads: tuple[int, int] | None = None) -> dict:
     """C initialisers of the CMSIS-NN structs of a conv/depthwise; ``options["kernel"] ==
     "general"`` calls arm_convolve_s8 itself (pixel by pixel, so its output may overlap the
-    input) instead of the wrapper's choice (a 1x1 conv's arm_convolve_1x1_s8_fast may not)."""
+    input) instead of the wrapper's choice (a 1x1 conv's arm_convolve_1x1_s8_fast may not).
+    ``shapes`` (input, output) and ``pads`` (top, left): a patch's (mcu.patch), whose padding is
+    never negative: CMSIS-NN pads the top and left as given and reads rows and columns past the
+    input's end as padding, as a patch at the bottom or right edge needs."""
     x, w, y = graph.tensors[op.inputs[0]], graph.tensors[op.inputs[1]], graph.tensors[op.outputs[0]]
+    xs, ys = shapes if shapes is not None else (x.shape, y.shape)
     o = op.options
     (pt, _), (pl, _) = p["padding"]
+    if pads is not None:
+        pt, pl = pads
     act = f"{{{p['act_min']}, {p['act_max']}}}"
     tiles = f"{{{o['stride_w']}, {o['stride_h']}}}, {{{pl}, {pt}}}, {{{o['dilation_w']}, {o['dilation_h']}}}, {act}"
-    d = {"in": dims(*x.shape), "out": dims(*y.shape), "bias": dims(1, 1, 1, y.shape[3])}
+    d = {"in": dims(*xs), "out": dims(*ys), "bias": dims(1, 1, 1, ys[3])}
     if op.kind == "CONV_2D":
         d.update(ptype="cmsis_nn_conv_params", params=f"{{{p['input_offset']}, {p['output_offset']}, {tiles}}}",
                  filter=dims(*w.shape),
@@ -96,20 +103,19 @@ class ConvEmitter(Emitter):
         return f"{d['fn']}_get_buffer_size({args});{d['fn']}_get_buffer_size_dsp({args})"
 
     def cmsis_nn(self, layer: Layer) -> str | None:
-        if not layer.whole:
-            return None
-        op, pre = layer.op, layer.prefix
-        d = _cmsis_conv_args(layer.graph, op, layer.params, layer.options)
+        op = layer.op
+        x, y = op.inputs[0], op.outputs[0]
+        if layer.pads is not None and min(layer.pads) < 0:
+            return None  # a patch region wider than this op reads (CMSIS-NN has no row stride to skip it)
+        d = _cmsis_conv_args(layer.graph, op, layer.params, layer.options, (layer.shape(x), layer.shape(y)), layer.pads)
         filt, bias = layer.const("int8_t", "filter", layer.tensor(1).data), _bias(layer)
         mult, shift = _requantization(layer)
-        consts = [f"static const {d['ptype']} {pre}_params = {d['params']};\n",
-                  (f"static const cmsis_nn_per_channel_quant_params {pre}_quant = {{(int32_t *){mult}, "
-                   f"(int32_t *){shift}}};\n")]
-        consts += [f"static const cmsis_nn_dims {pre}_{k}_dims = {d[k]};\n" for k in ("in", "filter", "bias", "out")]
-        layer.out.consts.extend(consts)
-        call = (f"{d['fn']}(&ctx, &{pre}_params, &{pre}_quant, &{pre}_in_dims, {layer.ptr(op.inputs[0])}, "
-                f"&{pre}_filter_dims, {filt}, &{pre}_bias_dims, {bias}, "
-                f"{'NULL, ' if d['fn'] == 'arm_convolve_s8' else ''}&{pre}_out_dims, {layer.ptr(op.outputs[0])})")
+        params = layer.struct(d["ptype"], d["params"])  # one per geometry: the patches of a layer share them
+        quant = layer.struct("cmsis_nn_per_channel_quant_params", f"{{(int32_t *){mult}, (int32_t *){shift}}}")
+        dim = {k: layer.struct("cmsis_nn_dims", d[k]) for k in ("in", "filter", "bias", "out")}
+        call = (f"{d['fn']}(&ctx, &{params}, &{quant}, &{dim['in']}, {layer.ptr(x)}, "
+                f"&{dim['filter']}, {filt}, &{dim['bias']}, {bias}, "
+                f"{'NULL, ' if d['fn'] == 'arm_convolve_s8' else ''}&{dim['out']}, {layer.ptr(y)})")
         layer.out.call(f"{{ cmsis_nn_context ctx = {{{_context(layer)}}}; {layer.checked(call)}; }}")
         return d["fn"]
 
