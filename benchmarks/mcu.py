@@ -10,7 +10,10 @@ schedule with the smallest peak), ``cmsis-nn`` and ``cmsis-nn min-SRAM`` (when $
 is set; min-SRAM runs 1x1 convs through arm_convolve_s8 where that lets them run in place), and
 ``specialized`` (the autotuner's schedule for the model and board when one is stored, else the
 default: int16 weights within the board's flash, peak SRAM at most the portable default's).
-Every run is checked bit-exact against TFLite Micro on the same input.
+Every run is checked bit-exact against TFLite Micro on the same input. Peak SRAM is the
+arena: the generated model reads its input where the caller holds it (zero-copy; the harness
+keeps it outside the board's SRAM, as a sensor buffer would be), so the input's bytes
+(``caller_input_bytes``) are not in it, while TFLite Micro's arena holds its input tensor.
 
     python benchmarks/mcu.py [--board stm32f746] [--models GLOB] [--out benchmarks/results/mcu.json] [--no-qemu] [--layers]
 """
@@ -89,7 +92,8 @@ def bench(path: pathlib.Path, board: mcu.Board, qemu: bool, layers: bool = False
     arena = tflm.arena_bytes(str(path))
     macs = specialized.macs(graph)
     row = {"model": path.name, "tflite_bytes": path.stat().st_size, "tflm_arena_total": arena["total"],
-           "tflm_arena_head": arena["head"], "macs": macs, "schedules": {}}
+           "tflm_arena_head": arena["head"], "macs": macs,
+           "caller_input_bytes": sum(graph.tensors[n].nbytes for n in graph.inputs), "schedules": {}}
     inputs = mcu.random_inputs(graph, 1, seed=0)
     x = mcu.pack_inputs(graph, inputs)
     want = tflm.run(str(path), *inputs)
@@ -163,7 +167,8 @@ def main() -> None:
         return "-" if v is None else fmt.format(v)
 
     print(f"board {board.name}; instructions on QEMU {board.qemu_machine} ({rows[0]['qemu_board'] if rows else '-'} "
-          "memory map), one inference; ratio = instructions / CMSIS-NN's; fits = SRAM (+stack) and flash (+code)")
+          "memory map), one inference; ratio = instructions / CMSIS-NN's; fits = SRAM (+stack) and flash (+code); "
+          "peak SRAM = the arena (the input is read from the caller's buffer)")
     print(f"{'model':44s} {'schedule':18s} {'instructions':>12s} {'MAC/instr':>9s} {'vs CMSIS':>8s} {'peak SRAM':>9s} "
           f"{'vs TFLM':>7s} {'fits':>4s} {'exact':>5s}  schedule used")
     for r in rows:

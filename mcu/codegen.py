@@ -49,7 +49,8 @@ class Config:
     depthwise: ``"overlap"`` (the output may overlap the input's tail, four channels per pass)
                or ``"channel_in_place"`` (TinyEngine: channel by channel over the input, with a
                one-channel buffer), where the input dies at the op.
-    patch_split: run ops ``0..patch_split`` patch by patch (MCUNetV2); -1 = off.
+    patch_split: run ops ``0..patch_split`` patch by patch (MCUNetV2); -1 = off. The patches run
+               the portable kernels, or CMSIS-NN's on the cmsis-nn backend.
     patch_grid:  the patches tile the segment output ``patch_grid x patch_grid``.
     layer_options: the specialized backend's per-layer knobs ``((op_index, knob, value), ...)``:
                ``kernel``: for a conv ``"col2"`` (two output pixels per pass through widened
@@ -354,10 +355,12 @@ def min_sram_config(graph: Graph, base: Config | None = None, grids: tuple[int, 
     return best[1]
 
 
-def weight_formats(graph: Graph, config: Config) -> dict[int, str]:
+def weight_formats(graph: Graph, config: Config, params: list[dict] | None = None) -> dict[int, str]:
     """Weight format (``"s16"``/``"s8"``) of each conv/FC the specialized backend runs: the
     layer's knob where set, else int16 while the const data fits ``config.flash_budget``, the
-    layers whose weights are reused most (output pixels per weight) keeping int16 first."""
+    layers whose weights are reused most (output pixels per weight) keeping int16 first. With
+    the ``params`` of the graph the backend runs (``specialized_graph``), the 1x1 convs fused
+    into depthwise ops count with their int16 weights."""
     weighted = [i for i, op in enumerate(graph.ops) if op.kind in ("CONV_2D", "FULLY_CONNECTED")]
     chosen = {i: config.options(i)["weights"] for i in weighted if "weights" in config.options(i)}
     free = [i for i in weighted if i not in chosen]
@@ -366,10 +369,12 @@ def weight_formats(graph: Graph, config: Config) -> dict[int, str]:
         return formats
     t = graph.tensors
     sizes = {i: specialized.const_bytes(graph, op) for i, op in enumerate(graph.ops)}
-    weighted_inputs = {n for op in graph.ops if op.kind in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
+    fused = [p["pointwise"][0] for p in params or () if "pointwise" in p]
+    weighted_inputs = {n for op in [*graph.ops, *fused] if op.kind in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
                        for n in op.inputs[1:] if n is not None}
     total = sum(x.nbytes for n, x in t.items() if x.is_constant and n not in weighted_inputs)
     total += sum(sizes[i][formats.get(i, "s16")] for i in sizes)
+    total += sum(specialized.const_bytes(graph, op)["s16"] for op in fused)
 
     def reuse(i: int) -> int:
         y = t[graph.ops[i].outputs[0]]
@@ -556,7 +561,7 @@ def lower(graph: Graph, config: Config | None = None, prefix: str = "") -> Lower
         graph, params, folded = specialized_graph(graph, params, config)
     t = graph.tensors
     scratch = backend_scratch(graph, config, params)
-    formats = weight_formats(graph, config) if config.backend == "specialized" else {}
+    formats = weight_formats(graph, config, params) if config.backend == "specialized" else {}
     seg, plan, patch_plan = plan_schedule(graph, config, params, scratch)
 
     def plan_index(i: int) -> int:  # op index in the plan (the patched segment is folded into op 0)
