@@ -396,6 +396,7 @@ def _with_option(config: Config, i: int, knob: str, value: str) -> Config:
 def _smaller(graph: Graph, params: list[dict], config: Config, i: int) -> tuple[str, str] | None:
     """The next kernel choice for op ``i`` that needs less SRAM, or None."""
     op, options = graph.ops[i], config.options(i)
+    fusable = False
     if config.backend == "specialized":  # fusion looks through the PADs the backend folds
         _, _, folded = specialized_graph(graph, params, config)
         if i in folded:
