@@ -1,8 +1,9 @@
 """``python -m autotune``: sweep, list, show, plot, export, import.
 
-    python -m autotune sweep                       # matmul on a few shapes, on the device present
+    python -m autotune sweep                       # the main job: matmul on a GPU, the CPU kernels on a CPU
     python -m autotune sweep --kernel matmul --shape 4096x4096x4096 --dtype bfloat16 --trials 60
     python -m autotune sweep --workers 4 --storage postgresql://tune@db/tune --study-name lab
+    python -m autotune sweep --target stm32f746 --model mlperf_tiny_kws01_dscnn_int8   # the MCU schedule
     python -m autotune list kernels|layers|boards|studies
     python -m autotune show [--format table|csv|json]   # best configs in the cache
     python -m autotune plot --study-name NAME      # PNGs of one study (all studies without a name)
@@ -30,17 +31,13 @@ import subprocess
 import sys
 import threading
 import time
-import traceback
+
+import cli
 
 DEFAULT_RESULTS = pathlib.Path("results")
-EXPORT_FORMAT = "tinypallas-best-configs/1"
 MAX_LOCAL_WORKERS = 64
 BUNDLE_EVERY_SECONDS = 30.0  # a running sweep rewrites its bundle at most this often (and at the end)
 FORMATS = ("table", "csv", "json")
-
-
-class UsageError(Exception):
-    """A mistake in the command line or its inputs: reported as one ``error:`` line, exit 2."""
 
 
 def default_storage() -> str:
@@ -51,79 +48,26 @@ def default_storage() -> str:
 # Arguments
 # ----------------------------------------------------------------------------------------------
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a mistake is one line (``error: ...``) rather than usage + message."""
-
-    def error(self, message: str):
-        print(f"error: {message}; see `{self.prog} --help`", file=sys.stderr)
-        raise SystemExit(2)
-
-    def format_help(self) -> str:
-        lazy = getattr(self, "lazy_epilog", None)
-        if lazy is not None:
-            self.epilog = lazy()
-        return super().format_help()
-
-
 class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     pass
-
-
-def _whole_number(low: int, high: int | None = None):
-    """An argparse type: a whole number in [low, high]."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if value < low or (high is not None and value > high):
-            bound = f"{low} or more" if high is None else f"between {low} and {high}"
-            raise argparse.ArgumentTypeError(f"{value} must be {bound}")
-        return value
-
-    return parse
-
-
-_positive_int = _whole_number(1)
-_seed = _whole_number(0, 2**31 - 1)
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"{text} must be a finite number of seconds > 0")
-    return value
-
-
-def _name(text: str) -> str:
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", text):
-        raise argparse.ArgumentTypeError(f"{text!r} must be 1-100 letters, digits, '.', '_' or '-'")
-    return text
 
 
 def _sweep_epilog() -> str:
     """The kernels with their --shape syntax, dtypes and presets (imports every kernel module)."""
     from autotune import registry
 
-    lines = ["kernels (--kernel), their --shape syntax, --dtype values and --layer presets:"]
+    lines = ["kernels (--kernel), how their problems are named (--shape, --layer, --model) and --dtype values:"]
     for name, entry in registry.KERNELS.items():
         try:
-            module = registry.kernel_module(name)
+            flags = entry.flags()
         except Exception as e:  # noqa: BLE001 - help must print even when an optional dependency is missing
             lines.append(f"  {name:18s} (unavailable here: {type(e).__name__}: {e})")
             continue
-        doc = (getattr(module, "parse_shape", None).__doc__ or "").strip().splitlines()
-        lines.append(f"  {name:18s} --shape {doc[0] if doc else '(default problems only)'}")
+        rows = [f"{flag} {text}" for flag, text in flags.items()] or ["(default problems only)"]
         if entry.dtypes:
-            lines.append(f"  {'':18s} --dtype {', '.join(entry.dtypes)}")
-        presets = getattr(module, "PRESETS", {})
-        if presets:
-            lines.append(f"  {'':18s} --layer {', '.join(f'{k} ({len(v)} problems)' for k, v in presets.items())}")
-    lines.append("MCU boards (--target/--board): `python -m autotune list boards`.")
+            rows.append(f"--dtype {', '.join(entry.dtypes)}")
+        lines += [f"  {name if i == 0 else '':18s} {row}" for i, row in enumerate(rows)]
+    lines.append("Boards for --target: `python -m autotune list boards`.")
     lines.append("Several workers share one study and one --trials budget: --workers N here, or one "
                  "`sweep` per host on one PostgreSQL --storage (examples/slurm_sweep.sbatch).")
     return "\n".join(lines)
@@ -131,12 +75,11 @@ def _sweep_epilog() -> str:
 
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                        help="show the traceback of an error")
-    p = _Parser(prog="python -m autotune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                allow_abbrev=False)
-    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    cli.add_debug(common)
+    p = cli.ArgumentParser(prog="python -m autotune", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    cli.add_debug(p)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=cli.ArgumentParser)
 
     s = sub.add_parser("sweep", help="tune kernels with Optuna", parents=[common], formatter_class=_Formatter,
                        allow_abbrev=False, description="Tune one kernel on one or more problems; one Optuna study "
@@ -148,23 +91,23 @@ def _parser() -> argparse.ArgumentParser:
                    help="problem shape, repeatable, in the kernel's syntax below (default: its default problems)")
     s.add_argument("--layer", help="a named list of problems the kernel offers (below), e.g. mobilenetv2")
     s.add_argument("--dtype", help="operand dtype, among the kernel's (below)")
-    s.add_argument("--target", "--board", dest="target", help="MCU board whose schedule for --model is tuned "
-                   "(`list boards`)")
-    s.add_argument("--model", help="the int8 .tflite model whose MCU schedule --target tunes")
-    s.add_argument("--trials", type=_positive_int, default=None,
+    s.add_argument("--target", "--board", dest="target", help="the board a --model runs on (`list boards`)")
+    s.add_argument("--model", help="a model file or reference model name, for the kernels whose problems are models "
+                   "(below)")
+    s.add_argument("--trials", type=cli.whole_number(1), default=None,
                    help="COMPLETE trials per problem, counted over every worker of the study "
                         "(default: 12 on CPU, 40 on GPU); a re-run resumes")
-    s.add_argument("--timeout", type=_seconds, default=None, help="seconds per problem and worker")
+    s.add_argument("--timeout", type=cli.seconds, default=None, help="seconds per problem and worker")
     s.add_argument("--storage", default=None,
                    help="Optuna storage URL shared by workers: sqlite:///PATH.db or postgresql://USER@HOST/DB "
                         "(default: results/autotune.sqlite3)")
-    s.add_argument("--seed", type=_seed, default=0, help="sampler seed (worker i of --workers uses seed + i)")
+    s.add_argument("--seed", type=cli.whole_number(0, 2**31 - 1), default=0, help="sampler seed (worker i of --workers uses seed + i)")
     s.add_argument("--no-warm-start", action="store_true",
                    help="new studies start from the heuristic default only, not from the nearest tuned problems")
-    s.add_argument("--study-name", type=_name, default=None, help="prefix of the study names (one study per problem)")
+    s.add_argument("--study-name", type=cli.name, default=None, help="prefix of the study names (one study per problem)")
     s.add_argument("--results", default=None,
                    help="folder for the results bundle (default: results/sweeps/TIME-KERNEL-HOST-PID)")
-    s.add_argument("--workers", type=_positive_int, default=1,
+    s.add_argument("--workers", type=cli.whole_number(1), default=1,
                    help="local worker processes sharing the studies and the --trials budget "
                         "(one per GPU where there are several)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar (lines per trial are still "
@@ -192,7 +135,7 @@ def _parser() -> argparse.ArgumentParser:
 
     ex = sub.add_parser("export", help="write the best-config cache to FILE", parents=[common],
                         formatter_class=_Formatter, allow_abbrev=False)
-    ex.add_argument("file")
+    ex.add_argument("file", type=cli.output_file)
     ex.add_argument("--kernel", default=None)
     im = sub.add_parser("import", help="merge a file written by `export` into the best-config cache (for one "
                         "key, the faster config wins)", parents=[common], formatter_class=_Formatter,
@@ -268,52 +211,23 @@ def _problem_text(problem: dict) -> str:
 def _plan(args) -> tuple[list, int, str]:
     """Everything a sweep checks before it touches a study: (search spaces, trials, storage URL).
 
-    Raises UsageError / ValueError naming the argument and its valid values.
+    Raises ValueError naming the argument and its valid values.
     """
     from autotune import registry, tuner
-    from kernels import platform, tuned
+    from tuning import platform, tuned
 
-    if (args.target or args.model) and args.kernel not in (None, "mcu"):
-        raise UsageError(f"--target/--model tune the MCU schedule (--kernel mcu); drop --kernel {args.kernel}")
-    if args.target or args.model:
-        from mcu import boards
-
-        if not (args.target and args.model):
-            raise UsageError("--target and --model go together: --target stm32f746 --model PATH.tflite")
-        if args.target not in boards.BOARDS:
-            raise UsageError(f"unknown board {args.target!r} for --target; choose one of: {', '.join(boards.BOARDS)}")
-        if args.shape or args.layer:
-            raise UsageError("--model/--target name the problem; drop --shape/--layer")
-        args.kernel = "mcu"
-    args.kernel = args.kernel or ("matmul" if args.shape or args.layer else _default_kernel())
+    gpu = platform.backend() == "gpu"
+    args.kernel = args.kernel or registry.default_kernel(gpu=gpu, problems=bool(args.shape or args.layer),
+                                                         model=bool(args.model or args.target))
     entry = registry.entry(args.kernel)
-    if args.dtype is not None and args.dtype not in entry.dtypes:
-        valid = f"choose one of: {', '.join(entry.dtypes)}" if entry.dtypes else "it takes none"
-        raise UsageError(f"--dtype {args.dtype!r} is not a dtype of --kernel {args.kernel}; {valid}")
-    if args.layer and args.shape:
-        raise UsageError("--layer and --shape both name the problems; give one of them")
-    module = registry.kernel_module(args.kernel)
-    if args.kernel == "mcu" and args.model:
-        problems = [module.parse_shape(f"{args.model}@{args.target}")]
-    elif args.layer:
-        presets = getattr(module, "PRESETS", {})
-        if args.layer not in presets:
-            raise UsageError(f"--layer {args.layer!r} is not offered by --kernel {args.kernel}; "
-                             f"choose one of: {', '.join(sorted(presets)) or 'none (use --shape)'}")
-        problems = list(presets[args.layer])
-    elif args.shape:
-        problems = [module.parse_shape(s) for s in args.shape]
-    else:
-        gpu_problems = getattr(module, "GPU_PROBLEMS", None)
-        problems = list(gpu_problems if platform.backend() == "gpu" and gpu_problems else module.DEFAULT_PROBLEMS)
-    if args.dtype:
-        problems = [{**p, "dtype": args.dtype} for p in problems]
+    problems = entry.problems(shapes=args.shape, layer=args.layer, model=args.model, target=args.target,
+                              dtype=args.dtype, gpu=gpu)
     spaces = []
     for problem in problems:
-        space = module.search_space(problem)
+        space = entry.load().search_space(problem)
         tuner.check_fits(space)
         spaces.append(space)
-    trials = args.trials or (12 if platform.interpret_default() else 40)
+    trials = args.trials or (40 if gpu else 12)
     storage = args.storage or default_storage()
     if args.dry_run:
         _existing_storage(storage)  # a dry run creates no database
@@ -335,7 +249,7 @@ def _make_dir(path: pathlib.Path, what: str) -> None:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UsageError(f"{what} {path}: cannot create the folder ({e.strerror or e}); choose another path") from None
+        raise ValueError(f"{what} {path}: cannot create the folder ({e.strerror or e}); choose another path") from None
 
 
 def _raise_interrupt(signum, frame):
@@ -356,18 +270,18 @@ def _stored_study(name: str, storage: str):
 
 def cmd_sweep(args) -> int:
     if args.workers > MAX_LOCAL_WORKERS:
-        raise UsageError(f"--workers {args.workers}: at most {MAX_LOCAL_WORKERS} on one machine; for more, run "
+        raise ValueError(f"--workers {args.workers}: at most {MAX_LOCAL_WORKERS} on one machine; for more, run "
                          "one sweep per host on a shared PostgreSQL --storage (examples/slurm_sweep.sbatch)")
     if args.workers > 1 and args.worker_index is None:
         # The coordinating process queries the device too: it must not take the GPU's memory.
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    from kernels import platform
+    from tuning import platform
 
     spaces, n_trials, storage = _plan(args)
     bundle = _bundle_dir(args)
     worker = args.worker_index is not None
     seed = args.seed + (args.worker_index or 0)
-    interpreted = platform.interpret_default() and args.kernel != "mcu" and not args.kernel.startswith("cpu")
+    interpreted = any(space.interpreted for space in spaces)
     if not worker:
         print(f"tinypallas autotune: kernel={args.kernel} device={platform.device_kind()} problems={len(spaces)} "
               f"trials/problem={n_trials} seed={args.seed} workers={args.workers}", flush=True)
@@ -376,11 +290,11 @@ def cmd_sweep(args) -> int:
             print("CPU: Pallas runs in interpret mode; the timings are of the interpreter, not of compiled "
                   "kernels.", flush=True)
     if args.dry_run:
-        from autotune import registry, tuner
+        from autotune import tuner
 
         rows = [[tuner.study_name_for(s, args.study_name), _problem_text(s.problem),
-                 _bytes_text(registry.problem_bytes(s.kernel, s.problem)), len(s.knobs)] for s in spaces]
-        print_rows("plan (dry run: nothing ran)", ["study", "problem", "operands", "knobs"], rows)
+                 _bytes_text(s.problem_bytes()), len(s.knobs)] for s in spaces]
+        print_rows("plan (dry run: nothing ran)", ["study", "problem", "operands and result", "knobs"], rows)
         return 0
     if not worker:
         _make_dir(bundle, "--results")
@@ -405,7 +319,7 @@ def _run_sweep(args, spaces, n_trials, storage, bundle, seed, worker, interprete
     done: list = []
     current: dict = {}
     last_write = [time.monotonic()]
-    env = results.environment(seed=seed)
+    env = results.environment(seed=seed, interpreted=interpreted)
 
     progress = SweepProgress(len(spaces), n_trials, bar=None if not args.no_progress else False,
                              lines=True if worker else None)
@@ -506,7 +420,7 @@ def _worker_devices(workers: int) -> tuple[list[dict], str]:
     On several GPUs each worker gets one (``CUDA_VISIBLE_DEVICES``, round robin); workers that share
     a GPU each get a share of its memory instead of JAX's default 75 % (which would leave the
     second one none)."""
-    from kernels import platform
+    from tuning import platform
 
     if platform.backend() != "gpu":
         return [{} for _ in range(workers)], (f"{workers} workers on the CPU; they share its cores, so their "
@@ -532,11 +446,10 @@ def _worker_devices(workers: int) -> tuple[list[dict], str]:
 def _worker_argv(args, index: int) -> list[str]:
     argv = [sys.executable, "-m", "autotune", "sweep", "--kernel", args.kernel, "--seed", str(args.seed),
             "--worker-index", str(index), "--no-progress"]
-    if args.kernel == "mcu" and args.model:
-        argv += ["--target", args.target, "--model", args.model]
     for shape in args.shape:
         argv += ["--shape", shape]
-    for flag, value in (("--layer", args.layer), ("--dtype", args.dtype), ("--trials", args.trials),
+    for flag, value in (("--layer", args.layer), ("--model", args.model), ("--target", args.target),
+                        ("--dtype", args.dtype), ("--trials", args.trials),
                         ("--timeout", args.timeout), ("--storage", args.storage or default_storage()),
                         ("--study-name", args.study_name)):
         if value is not None:
@@ -552,7 +465,7 @@ def _run_workers(args, spaces, n_trials, storage, bundle) -> int:
 
     from autotune import results, tuner
     from autotune.progress import SweepProgress, complete_trials
-    from kernels import platform, tuned
+    from tuning import tuned
 
     devices, where = _worker_devices(args.workers)
     names = [tuner.study_name_for(s, args.study_name) for s in spaces]
@@ -615,9 +528,9 @@ def _run_workers(args, spaces, n_trials, storage, bundle) -> int:
         best_params, best_values = tuner.best_of(study, space)
         if best_params is not None:
             tuned.store(space.kernel, space.problem, best_params, **best_values, study=name,
-                        objective=space.objectives[0].name, interpreted=platform.interpret_default())
+                        objective=space.objectives[0].name, interpreted=space.interpreted)
         out.append(tuner.TuneResult(study, space, best_params, best_values))
-    env = results.environment(seed=args.seed)
+    env = results.environment(seed=args.seed, interpreted=any(s.interpreted for s in spaces))
     env["workers"] = args.workers
     env["warm_start_sources"] = {r.study.study_name: r.study.user_attrs.get("warm_start") for r in out}
     if out:
@@ -631,22 +544,10 @@ def _run_workers(args, spaces, n_trials, storage, bundle) -> int:
     if failed:
         i, code = failed[0]
         last = next((line for line in reversed(tails[i]) if line.startswith("error:")), tails[i][-1] if tails[i] else "")
-        raise UsageError(f"worker {i} exited with status {code}: {last.removeprefix('error: ')}")
-    _print_summary(out, platform.interpret_default() and args.kernel != "mcu" and not args.kernel.startswith("cpu"))
+        raise ValueError(f"worker {i} exited with status {code}: {last.removeprefix('error: ')}")
+    _print_summary(out, any(space.interpreted for space in spaces))
     print(f"results bundle: {bundle.resolve()}")
     return 0
-
-
-def _default_kernel() -> str:
-    """The main job (no --kernel, --shape or --layer): matmul on a GPU; on a CPU the compiled CPU
-    kernels (real timings), where they build."""
-    from kernels import platform
-
-    if platform.backend() == "gpu":
-        return "matmul"
-    from kernels.cpu import build
-
-    return "cpu" if build.availability() is None else "matmul"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -673,23 +574,21 @@ def cmd_list(args) -> int:
     if args.what == "kernels":
         rows = []
         for name, entry in registry.KERNELS.items():
-            module = registry.kernel_module(name)
-            doc = (getattr(module, "parse_shape", None).__doc__ or "").strip().splitlines()
-            rows.append([name, entry.module, ", ".join(entry.dtypes) or "-", ", ".join(getattr(module, "PRESETS", {})),
-                         doc[0] if doc else ""])
-        print_rows("kernels (--kernel)", ["kernel", "module", "dtypes", "layers", "shape"], rows, args.format)
+            flags = entry.flags()
+            presets = getattr(entry.load(), "PRESETS", {})
+            rows.append([name, entry.module, ", ".join(entry.dtypes) or "-", ", ".join(presets),
+                         flags.get("--shape", ""), flags.get("--model", "")])
+        print_rows("kernels (--kernel)", ["kernel", "module", "dtypes", "layers", "shape", "model"], rows, args.format)
     elif args.what == "layers":
         rows = []
-        for name in registry.KERNELS:
-            for layer, problems in getattr(registry.kernel_module(name), "PRESETS", {}).items():
+        for name, entry in registry.KERNELS.items():
+            for layer, problems in getattr(entry.load(), "PRESETS", {}).items():
                 rows.append([name, layer, len(problems)])
         print_rows("layer presets (--kernel K --layer L)", ["kernel", "layer", "problems"], rows, args.format)
     elif args.what == "boards":
-        from mcu import boards
-
-        rows = [[b.name, b.cpu, b.sram_bytes // 1024, b.flash_bytes // 1024, b.clock_hz // 1_000_000]
-                for b in boards.BOARDS.values()]
-        print_rows("MCU boards (--target)", ["board", "cpu", "sram_kib", "flash_kib", "mhz"], rows, args.format)
+        targets = registry.targets()
+        columns = list(dict.fromkeys(key for target in targets for key in target)) or ["board"]
+        print_rows("boards (--target)", columns, [[t.get(c, "") for c in columns] for t in targets], args.format)
     else:
         return _list_studies(args)
     return 0
@@ -730,7 +629,7 @@ def cmd_show(args) -> int:
     import jax
 
     from autotune.progress import format_value
-    from kernels import platform, tuned
+    from tuning import platform, tuned
 
     rows = []
     for key, entry in sorted(tuned.load().items()):
@@ -763,7 +662,7 @@ def cmd_plot(args) -> int:
 
     url, storage = _existing_storage(args.storage)
     if storage is None:
-        raise UsageError(f"no storage at {url}; run a sweep first or pass --storage")
+        raise ValueError(f"no storage at {url}; run a sweep first or pass --storage")
     names = [args.study_name] if args.study_name else [s.study_name for s in optuna.get_all_study_summaries(
         storage, include_best_trial=False)]
     if not names:
@@ -776,7 +675,7 @@ def cmd_plot(args) -> int:
         try:
             study = optuna.load_study(study_name=name, storage=storage)
         except KeyError:
-            raise UsageError(f"no study named {name!r} in {url}; `python -m autotune list studies"
+            raise ValueError(f"no study named {name!r} in {url}; `python -m autotune list studies"
                              f"{'' if args.storage is None else ' --storage ' + args.storage}` lists them") from None
         written += plots.plot_study(study, output)
     for path in written:
@@ -784,72 +683,19 @@ def cmd_plot(args) -> int:
     return 0
 
 
-def _output_file(path_text: str) -> pathlib.Path:
-    path = pathlib.Path(path_text)
-    if path.is_dir():
-        raise UsageError(f"{path} is a folder; give a file name, e.g. {path / 'configs.json'}")
-    if not path.parent.is_dir():
-        raise UsageError(f"folder {path.parent} does not exist; create it or write elsewhere")
-    return path
-
-
 def cmd_export(args) -> int:
-    from kernels import tuned
+    from tuning import tuned
 
-    path = _output_file(args.file)
-    entries = {key: e for key, e in tuned.load().items()
-               if not args.kernel or json.loads(key)["kernel"] == args.kernel}
-    path.write_text(json.dumps({"format": EXPORT_FORMAT, "entries": entries}, indent=1, sort_keys=True))
-    print(f"exported {len(entries)} configs to {path}")
+    count = tuned.export(args.file, args.kernel or None)
+    print(f"exported {count} configs to {args.file}")
     return 0
 
 
-def _measured(entry: dict) -> tuple[str, float] | None:
-    """(objective, value) an entry was chosen by: what two entries for one key are compared on."""
-    objective = entry.get("objective") or ("seconds" if "seconds" in entry else None)
-    value = entry.get(objective) if objective else None
-    return (objective, float(value)) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
-def merge_entries(current: dict, incoming: dict) -> tuple[dict, dict]:
-    """Merge cache entries; for one key (kernel, problem, device kind, jax version) the faster
-    measured config wins (entries without a comparable measurement: the incoming one).
-    Returns (merged, counts of added/replaced/kept)."""
-    merged = dict(current)
-    counts = {"added": 0, "replaced": 0, "kept": 0}
-    for key, entry in incoming.items():
-        if key not in merged:
-            merged[key] = entry
-            counts["added"] += 1
-            continue
-        mine, theirs = _measured(merged[key]), _measured(entry)
-        as_fast = bool(mine and theirs and mine[0] == theirs[0] and mine[1] <= theirs[1])
-        if as_fast or merged[key] == entry:
-            counts["kept"] += 1
-        else:
-            merged[key] = entry
-            counts["replaced"] += 1
-    return merged, counts
-
-
 def cmd_import(args) -> int:
-    from kernels import tuned
+    from tuning import tuned
 
-    path = pathlib.Path(args.file)
-    fix = "re-export it with `python -m autotune export FILE`"
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
-    except json.JSONDecodeError as e:
-        raise UsageError(f"{path} is not JSON ({e}); {fix}") from None
-    if not isinstance(doc, dict) or doc.get("format") != EXPORT_FORMAT or "entries" not in doc:
-        raise UsageError(f"{path} is not a file written by `python -m autotune export` "
-                         f"(a JSON object with format {EXPORT_FORMAT!r} and entries)")
-    entries = tuned.validate_entries(doc["entries"], str(path), fix)
-    merged, counts = merge_entries(tuned.load(), entries)
-    tuned.save_all(merged)
-    print(f"imported {path} into {tuned.cache_path()}: added {counts['added']}, replaced {counts['replaced']} "
+    counts = tuned.import_file(args.file)
+    print(f"imported {args.file} into {tuned.cache_path()}: added {counts['added']}, replaced {counts['replaced']} "
           f"(the file's config measured faster), kept {counts['kept']} (the cache's was as fast or faster)")
     return 0
 
@@ -868,7 +714,7 @@ def cmd_replay(args) -> int:
     from autotune import replay, report
 
     if args.repeats is not None and args.repeats < 10:
-        raise UsageError(f"--repeats {args.repeats}: intervals need at least 10 samples")
+        raise ValueError(f"--repeats {args.repeats}: intervals need at least 10 samples")
     table, _ = replay.replay(args.bundle, repeats=args.repeats)  # a ValueError is one error line (main)
     print(report.render([table], args.format))
     return 0
@@ -878,40 +724,21 @@ COMMANDS = {"sweep": cmd_sweep, "list": cmd_list, "show": cmd_show, "plot": cmd_
             "import": cmd_import, "report": cmd_report, "replay": cmd_replay}
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    import sqlalchemy.exc
-
-    return UsageError, ValueError, OSError, sqlalchemy.exc.SQLAlchemyError
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status (2 for every mistake in the arguments)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    import sqlalchemy.exc
+
+    return cli.run(_main, argv, user_errors=(sqlalchemy.exc.SQLAlchemyError,))
+
+
+def _main(argv: list[str]) -> int:
     parser = _parser()
-    if not argv:
+    args = parser.parse_args(argv)
+    if args.command is None:  # bare `python -m autotune` (or only --debug): what it can do
         parser.print_help()
         return 0
-    debug = "--debug" in argv
-    try:
-        args = parser.parse_args(argv)
-        if args.command in ("sweep", "list", "plot"):
-            import optuna
+    if args.command in ("sweep", "list", "plot"):
+        import optuna
 
-            optuna.logging.set_verbosity(optuna.logging.ERROR)  # trials are reported one line each
-        if args.command is None:
-            parser.print_help()
-            return 0
-        return COMMANDS[args.command](args)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:  # noqa: BLE001 - every error ends in one line; --debug shows where it came from
-        if debug:
-            traceback.print_exc()
-        message = " ".join(str(e).split()) or type(e).__name__
-        if isinstance(e, _user_errors()):
-            print(f"error: {message}", file=sys.stderr)
-            return 2
-        print(f"error: unexpected {type(e).__name__}: {message[:500]} (a bug: please report it with the output "
-              "of --debug)", file=sys.stderr)
-        return 1
+        optuna.logging.set_verbosity(optuna.logging.ERROR)  # trials are reported one line each
+    return COMMANDS[args.command](args)

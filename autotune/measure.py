@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels import platform
+from tuning import platform
 
 # Relative spread (p90 - p10) / median above which a measurement is flagged as disturbed by
 # something else running on the machine (another process, clock changes, a noisy neighbour).
@@ -498,6 +498,13 @@ def compare(contenders: Mapping[str, Workload | Callable[[], Any]], *, baseline:
 # ---------------------------------------------------------------------------------------------
 # Rooflines
 # ---------------------------------------------------------------------------------------------
+
+
+def peak_flops(program: Callable[[], Any], flops: float, *, repeats: int = 9) -> float:
+    """A compute ceiling (flop/s): ``flops`` over the time of ``program`` (e.g. a CPU's FMA chains,
+    ``kernels.cpu.matmul.fma_peak``). The fastest tenth of the samples, not the median: the others
+    ran beside whatever else shares the machine, and a ceiling is what the hardware can do."""
+    return flops / time_callable(program, warmup=1, repeats=repeats).p10_seconds
 
 
 def read_bandwidth(nbytes: int | None = None, *, repeats: int | None = None) -> dict:

@@ -1,91 +1,106 @@
-"""Which kernels the autotuner can sweep, by name, and what it must know of each before tuning.
+"""Every tunable thing the autotuner can sweep, by name: one entry each, the same for all.
 
-Each entry names a module that offers, for the autotuner:
-  ``search_space(problem: dict) -> kernels.space.SearchSpace``
-  ``parse_shape(text: str) -> dict``      (the ``--shape`` syntax, e.g. ``"1024x1024x1024"``)
-  ``DEFAULT_PROBLEMS: list[dict]``        (what a sweep with no ``--shape`` tunes)
-and optionally ``PRESETS: dict[str, list[dict]]`` (``--layer mobilenetv2``: named problem lists).
-A problem dict holds shapes and dtypes; ``--dtype`` sets its ``"dtype"`` entry to one of the
-entry's ``dtypes``. ``problem_bytes`` is the memory one problem's operands and result take, so
-that a problem that cannot fit the device is refused before anything is allocated or compiled.
+An entry names a module (imported only when used) that offers, for the autotuner:
+  ``search_space(problem: dict) -> tuning.space.SearchSpace``: knobs, constraints and what to
+      time or measure (the space also says whether its timings are of the Pallas interpreter);
+  ``DEFAULT_PROBLEMS: list[dict]`` (what a sweep naming no problem tunes; ``GPU_PROBLEMS`` on a GPU
+      where the module has them);
+and the ways a command line names its problems, each optional:
+  ``parse_shape(text) -> dict``              ``--shape TEXT`` (repeatable; the docstring's first
+                                             line is the syntax ``--help`` shows);
+  ``PRESETS: dict[str, list[dict]]``         ``--layer NAME``: named lists of problems;
+  ``parse_model(model, target) -> dict``     ``--model PATH_OR_NAME [--target BOARD]``.
+A problem dict holds shapes and dtypes; ``--dtype`` sets its ``"dtype"`` to one of the entry's
+``dtypes``. The command line knows no entry by name: it asks the entry for its problems.
 """
 from __future__ import annotations
 
 import dataclasses
 import importlib
-from collections.abc import Callable
+from collections.abc import Sequence
 from types import ModuleType
 
 FLOATS = ("float32", "bfloat16", "float16")
-_ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1}
-
-
-def _size(dtype: str) -> int:
-    return _ITEMSIZE.get(dtype, 4)
-
-
-def _matmul_bytes(p: dict) -> int:
-    out = 4 if p["dtype"] == "int8" else _size(p["dtype"])  # int8 accumulates into int32
-    return (p["m"] * p["k"] + p["k"] * p["n"]) * _size(p["dtype"]) + p["m"] * p["n"] * out
-
-
-def _int8_bytes(p: dict) -> int:
-    if p["op"] == "depthwise":
-        return 2 * p["m"] * p["c"] + p["taps"] * p["c"]
-    return p["m"] * p["k"] + p["k"] * p["n"] + p["m"] * p["n"] + 4 * p["n"]
-
-
-def _conv_bytes(p: dict) -> int:
-    out_pixels = p["n"] * -(-p["h"] // p["stride"]) * -(-p["w"] // p["stride"])
-    weights = p["kh"] * p["kw"] * (p["c"] // max(p["groups"], 1)) * p["k"]
-    return (p["n"] * p["h"] * p["w"] * p["c"] + weights + out_pixels * p["k"]) * _size(p["dtype"])
-
-
-def _inverted_residual_bytes(p: dict) -> int:
-    expanded = p["c_in"] * p["expansion"]
-    pixels = p["n"] * p["h"] * p["w"]
-    weights = p["c_in"] * expanded + 9 * expanded + expanded * p["c_out"]
-    return (pixels * (p["c_in"] + expanded + p["c_out"]) + weights) * _size(p["dtype"])
-
-
-def _w4a16_bytes(p: dict, matrices: int = 1) -> int:
-    packed = p["k"] * p["n"] * p["bits"] // 8 + (p["k"] // max(p["group"], 1)) * p["n"] * 2
-    return matrices * packed + (p["m"] * p["k"] + p["m"] * p["n"]) * _size(p["dtype"])
-
-
-def _attention_bytes(p: dict, query_rows: int) -> int:
-    q = p["batch"] * query_rows * p["heads"] * p["head_dim"]
-    kv = 2 * p["batch"] * p["seq"] * p["kv_heads"] * p["head_dim"]
-    return (2 * q + kv) * _size(p["dtype"])
 
 
 @dataclasses.dataclass(frozen=True)
 class Kernel:
+    name: str
     module: str
-    dtypes: tuple[str, ...]  # the values --dtype may take
-    problem_bytes: Callable[[dict], int] | None = None
+    dtypes: tuple[str, ...] = ()  # the values --dtype may take
+
+    def load(self) -> ModuleType:
+        return importlib.import_module(self.module)
+
+    def problems(self, *, shapes: Sequence[str] = (), layer: str | None = None, model: str | None = None,
+                 target: str | None = None, dtype: str | None = None, gpu: bool = False) -> list[dict]:
+        """The problems a command line names: each ``--shape``, the ``--layer`` preset, or the
+        ``--model`` (on ``--target``); none of them: the default problems (the GPU ones on a GPU).
+        A ValueError names the flag and what this entry takes instead."""
+        module = self.load()
+        named = [flag for flag, given in (("--shape", shapes), ("--layer", layer), ("--model", model)) if given]
+        if len(named) > 1:
+            raise ValueError(f"{' and '.join(named)} each name the problems; give one of them")
+        if target and not model:
+            raise ValueError("--target names the board a --model runs on; add --model")
+        if dtype is not None and dtype not in self.dtypes:
+            valid = f"choose one of: {', '.join(self.dtypes)}" if self.dtypes else "it takes none"
+            raise ValueError(f"--dtype {dtype!r} is not a dtype of --kernel {self.name}; {valid}")
+        if model:
+            if not hasattr(module, "parse_model"):
+                raise ValueError(f"--kernel {self.name} takes no --model; {_takers('parse_model', '--model')}")
+            problems = [module.parse_model(model, target)]
+        elif layer:
+            presets = getattr(module, "PRESETS", {})
+            if layer not in presets:
+                raise ValueError(f"--layer {layer!r} is not offered by --kernel {self.name}; "
+                                 f"choose one of: {', '.join(sorted(presets)) or 'none (use --shape)'}")
+            problems = list(presets[layer])
+        elif shapes:
+            if not hasattr(module, "parse_shape"):
+                raise ValueError(f"--kernel {self.name} takes no --shape; {_takers('parse_shape', '--shape')}")
+            problems = [module.parse_shape(text) for text in shapes]
+        else:
+            gpu_problems = getattr(module, "GPU_PROBLEMS", None)
+            problems = list(gpu_problems if gpu and gpu_problems else module.DEFAULT_PROBLEMS)
+        return [{**p, "dtype": dtype} for p in problems] if dtype else problems
+
+    def flags(self) -> dict[str, str]:
+        """How a command line names this entry's problems, for ``--help`` and ``list kernels``:
+        ``--shape`` / ``--model`` with the first docstring line of their parser, ``--layer`` with
+        the presets."""
+        module = self.load()
+        out = {}
+        for flag, attribute in (("--shape", "parse_shape"), ("--model", "parse_model")):
+            parse = getattr(module, attribute, None)
+            if parse is not None:
+                out[flag] = ((parse.__doc__ or "").strip().splitlines() or [""])[0].replace("``", "")
+        presets = getattr(module, "PRESETS", {})
+        if presets:
+            out["--layer"] = ", ".join(f"{name} ({len(problems)} problems)" for name, problems in presets.items())
+        return out
 
 
-KERNELS = {
-    "matmul": Kernel("kernels.matmul", FLOATS + ("int8",), _matmul_bytes),
-    "int8": Kernel("kernels.int8", ("int8",), _int8_bytes),
-    "conv2d": Kernel("kernels.conv", FLOATS, _conv_bytes),
-    "inverted_residual": Kernel("kernels.conv.inverted_residual", FLOATS, _inverted_residual_bytes),
-    "mcu": Kernel("mcu.tune", ()),
-    "w4a16": Kernel("kernels.llm.w4a16", FLOATS, _w4a16_bytes),
-    "swiglu": Kernel("kernels.llm.swiglu", FLOATS, lambda p: _w4a16_bytes(p, matrices=2)),
-    "rmsnorm": Kernel("kernels.llm.rmsnorm", FLOATS, lambda p: 3 * p["rows"] * p["dim"] * _size(p["dtype"])),
-    "rope": Kernel("kernels.llm.rope", FLOATS, lambda p: 3 * p["rows"] * p["head_dim"] * _size(p["dtype"])),
-    "flash_attention": Kernel("kernels.llm.flash_attention", FLOATS, lambda p: _attention_bytes(p, p["seq"])),
-    "decode_attention": Kernel("kernels.llm.decode_attention", FLOATS, lambda p: _attention_bytes(p, 1)),
-    # The compiled CPU kernels: float32 activations, packed weights; host memory, no device to overfill.
-    "cpu": Kernel("kernels.cpu.sweep", ()),  # every compiled CPU kernel below: the main job without a GPU
-    "cpu_q4_gemv": Kernel("kernels.cpu.qmatmul", ()),
-    "cpu_swiglu": Kernel("kernels.cpu.swiglu", ()),
-    "cpu_attention": Kernel("kernels.cpu.attention", ()),
-    "cpu_rmsnorm": Kernel("kernels.cpu.rmsnorm", ()),
-    "cpu_matmul": Kernel("kernels.cpu.matmul", ()),
-}
+KERNELS = {k.name: k for k in (
+    Kernel("matmul", "kernels.matmul", FLOATS + ("int8",)),
+    Kernel("int8", "kernels.int8", ("int8",)),
+    Kernel("conv2d", "kernels.conv", FLOATS),
+    Kernel("inverted_residual", "kernels.conv.inverted_residual", FLOATS),
+    Kernel("mcu", "mcu.tune"),
+    Kernel("w4a16", "kernels.llm.w4a16", FLOATS),
+    Kernel("swiglu", "kernels.llm.swiglu", FLOATS),
+    Kernel("rmsnorm", "kernels.llm.rmsnorm", FLOATS),
+    Kernel("rope", "kernels.llm.rope", FLOATS),
+    Kernel("flash_attention", "kernels.llm.flash_attention", FLOATS),
+    Kernel("decode_attention", "kernels.llm.decode_attention", FLOATS),
+    # The compiled CPU kernels: float32 activations, packed weights.
+    Kernel("cpu", "kernels.cpu.sweep"),  # every compiled CPU kernel below: the main job without a GPU
+    Kernel("cpu_q4_gemv", "kernels.cpu.qmatmul"),
+    Kernel("cpu_swiglu", "kernels.cpu.swiglu"),
+    Kernel("cpu_attention", "kernels.cpu.attention"),
+    Kernel("cpu_rmsnorm", "kernels.cpu.rmsnorm"),
+    Kernel("cpu_matmul", "kernels.cpu.matmul"),
+)}
 
 
 def entry(name: str) -> Kernel:
@@ -95,10 +110,32 @@ def entry(name: str) -> Kernel:
 
 
 def kernel_module(name: str) -> ModuleType:
-    return importlib.import_module(entry(name).module)
+    return entry(name).load()
 
 
-def problem_bytes(name: str, problem: dict) -> int | None:
-    """Bytes of one problem's operands and result, or None where the kernel does not say."""
-    estimate = entry(name).problem_bytes
-    return None if estimate is None else int(estimate(problem))
+def _takers(attribute: str, flag: str) -> str:
+    names = [name for name, k in KERNELS.items() if hasattr(k.load(), attribute)]
+    return f"{flag} is taken by: {', '.join(names)}"
+
+
+def targets() -> list[dict]:
+    """What ``--target`` may name: the rows of ``targets()`` of the entries that take ``--model``
+    (the MCU boards)."""
+    return [row for k in KERNELS.values() for row in getattr(k.load(), "targets", list)()]
+
+
+def default_kernel(*, gpu: bool, problems: bool = False, model: bool = False) -> str:
+    """The entry a command line without ``--kernel`` means: the one whose problems ``--model``
+    names when a model is given; matmul for ``--shape``/``--layer``; else the main job: matmul on a
+    GPU, and on a CPU the compiled CPU kernels (real timings, not the Pallas interpreter's) where
+    they build."""
+    if model:
+        takers = [name for name, k in KERNELS.items() if hasattr(k.load(), "parse_model")]
+        if len(takers) != 1:
+            raise ValueError(f"--model names the problems of {', '.join(takers) or 'no kernel'}; give --kernel")
+        return takers[0]
+    if gpu or problems:
+        return "matmul"
+    from kernels.cpu import build
+
+    return "cpu" if build.availability() is None else "matmul"

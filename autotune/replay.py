@@ -13,7 +13,7 @@ import pathlib
 
 from autotune import measure, registry
 from autotune.report import Table, problem_label, timing_cell
-from kernels import platform
+from tuning import platform
 
 
 def _intervals_overlap(a: tuple[float, float], b: tuple[float, float]) -> bool:
@@ -36,8 +36,7 @@ def replay(bundle: str | pathlib.Path, *, repeats: int | None = None) -> tuple[T
     here = platform.device_kind()
     if env.get("device_kind") and env["device_kind"] != here:
         notes.append(f"recorded on {env['device_kind']}, replayed on {here}: a different device")
-    if env.get("interpreted") or platform.interpret_default():
-        notes.append("interpreted Pallas on at least one side: interpreter speed, not kernel speed")
+    interpreted = bool(env.get("interpreted"))
     rows, records = [], []
     for entry in best:
         label = f"{entry['kernel']} {problem_label(entry['problem'])}"
@@ -45,6 +44,7 @@ def replay(bundle: str | pathlib.Path, *, repeats: int | None = None) -> tuple[T
             rows.append([label, "-", "-", "-", "no feasible trial in the bundle"])
             continue
         space = registry.kernel_module(entry["kernel"]).search_space(entry["problem"])
+        interpreted = interpreted or space.interpreted
         config = space.to_config(entry["params"])
         if space.measure is not None:
             new = dict(space.measure(config))
@@ -69,6 +69,8 @@ def replay(bundle: str | pathlib.Path, *, repeats: int | None = None) -> tuple[T
         rows.append([label, timing_cell(old), timing_cell(new), f"{ratio:.2f}x" if ratio else "-", verdict])
         records.append({"kernel": entry["kernel"], "problem": entry["problem"], "params": entry["params"],
                         "old": old, "new": new, "old_over_new": ratio, "verdict": verdict})
+    if interpreted:
+        notes.append("interpreted Pallas on at least one side: interpreter speed, not kernel speed")
     notes.append(f"new: {repeats} samples here; medians with 95% bootstrap intervals; old/new > 1: faster here")
     return Table(f"replay of {directory.name}", ["problem", "old (us) [95% CI]", "new (us) [95% CI]", "old/new",
                                                  "verdict"], rows, notes), records

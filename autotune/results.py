@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import jax
 import numpy as np
 
-from kernels import platform
+from tuning import platform
 
 if TYPE_CHECKING:  # optuna is needed for sweeps only; benchmarks without one run without it
     import optuna
@@ -111,14 +111,19 @@ def _nvidia_smi() -> dict | str | None:
     return dict(zip(_SMI_FIELDS, values)) if len(values) == len(_SMI_FIELDS) else out
 
 
-def environment(seed: int | None = None, warm_start_sources: dict | None = None) -> dict:
+def environment(seed: int | None = None, warm_start_sources: dict | None = None,
+                interpreted: bool | None = None) -> dict:
     """One record of what produced a number: code (git commit, dirty flag, package version),
     software (jax, jaxlib, optuna, CUDA, driver, cuDNN/cuBLAS where readable, ``XLA_FLAGS``),
     hardware (CPU model, GPU name, clocks, caches), the seed, the command line and, for sweeps,
-    the warm-start sources of every study (``{study: [{"problem": ..., "params": ...}, ...]}``)."""
+    the warm-start sources of every study (``{study: [{"problem": ..., "params": ...}, ...]}``).
+
+    interpreted: whether the timings are of the Pallas interpreter; a sweep passes what its search
+        spaces declare, and None means Pallas kernels on this device (``platform.interpret_default()``).
+    """
     commit = (_git("rev-parse", "HEAD") or "").strip()
     status = _git("status", "--porcelain", "--untracked-files=no")
-    interpreted = platform.interpret_default()
+    interpreted = platform.interpret_default() if interpreted is None else interpreted
     return {
         "date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "git_commit": commit if len(commit) == 40 else None,
@@ -261,6 +266,28 @@ def comparison_row(section: str, label: str, problem: dict, comparison, contende
     contender is (``{"what": "jnp.dot(a, b)", "config": ..., "xla_kernels": ...}``)."""
     return {"section": section, "label": label, "problem": problem, "contenders": contenders,
             "comparison": comparison.as_dict(), **extra}
+
+
+def add_row(doc: dict, path: str | pathlib.Path, row: dict) -> None:
+    """Append ``row`` to a benchmark document, rewrite its JSON (a run stopped later keeps every
+    finished row) and print one line: the row's ratios and verdicts, or its errors."""
+    doc["rows"].append(row)
+    save_json(path, doc)
+    ratios = {name: f"{r['ratio']:.2f}x {r['verdict']}" for name, r in row.get("comparison", {}).get("ratios", {}).items()}
+    print(f"{row['section']} {row['label']}: {ratios or row.get('errors')}", flush=True)
+
+
+def failed_row(section: str, label: str, problem: dict, error: Exception) -> dict:
+    """The row of a problem that could not be measured (one failing is reported, not fatal)."""
+    return {"section": section, "label": label, "problem": problem, "errors": [f"{type(error).__name__}: {str(error)[:500]}"]}
+
+
+def print_tables(doc: dict, path: str | pathlib.Path) -> None:
+    """The tables of a finished benchmark document, as ``python -m autotune report PATH`` prints them."""
+    from autotune import report
+
+    print(report.render(report.benchmark_tables(doc, pathlib.Path(path).name)))
+    print(f"wrote {path}")
 
 
 def save_json(path: str | pathlib.Path, doc: dict) -> pathlib.Path:

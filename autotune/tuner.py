@@ -33,10 +33,10 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import make_url
 
-from autotune import measure, registry
+from autotune import measure
 from autotune.measure import Timing, default_repeats
-from kernels import platform, tuned
-from kernels.space import SearchSpace
+from tuning import platform, tuned
+from tuning.space import SearchSpace
 
 # A worker's heartbeat every HEARTBEAT_SECONDS; a RUNNING trial without one for GRACE_SECONDS
 # belongs to a dead worker and is failed and re-enqueued. TINYPALLAS_HEARTBEAT_SECONDS shortens
@@ -186,10 +186,9 @@ def _gib(n: float) -> str:
 
 
 def check_fits(space: SearchSpace) -> None:
-    """ValueError when the problem's operands and result alone exceed the device's memory."""
-    if space.kernel not in registry.KERNELS:
-        return
-    need = registry.problem_bytes(space.kernel, space.problem)
+    """ValueError when the problem's operands and result alone exceed the device's memory
+    (``space.problem_bytes()``, from the shapes of its inputs and result: nothing is allocated)."""
+    need = space.problem_bytes()
     limit = device_memory_bytes()
     if need is not None and limit is not None and need > limit:
         problem = " ".join(f"{k}={v}" for k, v in space.problem.items())
@@ -288,7 +287,7 @@ def tune(space: SearchSpace, *, storage: str, n_trials: int, timeout: float | No
         study.set_metric_names([o.name for o in space.objectives])
     for key, value in (("kernel", space.kernel), ("problem", json.dumps(space.problem, sort_keys=True)),
                        ("device", platform.device_kind()), ("jax", jax.__version__),
-                       ("interpreted", platform.interpret_default())):
+                       ("interpreted", space.interpreted)):
         study.set_user_attr(key, value)
 
     default = dict(space.default or {})
@@ -356,7 +355,7 @@ def tune(space: SearchSpace, *, storage: str, n_trials: int, timeout: float | No
     best_params, best_values = best_of(study, space)
     if write_cache and best_params is not None:  # several objectives: the Pareto point best on the first
         tuned.store(space.kernel, space.problem, best_params, **best_values, study=name,
-                    objective=space.objectives[0].name, interpreted=platform.interpret_default())
+                    objective=space.objectives[0].name, interpreted=space.interpreted)
     return TuneResult(study, space, best_params, best_values, stopped)
 
 

@@ -29,10 +29,11 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import jax.numpy as jnp
 from jax import lax
 
+import cli
 import kernels.conv as kc
-from autotune import measure, report, results
-from kernels import platform
+from autotune import measure, results
 from kernels.conv.inverted_residual import MOBILENETV2_BLOCKS
+from tuning import platform
 
 ir = importlib.import_module("kernels.conv.inverted_residual")  # the package exports the function of that name
 QUICK_LAYERS = [kc.conv_problem(8, 8, 16, 16, 3), kc.conv_problem(8, 8, 16, 32, 3, 2),
@@ -189,31 +190,31 @@ def describe(q: dict) -> str:
     return f"{q['h']}x{q['w']}x{q['c']}->{q['k']} {kind}{q['kh']}x{q['kw']}/s{q['stride']}"
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    return cli.run(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
+    p = cli.ArgumentParser(prog="benchmarks/conv.py", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny layers (CPU, < 1 min); the default on a CPU")
     p.add_argument("--network", choices=["mobilenetv2", "resnet18", "both"], default="both")
-    p.add_argument("--dtype", default=None, help="default: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--dtype", default=None, choices=TOLERANCE, help="default: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--limit", type=int, default=None, help="only the first N layers of each network (and N blocks)")
     p.add_argument("--configs", type=int, default=None, help="at most N candidate configs per algorithm (GPU)")
     p.add_argument("--trials", type=int, default=None, help="tune each layer with the autotuner (N trials)")
-    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (>= 10; default 10 CPU, 30 GPU)")
+    p.add_argument("--rounds", type=cli.whole_number(measure.MIN_ROUNDS), default=None,
+                   help="interleaved rounds (default 10 CPU, 30 GPU)")
     p.add_argument("--storage", default=None, help="Optuna storage for --trials (default: beside --out)")
     p.add_argument("--skip-blocks", action="store_true", help="skip the fused inverted-residual comparison")
     p.add_argument("--skip-layouts", action="store_true", help="skip the NHWC/NCHW comparison")
     p.add_argument("--out", default="results/benchmark_conv.json")
+    cli.add_debug(p)
     args = p.parse_args(argv)
 
     on_gpu = platform.backend() == "gpu"
     quick = args.quick or not on_gpu
     dtype = args.dtype or ("bfloat16" if on_gpu else "float32")
-    if dtype not in TOLERANCE:
-        print(f"error: --dtype {dtype!r} is not one of {', '.join(TOLERANCE)}", file=sys.stderr)
-        return 2
-    if args.rounds is not None and args.rounds < measure.MIN_ROUNDS:
-        print(f"error: --rounds {args.rounds}: interleaved comparisons need at least {measure.MIN_ROUNDS}",
-              file=sys.stderr)
-        return 2
     if quick:
         layers = {"quick layers": [dict(q, dtype=dtype) for q in QUICK_LAYERS[:args.limit]]}
         blocks = QUICK_BLOCKS[:args.limit]
@@ -223,9 +224,7 @@ def main(argv=None) -> int:
         blocks = MOBILENETV2_BLOCKS[:args.limit]
     rounds = args.rounds or (30 if on_gpu else measure.MIN_ROUNDS)
     out = pathlib.Path(args.out)
-    storage = args.storage or f"sqlite:///{out.with_suffix('.sqlite3').resolve()}"
-    if args.trials and storage.startswith("sqlite:///"):
-        pathlib.Path(storage[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    storage = args.storage or f"sqlite:///{out.with_suffix('.sqlite3').resolve()}"  # its folder: made by the tuner
 
     doc = results.benchmark_document("conv", {"dtype": dtype, "quick": quick, "rounds": rounds, "trials": args.trials,
                                               "configs_per_algorithm": args.configs, "limit": args.limit, "seed": 0})
@@ -234,11 +233,7 @@ def main(argv=None) -> int:
 
     def add(row):
         if row is not None:
-            doc["rows"].append(row)
-            results.save_json(out, doc)
-            ratios = {n: f"{r['ratio']:.2f}x {r['verdict']}" for n, r in
-                      row.get("comparison", {}).get("ratios", {}).items()}
-            print(f"{row['section']} {row['label']}: {ratios or row.get('errors')}", flush=True)
+            results.add_row(doc, out, row)
 
     layer_rows = []
     for section, problems in layers.items():
@@ -255,8 +250,7 @@ def main(argv=None) -> int:
             q = row["problem"]
             if q["kh"] == 3 and q["groups"] == 1:
                 add(bench_layout(row, rounds=rounds))
-    print(report.render(report.benchmark_tables(doc, out.name)))
-    print(f"wrote {out}")
+    results.print_tables(doc, out)
     return 0
 
 

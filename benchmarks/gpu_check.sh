@@ -50,7 +50,7 @@ if missing:
     sys.exit(f"error: missing Python packages for the GPU check: {', '.join(missing)}; install the project "
              "with its test extras (pip install -e '.[test]') or carry their wheels")
 import jax
-from kernels import platform
+from tuning import platform
 if not dry and platform.backend() != "gpu":
     sys.exit(f"error: no NVIDIA GPU here (jax backend {jax.default_backend()!r}); run with --dry-run to check "
              "that the stages start")

@@ -21,9 +21,10 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from autotune import measure, report, results
-from kernels import platform
+import cli
+from autotune import measure, results
 from models import execute, tflite_import, tflm, zoo
+from tuning import platform
 
 SMALL = ["mlperf_tiny_ad01_fc_autoencoder_int8", "mlperf_tiny_kws01_dscnn_int8", "mlperf_tiny_ic01_resnet8_cifar10_int8"]
 
@@ -61,26 +62,27 @@ def bench_model(path: pathlib.Path, batch: int, rounds: int | None) -> dict:
         inferences_per_second={name: batch / t.median_seconds for name, t in comparison.timings.items()})
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    return cli.run(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
+    parser = cli.ArgumentParser(prog="benchmarks/int8.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="three small models, batch 4 (the default on a CPU)")
-    parser.add_argument("--batch", type=int, default=None, help="inputs per call (default: 4 on CPU, 256 on GPU)")
-    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (>= 10; default 10 CPU, 30 GPU)")
+    parser.add_argument("--batch", type=cli.whole_number(1), default=None,
+                        help="inputs per call (default: 4 on CPU, 256 on GPU)")
+    parser.add_argument("--rounds", type=cli.whole_number(measure.MIN_ROUNDS), default=None,
+                        help="interleaved rounds (default 10 CPU, 30 GPU)")
     parser.add_argument("--all", action="store_true", help="all nine models (default on GPU)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N models")
     parser.add_argument("--models", default=None,
                         help="folder of .tflite files (default: the reference models found through models.zoo: "
                              "$TINYPALLAS_MODELS, else ../shared/tflite)")
     parser.add_argument("--out", default="results/benchmark_int8.json", help="JSON output path")
+    cli.add_debug(parser)
     args = parser.parse_args(argv)
     on_gpu = platform.backend() == "gpu"
-    if args.rounds is not None and args.rounds < measure.MIN_ROUNDS:
-        print(f"error: --rounds {args.rounds}: interleaved comparisons need at least {measure.MIN_ROUNDS}",
-              file=sys.stderr)
-        return 2
-    if args.batch is not None and args.batch < 1:
-        print(f"error: --batch {args.batch} must be >= 1", file=sys.stderr)
-        return 2
     quick = args.quick or not on_gpu
     batch = args.batch or (4 if quick else 256)
     rounds = args.rounds or (30 if on_gpu else measure.MIN_ROUNDS)
@@ -91,8 +93,7 @@ def main(argv=None) -> int:
     paths = paths[:args.limit]
     if not paths:
         where = args.models or ", ".join(map(str, zoo.search_path()))
-        print(f"error: no .tflite models found in {where}; pass --models DIR, or {zoo.HOW_TO_GET}", file=sys.stderr)
-        return 2
+        raise ValueError(f"no .tflite models found in {where}; pass --models DIR, or {zoo.HOW_TO_GET}")
     out = pathlib.Path(args.out)
     doc = results.benchmark_document("int8", {"batch": batch, "rounds": rounds, "models": [p.stem for p in paths]})
     print(f"device: {doc['env']['device_kind']} | jax {doc['env']['jax']} | {doc['env']['timing_note']}", flush=True)
@@ -100,14 +101,9 @@ def main(argv=None) -> int:
         try:
             row = bench_model(path, batch, rounds)
         except Exception as e:  # noqa: BLE001 -- one model failing is reported, not fatal
-            row = {"section": f"batch {batch}", "label": path.stem, "problem": {"model": path.stem, "batch": batch},
-                   "errors": [f"{type(e).__name__}: {str(e)[:500]}"]}
-        doc["rows"].append(row)
-        results.save_json(out, doc)
-        ratios = {n: f"{r['ratio']:.2f}x {r['verdict']}" for n, r in row.get("comparison", {}).get("ratios", {}).items()}
-        print(f"{path.stem}: {ratios or row.get('errors')}", flush=True)
-    print(report.render(report.benchmark_tables(doc, out.name)))
-    print(f"wrote {out}")
+            row = results.failed_row(f"batch {batch}", path.stem, {"model": path.stem, "batch": batch}, e)
+        results.add_row(doc, out, row)
+    results.print_tables(doc, out)
     return 0
 
 

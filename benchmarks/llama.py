@@ -42,10 +42,10 @@ import numpy as np
 
 from autotune import measure, results
 from autotune.measure import time_callable
-from kernels import platform
 from models.llama import config as llama_config
 from models.llama import forward, sharding
 from models.llama import params as llama_params
+from tuning import platform
 
 GPU_PATHS = ("xla", "pallas")
 

@@ -23,9 +23,10 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import jax
 import jax.numpy as jnp
 
-from autotune import measure, report, results
+import cli
+from autotune import measure, results
 from kernels import matmul as mm
-from kernels import platform
+from tuning import platform
 
 SQUARE = [1024, 2048, 4096, 8192]
 LLAMA_MNK = [(m, n, k) for m in (1, 16, 128, 2048) for (k, n) in ((4096, 4096), (4096, 11008), (11008, 4096))]
@@ -78,42 +79,37 @@ def bench_shape(m: int, n: int, k: int, dtype: str, *, trials: int, rounds: int 
         tuned_is_default=tuned_cfg == default_cfg, trials=trials)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    return cli.run(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
+    p = cli.ArgumentParser(prog="benchmarks/matmul.py", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small shapes (CPU); the default on a CPU")
     p.add_argument("--shapes", nargs="*", help="MxNxK shapes instead of the default list")
-    p.add_argument("--dtype", default=None, help="default: bfloat16 on GPU, float32 on CPU")
-    p.add_argument("--trials", type=int, default=None, help="autotuner trials per shape (default 24 GPU, 3 CPU; 0: none)")
-    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (>= 10; default 10 CPU, 30 GPU)")
+    p.add_argument("--dtype", default=None, choices=TOLERANCE, help="default: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--trials", type=cli.whole_number(0), default=None,
+                   help="autotuner trials per shape (default 24 GPU, 3 CPU; 0: none)")
+    p.add_argument("--rounds", type=cli.whole_number(measure.MIN_ROUNDS), default=None,
+                   help="interleaved rounds (default 10 CPU, 30 GPU)")
     p.add_argument("--storage", default=None, help="Optuna storage (default: a fresh SQLite file beside --out)")
     p.add_argument("--out", default="results/benchmark_matmul.json")
+    cli.add_debug(p)
     args = p.parse_args(argv)
 
     on_gpu = platform.backend() == "gpu"
     dtype = args.dtype or ("bfloat16" if on_gpu else "float32")
-    try:
-        if args.shapes:
-            shapes = [tuple(mm.parse_shape(s)[d] for d in ("m", "n", "k")) for s in args.shapes]
-        elif args.quick or not on_gpu:
-            shapes = QUICK
-        else:
-            shapes = [(s, s, s) for s in SQUARE] + LLAMA_MNK
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if dtype not in TOLERANCE:
-        print(f"error: --dtype {dtype!r} is not one of {', '.join(TOLERANCE)}", file=sys.stderr)
-        return 2
-    if args.rounds is not None and args.rounds < measure.MIN_ROUNDS:
-        print(f"error: --rounds {args.rounds}: interleaved comparisons need at least {measure.MIN_ROUNDS}",
-              file=sys.stderr)
-        return 2
+    if args.shapes:
+        shapes = [tuple(mm.parse_shape(s)[d] for d in ("m", "n", "k")) for s in args.shapes]
+    elif args.quick or not on_gpu:
+        shapes = QUICK
+    else:
+        shapes = [(s, s, s) for s in SQUARE] + LLAMA_MNK
     trials = args.trials if args.trials is not None else (24 if on_gpu else 3)
     rounds = args.rounds or (30 if on_gpu else measure.MIN_ROUNDS)
     out = pathlib.Path(args.out)
-    storage = args.storage or f"sqlite:///{out.with_suffix('.sqlite3').resolve()}"
-    if storage.startswith("sqlite:///"):
-        pathlib.Path(storage[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    storage = args.storage or f"sqlite:///{out.with_suffix('.sqlite3').resolve()}"  # its folder: made by the tuner
 
     bandwidth = measure.read_bandwidth(None if on_gpu else 8 * 2**20)
     doc = results.benchmark_document("matmul", {"dtype": dtype, "shapes": [list(s) for s in shapes], "trials": trials,
@@ -124,15 +120,9 @@ def main(argv=None) -> int:
         try:
             row = bench_shape(m, n, k, dtype, trials=trials, rounds=rounds, storage=storage, bandwidth=bandwidth)
         except Exception as e:  # noqa: BLE001 -- one shape failing to compile is reported, not fatal
-            row = {"section": dtype, "label": f"{m}x{n}x{k}", "problem": mm.problem_key(m, n, k, dtype),
-                   "errors": [f"{type(e).__name__}: {str(e)[:500]}"]}
-        doc["rows"].append(row)
-        results.save_json(out, doc)
-        verdicts = {name: f"{r['ratio']:.2f}x {r['verdict']}" for name, r in
-                    row.get("comparison", {}).get("ratios", {}).items()}
-        print(f"{m}x{n}x{k}: {verdicts or row.get('errors')}", flush=True)
-    print(report.render(report.benchmark_tables(doc, out.name)))
-    print(f"wrote {out}")
+            row = results.failed_row(dtype, f"{m}x{n}x{k}", mm.problem_key(m, n, k, dtype), e)
+        results.add_row(doc, out, row)
+    results.print_tables(doc, out)
     return 0
 
 

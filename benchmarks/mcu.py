@@ -177,7 +177,7 @@ def main() -> None:
             print(f"{r['model'][:44]:44s} {name:18s} {cell(e, 'instructions'):>12s} {cell(e, 'macs_per_instruction', '{:.3f}'):>9s} "
                   f"{cell(e, 'instructions_ratio_vs_cmsis_nn', '{:.3f}'):>8s} {e['peak_sram']:9d} "
                   f"{e['sram_ratio_vs_tflm']:7.3f} {'yes' if e['fits'] else 'NO':>4s} {exact:>5s}  {e['schedule']} [{e['origin']}]")
-    env = {**results.environment(), "board": board.name, "qemu_machine": board.qemu_machine,
+    env = {**results.environment(interpreted=False), "board": board.name, "qemu_machine": board.qemu_machine,
            "cmsis_nn_root": os.environ.get("CMSIS_NN_ROOT"), "gcc_arm": _version(["arm-none-eabi-gcc", "--version"]),
            "qemu": _version(["qemu-system-arm", "--version"])}
     if os.environ.get("CMSIS_NN_ROOT"):

@@ -22,8 +22,9 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 from kernels import matmul as mm
-from kernels import platform, quant, tuned
-from kernels.space import Knob, SearchSpace
+from kernels import quant
+from tuning import platform, tuned
+from tuning.space import Knob, SearchSpace, parse_dims
 
 
 @dataclasses.dataclass(frozen=True)
@@ -329,16 +330,9 @@ DEFAULT_PROBLEMS = [problem_key(1024, 16, 144), problem_key(256, 32, 288), probl
 
 def parse_shape(text: str) -> dict:
     """``"MxNxK"`` -> int8 GEMM problem; ``"dw:MxCxT"`` -> depthwise problem (pixels, channels, taps)."""
-    depthwise = text.lower().startswith("dw:")
-    body = text[3:] if depthwise else text
-    example = "dw:1024x32x9" if depthwise else "1024x16x144"
-    try:
-        dims = [int(d) for d in body.lower().split("x")]
-    except ValueError:
-        raise ValueError(f"--shape {text!r} is not MxNxK (GEMM) or dw:MxCxT (depthwise), e.g. {example}") from None
-    if len(dims) != 3 or min(dims) < 1:
-        raise ValueError(f"--shape {text!r} is not MxNxK (GEMM) or dw:MxCxT (depthwise) with positive sizes, e.g. {example}")
-    return depthwise_problem_key(*dims) if depthwise else problem_key(*dims)
+    if text.lower().startswith("dw:"):
+        return depthwise_problem_key(*parse_dims(text[3:], "MxCxT", "dw:1024x32x9 (pixels, channels, taps)"))
+    return problem_key(*parse_dims(text, "MxNxK", "1024x16x144, or dw:1024x32x9 for a depthwise layer"))
 
 
 def _tiles(dim: int, cap: int) -> tuple[int, ...]:
@@ -372,8 +366,7 @@ def search_space(problem: dict) -> SearchSpace:
         pad = ((kh // 2, kh // 2), ((taps // kh) // 2, (taps // kh) // 2))
 
         def make_inputs(seed):
-            x = np.random.default_rng(seed).integers(-128, 128, (1, side, m // side, c), dtype=np.int8)
-            return (jnp.asarray(x),)
+            return (jax.random.randint(jax.random.key(seed), (1, side, m // side, c), -128, 128, jnp.int8),)
 
         def fn(cfg: Config):
             return functools.partial(depthwise_conv2d, w=w, bias=None, stride=(1, 1), dilation=(1, 1), padding=pad,
@@ -387,12 +380,15 @@ def search_space(problem: dict) -> SearchSpace:
         def violations(params: dict) -> list[str]:
             return mm.config_violations(Config(**params).gemm(), m, n, k, jnp.int8)
 
+        # Per-channel requantization drawn from 64 real multipliers quantized the TFLite way; jax
+        # only inside make_inputs, so its shapes evaluate abstractly (SearchSpace.problem_bytes).
+        table = tuple(jnp.asarray(v) for v in quant.quantize_multipliers(rng.uniform(1e-4, 1e-2, 64)))
+
         def make_inputs(seed):
-            r = np.random.default_rng(seed)
-            mult, shift = quant.quantize_multipliers(r.uniform(1e-4, 1e-2, n))
-            return (jnp.asarray(r.integers(-128, 128, (m, k), dtype=np.int8)),
-                    jnp.asarray(r.integers(-128, 128, (k, n), dtype=np.int8)),
-                    jnp.asarray(r.integers(-5000, 5000, n, dtype=np.int32)), jnp.asarray(mult), jnp.asarray(shift))
+            ka, kb, kbias, kq = jax.random.split(jax.random.key(seed), 4)
+            channel = jax.random.randint(kq, (n,), 0, 64)
+            return (jax.random.randint(ka, (m, k), -128, 128, jnp.int8), jax.random.randint(kb, (k, n), -128, 128, jnp.int8),
+                    jax.random.randint(kbias, (n,), -5000, 5000, jnp.int32), table[0][channel], table[1][channel])
 
         def fn(cfg: Config):
             return functools.partial(gemm_requant, output_offset=-3, act_min=-128, act_max=127, config=cfg)
@@ -400,4 +396,4 @@ def search_space(problem: dict) -> SearchSpace:
         knobs += [Knob("num_warps", (2, 4, 8)), Knob("num_stages", (2, 3, 4))]
     return SearchSpace(kernel=KERNEL, problem=problem, knobs=tuple(knobs), violations=violations,
                        to_config=lambda params: Config(**params), fn=fn, make_inputs=make_inputs,
-                       default=heuristic_config(problem).params())
+                       default=heuristic_config(problem).params(), interpreted=platform.interpret_default())

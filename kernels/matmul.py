@@ -26,8 +26,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from kernels import platform, tuned
-from kernels.space import Knob, SearchSpace
+from tuning import platform, tuned
+from tuning.space import Knob, SearchSpace, parse_dims
 
 ORDERS = ("m_major", "n_major", "grouped")
 ACTIVATIONS = (None, "relu", "relu6", "gelu", "silu")
@@ -396,14 +396,8 @@ GPU_PROBLEMS = [problem_key(s, s, s, "bfloat16") for s in (1024, 2048, 4096, 819
 
 def parse_shape(text: str) -> dict:
     """``"MxNxK"`` (or one number for a square problem) -> problem dict (dtype float32)."""
-    try:
-        dims = [int(d) for d in text.lower().split("x")]
-    except ValueError:
-        raise ValueError(f"--shape {text!r} is not MxNxK, e.g. 1024x1024x1024") from None
-    if len(dims) == 1:
-        dims = dims * 3
-    if len(dims) != 3 or min(dims) < 1:
-        raise ValueError(f"--shape {text!r} is not MxNxK with positive sizes, e.g. 128x4096x4096")
+    square = "x" not in text and text.strip().isdigit()
+    dims = parse_dims(f"{text}x{text}x{text}" if square else text, "MxNxK", "128x4096x4096")
     return problem_key(*dims, "float32")
 
 
@@ -450,6 +444,7 @@ def search_space(problem: dict) -> SearchSpace:
         fn=lambda cfg: functools.partial(matmul, config=cfg),
         make_inputs=make_inputs,
         default=heuristic_config(m, n, k, dtype).params(),
+        interpreted=platform.interpret_default(),
     )
 
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 import dataclasses
 import sys
 
+import cli
 from mcu import boards, cmsis_nn, codegen, tune
-from models import cli, tflite_import
+from models import tflite_import
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,19 +18,25 @@ import pathlib
 import tempfile
 
 import mcu
-from kernels.space import Knob, Objective, SearchSpace
 from mcu import boards, build, cmsis_nn, codegen, patch, specialized
 from models import quantization, tflite_import, zoo
+from tuning import tuned
+from tuning.space import Knob, Objective, SearchSpace
 
 KERNEL = "mcu"
 DEFAULT_PROBLEMS = [{"model": "mlperf_tiny_kws01_dscnn_int8", "target": "stm32f746"}]
 OBJECTIVES = (Objective("instructions"), Objective("peak_sram_bytes"))
 
 
-def parse_shape(text: str) -> dict:
-    """``--shape PATH.tflite[@BOARD]``."""
-    path, _, target = text.partition("@")
-    return {"model": path, "target": target or "stm32f746"}
+def parse_model(model: str, target: str | None = None) -> dict:
+    """``PATH.tflite`` or a reference model's name, on ``--target BOARD`` (default stm32f746)."""
+    return {"model": model, "target": boards.board(target or "stm32f746").name}  # a ValueError names the boards
+
+
+def targets() -> list[dict]:
+    """The boards ``--target`` names (``python -m autotune list boards``)."""
+    return [{"board": b.name, "cpu": b.cpu, "sram_kib": b.sram_bytes // 1024, "flash_kib": b.flash_bytes // 1024,
+             "mhz": b.clock_hz // 1_000_000} for b in boards.BOARDS.values()]
 
 
 def problem_key(path: str, target: str) -> dict:
@@ -167,8 +173,8 @@ def search_space(problem: dict) -> SearchSpace:
 
 
 def tuned_config(path: str, target: str) -> codegen.Config | None:
-    """The schedule the autotuner stored for this model and board, if any."""
-    from kernels import tuned
-
-    params = tuned.lookup(KERNEL, problem_key(path, target))
-    return None if params is None else for_board(to_config(params), boards.board(target))
+    """The schedule the autotuner stored for this model and board, if any (resolved as every
+    kernel's config is, with no heuristic: the caller picks the default backend)."""
+    board = boards.board(target)
+    return tuned.resolve(KERNEL, problem_key(path, target), None, config_type=lambda **params: for_board(
+        to_config(params), board), heuristic=lambda: None)

@@ -15,7 +15,8 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
-from models import cli, execute, tflite_import, tflm
+import cli
+from models import execute, tflite_import, tflm
 from models.ir import Graph
 
 

@@ -3,15 +3,19 @@ import pathlib
 import jax
 import pytest
 
+from kernels.cpu import build as cpu_build
 from models import zoo
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+KERNEL_CACHE = cpu_build.cache_dir()  # resolved before any test's cache folder is set
 
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
-    """Every test gets its own best-config cache, so tuned entries never leak between tests."""
+    """Every test gets its own best-config cache, so tuned entries never leak between tests. The
+    compiled CPU kernels are content-addressed: one build serves every test and child process."""
     monkeypatch.setenv("TINYPALLAS_CACHE", str(tmp_path / "best_configs.json"))
+    monkeypatch.setenv("TINYPALLAS_KERNEL_CACHE", str(KERNEL_CACHE))
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,6 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from kernels import matmul as mm
-from kernels import platform, tuned
 from kernels.conv import winograd
 from kernels.conv.depthwise import (
     depthwise_conv,
@@ -40,7 +39,8 @@ from kernels.conv.inverted_residual import (
     inverted_residual,
     inverted_residual_reference,
 )
-from kernels.space import Knob, SearchSpace
+from tuning import platform, tuned
+from tuning.space import Knob, SearchSpace
 
 __all__ = [
     "ALGORITHMS",
@@ -486,6 +486,7 @@ def search_space(problem: dict) -> SearchSpace:
         fn=fn,
         make_inputs=make_inputs,
         default=heuristic_config(g, dtype).params(),
+        interpreted=platform.interpret_default(),
     )
 
 

@@ -17,7 +17,6 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from kernels import platform
 from kernels.conv.geometry import (
     ConvGeometry,
     activate,
@@ -26,6 +25,7 @@ from kernels.conv.geometry import (
     pow2_at_least,
     round_up,
 )
+from tuning import platform
 
 
 def _depthwise_body(x_ref, w_ref, b_ref, o_ref, *, layout: str, kh: int, kw: int, stride, dilation,

@@ -13,7 +13,6 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from kernels import platform
 from kernels.conv.geometry import (
     ConvGeometry,
     activate,
@@ -22,6 +21,7 @@ from kernels.conv.geometry import (
     pad_nhwc,
     round_up,
 )
+from tuning import platform
 
 
 def _implicit_gemm_body(x_ref, w_ref, b_ref, o_ref, *, layout: str, kh: int, kw: int, stride, dilation,

@@ -19,7 +19,6 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from kernels import matmul as mm
-from kernels import platform, tuned
 from kernels.conv.geometry import (
     activate,
     dot,
@@ -28,7 +27,8 @@ from kernels.conv.geometry import (
     pow2_at_least,
     round_up,
 )
-from kernels.space import Knob, SearchSpace
+from tuning import platform, tuned
+from tuning.space import Knob, SearchSpace
 
 
 @dataclasses.dataclass(frozen=True)
@@ -307,4 +307,5 @@ def search_space(problem: dict) -> SearchSpace:
         fn=lambda cfg: functools.partial(inverted_residual, stride=s, config=cfg),
         make_inputs=make_inputs,
         default=heuristic_config(problem).params(),
+        interpreted=platform.interpret_default(),
     )

@@ -18,7 +18,6 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from kernels import platform
 from kernels.conv.geometry import (
     ConvGeometry,
     activate,
@@ -26,6 +25,7 @@ from kernels.conv.geometry import (
     pad_nhwc,
     round_up,
 )
+from tuning import platform
 
 # (B^T, G, A^T) for output tile m x m and a 3x3 filter (Lavin & Gray, section 4).
 TRANSFORMS = {
@@ -154,8 +154,8 @@ def error_table(*, n: int = 1, h: int = 16, w: int = 16, c: int = 32, k: int = 3
     Both are measured against the direct conv in f32 at full precision on the same (rounded)
     inputs, so the 'direct' column is the floor that the dtype alone imposes.
     """
-    from kernels import platform
     from kernels.conv.geometry import make_geometry
+    from tuning import platform
 
     interpret = platform.interpret_default() if interpret is None else interpret
     kx, kw_ = jax.random.split(jax.random.key(seed))

@@ -17,10 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels import tuned
 from kernels.cpu import build
 from kernels.llm import common, rope
-from kernels.space import Knob, SearchSpace
+from tuning import tuned
+from tuning.space import Knob, SearchSpace, parse_dims
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,11 +119,8 @@ DEFAULT_PROBLEMS = [problem_key(1, 1, 256, 9, 3, 64), problem_key(1, 256, 256, 9
 
 def parse_shape(text: str) -> dict:
     """``BxTxSxHQxHKVxD`` (T new tokens, S cache length), e.g. ``1x1x256x9x3x64``."""
-    try:
-        b, t, s, hq, hkv, d = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise ValueError(f"shape {text!r} is not BxTxSxHQxHKVxD, e.g. 1x1x256x9x3x64") from None
-    if min(b, t, s, hq, hkv, d) < 1 or t > s or hq % hkv or d % 2:
+    b, t, s, hq, hkv, d = parse_dims(text, "BxTxSxHQxHKVxD", "1x1x256x9x3x64")
+    if t > s or hq % hkv or d % 2:
         raise ValueError(f"shape {text!r}: need T <= S, HKV dividing HQ and an even D")
     return problem_key(b, t, s, hq, hkv, d)
 

@@ -7,23 +7,24 @@ C (M, N) = A (M, K) @ B (K, N) as ``variant``:
   unrolled tiled, the inner loop unrolled by ``unroll``
   simd     tiled, a 4-row register tile of C accumulated in vector registers
 The first four are compiled without auto-vectorization, so each step shows what it alone buys;
-``threads`` splits rows of C. ``peak_flops`` measures the ceiling a compute-bound kernel is judged
-against (independent vector FMA chains); ``autotune.measure.read_bandwidth`` the memory one.
+``threads`` splits rows of C. ``fma_peak`` is the program of the ceiling a compute-bound kernel is
+judged against (independent vector FMA chains), timed by ``autotune.measure.peak_flops``;
+``autotune.measure.read_bandwidth`` measures the memory one.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from autotune.measure import time_callable
-from kernels import tuned
 from kernels.cpu import build
 from kernels.llm import common
-from kernels.space import Knob, SearchSpace
+from tuning import tuned
+from tuning.space import Knob, SearchSpace, parse_dims
 
 VARIANTS = ("ijk", "ikj", "tiled", "unrolled", "simd")
 
@@ -80,16 +81,17 @@ def matmul(a: jax.Array, b: jax.Array, *, config: Config | None = None) -> jax.A
         threads=np.int64(cfg.threads))
 
 
-def peak_flops(*, isa: str | None = None, threads: int | None = None, iterations: int = 2_000_000) -> float:
-    """Measured multiply-add throughput (flop/s) of ``threads`` threads on independent FMA chains."""
+def fma_peak(*, isa: str | None = None, threads: int | None = None,
+             iterations: int = 2_000_000) -> tuple[Callable[[], jax.Array], float]:
+    """(a call running ``threads`` threads of independent vector FMA chains, the flops it does):
+    the multiply-add ceiling of this CPU as a program, for ``autotune.measure.peak_flops``."""
     isa, threads = isa or build.best_isa(), threads or build.default_threads()
     lib = build.library(isa)
     flops = 2.0 * iterations * lib.tp_peak_chains() * lib.tp_vector_lanes() * threads
     fn = jax.jit(lambda s: jax.ffi.ffi_call(build.target("fma_peak", isa), jax.ShapeDtypeStruct((1,), jnp.float32))(
         s, iterations=np.int64(iterations), threads=np.int64(threads)))
     seed = jnp.zeros((1,), jnp.float32)
-    # a ceiling: the fastest tenth of the samples (others ran beside whatever else shares the machine)
-    return flops / time_callable(lambda: fn(seed), warmup=1, repeats=9).p10_seconds
+    return (lambda: fn(seed)), flops
 
 
 DEFAULT_PROBLEMS = [problem_key(512, 512, 512)]
@@ -97,13 +99,7 @@ DEFAULT_PROBLEMS = [problem_key(512, 512, 512)]
 
 def parse_shape(text: str) -> dict:
     """``MxNxK``, e.g. ``512x512x512``."""
-    try:
-        m, n, k = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise ValueError(f"shape {text!r} is not MxNxK, e.g. 512x512x512") from None
-    if min(m, n, k) < 1:
-        raise ValueError(f"shape {text!r}: M, N and K must be >= 1")
-    return problem_key(m, n, k)
+    return problem_key(*parse_dims(text, "MxNxK", "512x512x512"))
 
 
 def search_space(problem: dict) -> SearchSpace:

@@ -17,11 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels import tuned
 from kernels.cpu import build
 from kernels.llm import common, w4a16
 from kernels.llm.w4a16 import QuantizedWeight
-from kernels.space import Knob, SearchSpace
+from tuning import tuned
+from tuning.space import Knob, SearchSpace, parse_dims
 
 FORMATS = ("q4_0", "q4_1", "q8_0")
 FORMAT_IDS = {"q4_0": 0, "q4_1": 1, "q8_0": 2}
@@ -314,12 +314,9 @@ def parse_shape(text: str) -> dict:
     """``MxNxK`` or ``MxNxK:FORMAT`` (q4_0, q4_1 (default) or q8_0), e.g. ``1x1536x576:q4_1``."""
     head, _, fmt = text.partition(":")
     fmt = fmt or "q4_1"
-    try:
-        m, n, k = (int(v) for v in head.lower().split("x"))
-    except ValueError:
-        raise ValueError(f"shape {text!r} is not MxNxK[:FORMAT], e.g. 1x1536x576:q4_1") from None
-    if fmt not in FORMATS or min(m, n, k) < 1 or k % BLOCK:
-        raise ValueError(f"shape {text!r}: need M, N, K >= 1, K a multiple of 32 and a format in {FORMATS}")
+    m, n, k = parse_dims(head, "MxNxK[:FORMAT]", "1x1536x576:q4_1")
+    if fmt not in FORMATS or k % BLOCK:
+        raise ValueError(f"shape {text!r}: need K a multiple of 32 and a format in {FORMATS}")
     return problem_key(m, n, k, fmt)
 
 

@@ -10,11 +10,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels import tuned
 from kernels.cpu import build
 from kernels.llm import common
 from kernels.llm.rmsnorm import reference
-from kernels.space import Knob, SearchSpace
+from tuning import tuned
+from tuning.space import Knob, SearchSpace, parse_dims
 
 __all__ = ["Config", "reference", "rmsnorm", "search_space"]
 
@@ -71,11 +71,7 @@ DEFAULT_PROBLEMS = [problem_key(1, 576), problem_key(256, 576)]
 
 def parse_shape(text: str) -> dict:
     """``ROWSxDIM``, e.g. ``1x576``."""
-    try:
-        rows, dim = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise ValueError(f"shape {text!r} is not ROWSxDIM, e.g. 1x576") from None
-    return problem_key(rows, dim)
+    return problem_key(*parse_dims(text, "ROWSxDIM", "1x576"))
 
 
 def search_space(problem: dict) -> SearchSpace:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import importlib
 
-from kernels.space import SearchSpace
+from tuning.space import SearchSpace
 
 MODULES = {"cpu_q4_gemv": "kernels.cpu.qmatmul", "cpu_swiglu": "kernels.cpu.swiglu",
            "cpu_attention": "kernels.cpu.attention", "cpu_rmsnorm": "kernels.cpu.rmsnorm"}

@@ -8,7 +8,7 @@ from __future__ import annotations
 from kernels.cpu.qmatmul import Config, parse_shape, problem_key, swiglu
 from kernels.cpu.qmatmul import search_space as _qmatmul_space
 from kernels.cpu.qmatmul import swiglu_reference as reference
-from kernels.space import SearchSpace
+from tuning.space import SearchSpace
 
 __all__ = ["DEFAULT_PROBLEMS", "Config", "parse_shape", "reference", "search_space", "swiglu"]
 

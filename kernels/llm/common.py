@@ -6,6 +6,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from tuning.space import parse_dims
+
 
 def params_of(config) -> dict:
     return dataclasses.asdict(config)
@@ -31,12 +33,9 @@ def attention_problem_key(batch: int, seq: int, heads: int, kv_heads: int, head_
 
 def parse_attention_shape(text: str, form: str, example: str) -> dict:
     """``--shape`` of an attention kernel: five ``x``-separated sizes in ``form`` (e.g. BxTxHQxHKVxD)."""
-    try:
-        b, s, hq, hkv, d = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise ValueError(f"shape {text!r} is not {form}, e.g. {example}") from None
-    if min(b, s, hq, hkv, d) < 1 or hq % hkv:
-        raise ValueError(f"shape {text!r}: sizes must be positive and HKV divide HQ, e.g. {example}")
+    b, s, hq, hkv, d = parse_dims(text, form, example)
+    if hq % hkv:
+        raise ValueError(f"shape {text!r}: HKV must divide HQ, e.g. {example}")
     return attention_problem_key(b, s, hq, hkv, d, "bfloat16")
 
 

@@ -21,9 +21,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from kernels import platform, tuned
 from kernels.llm import common, rope
-from kernels.space import Knob, SearchSpace
+from tuning import platform, tuned
+from tuning.space import Knob, SearchSpace
 
 _NEG = -1e30
 MAX_SPLITS = 64
@@ -226,4 +226,4 @@ def search_space(problem: dict) -> SearchSpace:
     return SearchSpace(kernel="decode_attention", problem=problem, knobs=tuple(knobs), violations=violations,
                        to_config=lambda p: Config(**{**Config().params(), **p}),
                        fn=lambda cfg: functools.partial(decode_attention, config=cfg), make_inputs=make_inputs,
-                       default=heuristic_config(s, b, hkv).params())
+                       default=heuristic_config(s, b, hkv).params(), interpreted=platform.interpret_default())

@@ -39,9 +39,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from kernels import platform
 from kernels.llm import common
 from kernels.llm.w4a16 import QuantizedWeight
+from tuning import platform
 
 TILE_N = 64  # wgmma M: the weight rows of one warpgroup's tile
 BATCH = 8  # wgmma N: the activation rows, padded

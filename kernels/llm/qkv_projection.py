@@ -15,9 +15,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from kernels import platform, tuned
 from kernels.llm import common, w4a16
 from kernels.llm.w4a16 import QuantizedWeight
+from tuning import platform, tuned
 
 Config = w4a16.Config
 

@@ -12,9 +12,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from kernels import platform, tuned
 from kernels.llm import common
-from kernels.space import Knob, SearchSpace
+from tuning import platform, tuned
+from tuning.space import Knob, SearchSpace, parse_dims
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,13 +107,7 @@ DEFAULT_PROBLEMS = [problem_key(1, 4096, "bfloat16"), problem_key(512, 4096, "bf
 
 def parse_shape(text: str) -> dict:
     """``ROWSxDIM``, e.g. ``1x4096``."""
-    try:
-        rows, dim = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise ValueError(f"shape {text!r} is not ROWSxDIM, e.g. 1x4096") from None
-    if min(rows, dim) < 1:
-        raise ValueError(f"shape {text!r}: sizes must be positive, e.g. 1x4096")
-    return problem_key(rows, dim, "bfloat16")
+    return problem_key(*parse_dims(text, "ROWSxDIM", "1x4096"), "bfloat16")
 
 
 def search_space(problem: dict) -> SearchSpace:
@@ -135,4 +129,5 @@ def search_space(problem: dict) -> SearchSpace:
 
     return SearchSpace(kernel="rmsnorm", problem=problem, knobs=tuple(knobs),
                        violations=lambda p: [] if rows % p["block_rows"] == 0 else ["block_rows must divide rows"],
-                       to_config=to_config, fn=fn, make_inputs=make_inputs, default=heuristic_config(rows, dim).params())
+                       to_config=to_config, fn=fn, make_inputs=make_inputs, default=heuristic_config(rows, dim).params(),
+                       interpreted=platform.interpret_default())

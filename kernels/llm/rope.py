@@ -17,9 +17,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from kernels import platform, tuned
 from kernels.llm import common
-from kernels.space import Knob, SearchSpace
+from tuning import platform, tuned
+from tuning.space import Knob, SearchSpace, parse_dims
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,12 +173,9 @@ DEFAULT_PROBLEMS = [problem_key(32, 128, "bfloat16"), problem_key(32 * 512, 128,
 
 def parse_shape(text: str) -> dict:
     """``ROWSxHEAD_DIM`` with rows = tokens * heads, e.g. ``32x128``."""
-    try:
-        rows, d = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise ValueError(f"shape {text!r} is not ROWSxHEAD_DIM, e.g. 32x128") from None
-    if rows < 1 or d < 2 or d % 2:
-        raise ValueError(f"shape {text!r}: rows must be positive and HEAD_DIM even, e.g. 32x128")
+    rows, d = parse_dims(text, "ROWSxHEAD_DIM", "32x128")
+    if d % 2:
+        raise ValueError(f"shape {text!r}: HEAD_DIM must be even, e.g. 32x128")
     return problem_key(rows, d, "bfloat16")
 
 
@@ -197,4 +194,4 @@ def search_space(problem: dict) -> SearchSpace:
                        violations=lambda p: [] if rows % p["block_rows"] == 0 else ["block_rows must divide rows"],
                        to_config=lambda p: Config(**{**Config().params(), **p}),
                        fn=lambda cfg: functools.partial(rope, theta=10000.0, config=cfg), make_inputs=make_inputs,
-                       default=heuristic_config(rows).params())
+                       default=heuristic_config(rows).params(), interpreted=platform.interpret_default())

@@ -13,10 +13,10 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from kernels import platform, tuned
 from kernels.llm import common, w4a16
 from kernels.llm.w4a16 import QuantizedWeight
-from kernels.space import SearchSpace
+from tuning import platform, tuned
+from tuning.space import SearchSpace
 
 Config = w4a16.Config  # same tiles: it is the W4A16 body run twice per tile (split_k must be 1: the
 # gate is nonlinear, so it needs the whole K sum in one program)
@@ -164,5 +164,5 @@ def search_space(problem: dict) -> SearchSpace:
     return SearchSpace(kernel="swiglu", problem=problem, knobs=knobs, violations=base.violations,
                        to_config=base.to_config, fn=lambda cfg: functools.partial(swiglu, config=cfg),
                        make_inputs=make_inputs,
-                       default=heuristic_config(m, n, k, bits, group).params())
+                       default=heuristic_config(m, n, k, bits, group).params(), interpreted=base.interpreted)
 

@@ -21,9 +21,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from kernels import platform, tuned
 from kernels.llm import common, rmsnorm
-from kernels.space import Knob, SearchSpace
+from tuning import platform, tuned
+from tuning.space import Knob, SearchSpace, parse_dims
 
 GROUPS = (32, 64, 128)
 
@@ -594,10 +594,7 @@ DEFAULT_PROBLEMS = [
 def parse_shape(text: str) -> dict:
     """``MxNxK`` or ``MxNxK:g128`` (4-bit, group 32 by default) or ``MxNxK:g32:b8``."""
     head, *opts = text.split(":")
-    try:
-        m, n, k = (int(v) for v in head.lower().split("x"))
-    except ValueError:
-        raise ValueError(f"shape {text!r} is not MxNxK[:gGROUP][:bBITS], e.g. 1x4096x4096:g128") from None
+    m, n, k = parse_dims(head, "MxNxK[:gGROUP][:bBITS]", "1x4096x4096:g128")
     group, bits = 32, 4
     for opt in opts:
         if opt[:1] in ("g", "b") and opt[1:].isdigit():
@@ -648,4 +645,5 @@ def search_space(problem: dict) -> SearchSpace:
         fn=fn,
         make_inputs=make_inputs,
         default=heuristic_config(m, n, k, bits, group, residual=True).params(),
+        interpreted=platform.interpret_default(),
     )

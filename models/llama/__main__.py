@@ -11,19 +11,15 @@ import os
 import pathlib
 import sys
 
+import cli
+
 PATH_CHOICES = ("auto", "xla", "pallas", "cpu")
 CONFIGS = ("llama2-7b", "llama2-13b", "llama2-70b")  # published configs for ``plan --config``
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, not argparse's usage block
-        print(f"error: {message} (see `python -m models.llama generate --help`)", file=sys.stderr)
-        sys.exit(2)
-
-
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m models.llama")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = cli.ArgumentParser(prog="python -m models.llama")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=cli.ArgumentParser)
     g = sub.add_parser("generate", help="generate text (defaults to the bundled SmolLM2-135M-Instruct)")
     g.add_argument("--prompt", required=True, action="append",
                    help="the prompt; repeat for a batch (the first is streamed, all are printed at the end)")
@@ -39,6 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     g.add_argument("--no-chat", action="store_true", help="use the prompt as raw text, not a chat turn")
     _add_layout_arguments(g)
+    cli.add_debug(g)
     p = sub.add_parser("plan", help="bytes per device of weights, KV cache and activations; does it fit?")
     p.add_argument("--model", default=None, help="a .gguf file or safetensors folder (default: the bundled model)")
     p.add_argument("--config", choices=CONFIGS, default=None, help="a published config instead of --model")
@@ -51,6 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1, help="sequences")
     p.add_argument("--table", action="store_true", help="print the README's table for LLaMA-2 7B/13B/70B")
     _add_layout_arguments(p)
+    cli.add_debug(p)
     return parser
 
 
@@ -78,31 +76,27 @@ def _budget(args, layout) -> int | None:
 
 
 def _plan(args) -> int:
-    try:
-        import jax.numpy as jnp
+    import jax.numpy as jnp
 
-        from models.llama import config as llama_config
-        from models.llama import fit, sharding
+    from models.llama import config as llama_config
+    from models.llama import fit, sharding
 
-        if args.table:
-            print(fit.readme_table(context=args.context, batch=args.batch, group=args.group))
-            return 0
-        if args.context < 1 or args.batch < 1:
-            raise ValueError(f"--context {args.context} and --batch {args.batch} must be >= 1")
-        layout = sharding.parse_devices(args.devices) if args.devices else sharding.Layout()
-        if args.config:
-            cfg = getattr(llama_config, args.config.upper().replace("-", "_"))
-            shapes = fit.abstract_params(cfg, args.format, group=args.group)
-        else:
-            checkpoint = fit.read_checkpoint(args.model, jnp.dtype(args.dtype))
-            cfg, shapes = checkpoint.config, checkpoint.shapes
-        plan = fit.plan(cfg, shapes, context=args.context, batch=args.batch, layout=layout,
-                        dtype=jnp.dtype(args.dtype), path=args.path, budget_bytes=_budget(args, layout))
-        print(plan.describe())
-        plan.check()
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.table:
+        print(fit.readme_table(context=args.context, batch=args.batch, group=args.group))
+        return 0
+    if args.context < 1 or args.batch < 1:
+        raise ValueError(f"--context {args.context} and --batch {args.batch} must be >= 1")
+    layout = sharding.parse_devices(args.devices) if args.devices else sharding.Layout()
+    if args.config:
+        cfg = getattr(llama_config, args.config.upper().replace("-", "_"))
+        shapes = fit.abstract_params(cfg, args.format, group=args.group)
+    else:
+        checkpoint = fit.read_checkpoint(args.model, jnp.dtype(args.dtype))
+        cfg, shapes = checkpoint.config, checkpoint.shapes
+    plan = fit.plan(cfg, shapes, context=args.context, batch=args.batch, layout=layout,
+                    dtype=jnp.dtype(args.dtype), path=args.path, budget_bytes=_budget(args, layout))
+    print(plan.describe())
+    plan.check()
     print("fits")
     return 0
 
@@ -127,7 +121,7 @@ def choose_path(requested: str, dtype: str, sharded: bool = False) -> tuple[str,
     """(execution path, warning or None). ``auto``: the compiled kernels on a CPU where they build
     and the dtype is float32 and the run is not sharded, else xla; ``cpu`` where they cannot run
     falls back to xla, with a warning."""
-    from kernels import platform
+    from tuning import platform
 
     if requested in ("xla", "pallas"):
         return requested, None
@@ -160,6 +154,11 @@ def enable_compilation_cache() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit status 0; 2 with one ``error:`` line for a mistake in the arguments or the model."""
+    return cli.run(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     if args.command == "plan":
         return _plan(args)
@@ -206,9 +205,6 @@ def main(argv: list[str] | None = None) -> int:
         result = generate(model.params, model.config, prompts, max_tokens=args.max_tokens, stop_ids=tok.stop_ids,
                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                           path=path, dtype=dtype, on_token=stream, mesh=mesh)
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130

@@ -34,7 +34,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels import platform
 from kernels.llm import (
     common,
     decode_attention,
@@ -47,6 +46,7 @@ from kernels.llm import (
 from kernels.llm.rope import Rotary
 from models.llama.config import LlamaConfig
 from models.llama.params import split_qkv, stack_layers
+from tuning import platform
 
 PATHS = ("xla", "pallas", "cpu")
 

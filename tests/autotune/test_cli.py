@@ -9,14 +9,16 @@ import socket
 import subprocess
 import sys
 import time
+import types
 
 import optuna
 import pytest
 
-from autotune import cli, plots, tuner
-from kernels import tuned
-from kernels.space import Knob, SearchSpace
+from autotune import cli, plots, registry, tuner
+from kernels.cpu import build as cpu_build
 from tests.conftest import REPO
+from tuning import tuned
+from tuning.space import Knob, SearchSpace
 
 
 def _run(argv, capsys) -> tuple[int, str, str]:
@@ -84,11 +86,11 @@ def test_damaged_cache_is_named_with_the_fix(content, fragment, tmp_path, monkey
 
 
 @pytest.mark.parametrize("doc, fragment", [
-    ({"format": cli.EXPORT_FORMAT}, "not a file written by"),
+    ({"format": tuned.EXPORT_FORMAT}, "not a file written by"),
     ([1, 2], "not a file written by"),
-    ({"format": cli.EXPORT_FORMAT, "entries": [1]}, "holds a JSON list"),
-    ({"format": cli.EXPORT_FORMAT, "entries": {"nojson": {"params": {}}}}, "is not a cache key"),
-    ({"format": cli.EXPORT_FORMAT, "entries": {tuned.cache_key("matmul", {"m": 1}, "cpu", "0"): 3}}, "no params"),
+    ({"format": tuned.EXPORT_FORMAT, "entries": [1]}, "holds a JSON list"),
+    ({"format": tuned.EXPORT_FORMAT, "entries": {"nojson": {"params": {}}}}, "is not a cache key"),
+    ({"format": tuned.EXPORT_FORMAT, "entries": {tuned.cache_key("matmul", {"m": 1}, "cpu", "0"): 3}}, "no params"),
 ])
 def test_import_of_malformed_files_is_refused(doc, fragment, tmp_path, capsys):
     bad = tmp_path / "bad.json"
@@ -102,7 +104,7 @@ def test_import_merges_keeping_the_faster_config(tmp_path, capsys):
     tuned.save_all({k1: {"params": {"block_m": 16}, "seconds": 2.0, "objective": "seconds"},
                     k2: {"params": {"block_m": 32}, "seconds": 1.0, "objective": "seconds"}})
     other = tmp_path / "other.json"
-    other.write_text(json.dumps({"format": cli.EXPORT_FORMAT, "entries": {
+    other.write_text(json.dumps({"format": tuned.EXPORT_FORMAT, "entries": {
         k1: {"params": {"block_m": 64}, "seconds": 1.5, "objective": "seconds"},  # faster: replaces
         k2: {"params": {"block_m": 128}, "seconds": 3.0, "objective": "seconds"},  # slower: kept out
         k3: {"params": {"block_m": 256}, "seconds": 9.0, "objective": "seconds"}}}))  # new: added
@@ -245,3 +247,60 @@ def test_module_entry_point_exit_codes(tmp_path):
         assert out.returncode == code, out.stderr
         assert "Traceback" not in out.stderr and (code == 0 or out.stderr.startswith("error: "))
     assert pathlib.Path(tmp_path).exists()
+
+
+def _toy_entry(seconds_by_a: dict) -> types.ModuleType:
+    """A tunable thing the command line has never heard of: problems named by --model/--target."""
+    module = types.ModuleType("toy_tunable")
+
+    def parse_model(model: str, target: str | None = None) -> dict:
+        """``NAME [--target t1]``: a toy model."""
+        if target not in (None, "t1"):
+            raise ValueError(f"unknown target {target!r}; choose t1")
+        return {"model": model, "target": target or "t1"}
+
+    module.parse_model = parse_model
+    module.DEFAULT_PROBLEMS = [{"model": "m0", "target": "t1"}]
+    module.targets = lambda: [{"board": "t1", "note": "toy"}]
+    module.search_space = lambda problem: SearchSpace(
+        kernel="toy", problem=problem, knobs=(Knob("a", tuple(seconds_by_a)),), violations=lambda p: [],
+        to_config=lambda p: p, measure=lambda config: {"seconds": seconds_by_a[config["a"]]}, default={"a": 1})
+    return module
+
+
+def test_an_entry_names_its_own_problems_and_the_cli_special_cases_none(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(sys.modules, "toy_tunable", _toy_entry({1: 2.0, 2: 1.0}))
+    monkeypatch.setitem(registry.KERNELS, "toy", registry.Kernel("toy", "toy_tunable"))
+    storage = f"sqlite:///{tmp_path}/s.db"
+    rc, out, _ = _run(["sweep", "--kernel", "toy", "--model", "m1", "--target", "t1", "--dry-run", "--storage",
+                       storage], capsys)
+    assert rc == 0 and "model=m1 target=t1" in out
+    _refused(["sweep", "--model", "m1", "--dry-run"], capsys, "mcu, toy", "give --kernel")  # two entries take --model
+    _refused(["sweep", "--kernel", "toy", "--model", "m1", "--target", "t9"], capsys, "unknown target 't9'")
+    _refused(["sweep", "--kernel", "toy", "--shape", "3"], capsys, "takes no --shape", "matmul")
+    _refused(["sweep", "--kernel", "matmul", "--model", "m1"], capsys, "takes no --model", "mcu, toy")
+    _refused(["sweep", "--kernel", "matmul", "--target", "t1"], capsys, "add --model")
+    rc, out, _ = _run(["list", "boards", "--format", "json"], capsys)
+    boards = {row["board"]: row for row in json.loads(out)}
+    assert rc == 0 and boards["t1"]["note"] == "toy" and boards["stm32f746"]["sram_kib"]
+    rc, out, _ = _run(["sweep", "--kernel", "toy", "--model", "m1", "--trials", "2", "--storage", storage,
+                       "--results", str(tmp_path / "bundle")], capsys)
+    assert rc == 0 and "interpret" not in out
+    (entry,) = tuned.load().values()
+    assert entry["seconds"] == {1: 2.0, 2: 1.0}[entry["params"]["a"]] and entry["interpreted"] is False
+
+
+@pytest.mark.skipif(cpu_build.availability() is not None, reason="the compiled CPU kernels do not build here")
+def test_a_sweep_of_compiled_cpu_kernels_is_not_labelled_interpreted(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    storage = f"sqlite:///{tmp_path}/s.db"
+    rc, out, err = _run(["sweep", "--kernel", "cpu_rmsnorm", "--shape", "4x64", "--trials", "2", "--storage", storage,
+                         "--results", str(tmp_path / "bundle")], capsys)
+    assert rc == 0, err
+    assert "interpret" not in out  # neither the banner nor the summary title
+    assert json.loads((tmp_path / "bundle" / "env.json").read_text())["interpreted"] is False
+    (entry,) = tuned.load().values()
+    assert entry["interpreted"] is False
+    (summary,) = optuna.get_all_study_summaries(tuner.make_storage(storage))
+    assert summary.user_attrs["interpreted"] is False

@@ -9,8 +9,9 @@ import pytest
 
 import kernels.conv as kc
 from autotune import measure
-from kernels import int8, platform
+from kernels import int8
 from kernels import matmul as mm
+from tuning import platform
 
 
 def _counting(monkeypatch, module, name):

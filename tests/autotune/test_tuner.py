@@ -13,9 +13,9 @@ import pytest
 from autotune import cli, tuner
 from autotune.measure import time_callable
 from kernels import matmul as mm
-from kernels import tuned
-from kernels.space import Knob, Objective, SearchSpace
 from tests.conftest import REPO
+from tuning import tuned
+from tuning.space import Knob, Objective, SearchSpace
 
 
 def toy_space(problem=None) -> SearchSpace:

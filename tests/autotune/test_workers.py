@@ -16,8 +16,8 @@ import pytest
 
 from autotune import tuner
 from kernels import matmul as mm
-from kernels.space import Knob, SearchSpace
 from tests.conftest import REPO
+from tuning.space import Knob, SearchSpace
 
 POSTGRES = os.environ.get("TINYPALLAS_TEST_POSTGRES")
 needs_postgres = pytest.mark.skipif(

@@ -78,7 +78,7 @@ def test_int8_parse_shape_errors_name_the_syntax():
 
 @pytest.mark.gpu
 def test_int8_kernels_compile_through_triton_and_match_reference():
-    from kernels import platform
+    from tuning import platform
 
     if platform.backend() != "gpu":
         pytest.skip("needs an NVIDIA GPU")

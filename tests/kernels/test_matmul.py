@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kernels import matmul as mm
-from kernels import tuned
+from tuning import tuned
 
 TOL = {"float32": 1e-5, "bfloat16": 2.0**-7, "float16": 2.0**-10}
 
@@ -205,7 +205,7 @@ def test_triton_lowering_on_gpu(dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_mosaic_gpu_body_on_hopper(dtype):
-    from kernels import platform
+    from tuning import platform
 
     if not platform.is_hopper():
         pytest.skip("Mosaic GPU wgmma body needs a Hopper GPU")

@@ -277,8 +277,8 @@ def test_cmsis_nn_without_root_is_a_clear_error(model_path, monkeypatch):
 
 
 def test_export_uses_the_tuned_schedule(model_path, tmp_path):
-    from kernels import tuned
     from mcu import tune
+    from tuning import tuned
 
     model = model_path(IC)
     params = {"in_place": True, "conv1x1": "1x1", "patch_split": 7, "patch_grid": 4}

@@ -17,14 +17,6 @@ from models.llama import config as llama_config
 from models.llama import forward, generate, gguf_loader
 from models.llama import params as llama_params
 
-KERNEL_CACHE = cpu_build.cache_dir()  # resolved before the per-test cache folder is set
-
-
-@pytest.fixture(autouse=True)
-def _shared_kernel_builds(monkeypatch):
-    """The compiled CPU kernels are content-addressed: one build serves every test and child process."""
-    monkeypatch.setenv("TINYPALLAS_KERNEL_CACHE", str(KERNEL_CACHE))
-
 
 def _tiny(bits, tie=False):
     cfg = llama_config.tiny(tie_embeddings=tie)

@@ -12,10 +12,10 @@ import jax.numpy as jnp
 import pytest
 
 from autotune import measure
-from kernels import platform
 from models.llama import config as llama_config
 from models.llama import forward
 from models.llama import params as llama_params
+from tuning import platform
 
 LAYERS = 3
 # q/k/v (RMSNorm prologue, cache write epilogue), attention, wo (+ residual), gate/up (RMSNorm

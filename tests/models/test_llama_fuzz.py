@@ -18,20 +18,12 @@ import gguf
 import numpy as np
 import pytest
 
-from kernels.cpu import build as cpu_build
 from models.llama import __main__ as cli
 from models.llama import config as llama_config
 from models.llama import gguf_loader, peers
 from tests.models.test_llama import TYPES, write_tiny_gguf
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-KERNEL_CACHE = cpu_build.cache_dir()  # resolved before the per-test cache folder is set
-
-
-@pytest.fixture(autouse=True)
-def _shared_kernel_builds(monkeypatch):
-    """The compiled CPU kernels are content-addressed: one build serves every test and child process."""
-    monkeypatch.setenv("TINYPALLAS_KERNEL_CACHE", str(KERNEL_CACHE))
 
 
 class Loader:

@@ -11,7 +11,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.cpu import build as cpu_build
 from models.llama import __main__ as cli
 from models.llama import forward, generate, gguf_loader, load, peers
 
@@ -28,13 +27,6 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, i
            "The three primary colors are", "Water boils at", "import numpy as np\n"]
 
 
-KERNEL_CACHE = cpu_build.cache_dir()  # resolved before the per-test cache folder is set
-
-
-@pytest.fixture(autouse=True)
-def _shared_kernel_builds(monkeypatch):
-    """The compiled CPU kernels are content-addressed: one build serves every test and child process."""
-    monkeypatch.setenv("TINYPALLAS_KERNEL_CACHE", str(KERNEL_CACHE))
 
 
 @pytest.fixture(scope="module")

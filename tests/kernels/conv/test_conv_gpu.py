@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import kernels.conv as kc
-from kernels import platform
+from tuning import platform
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(platform.backend() != "gpu", reason="needs an NVIDIA GPU")]

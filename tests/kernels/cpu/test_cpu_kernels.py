@@ -23,13 +23,6 @@ from kernels.llm import rope, w4a16
 pytestmark = pytest.mark.skipif(build.availability() is not None,
                                 reason=f"the CPU kernels do not build here: {build.availability()}")
 ISAS = build.supported_isas()
-KERNEL_CACHE = build.cache_dir()  # resolved at import, before the per-test cache folder is set
-
-
-@pytest.fixture(autouse=True)
-def _shared_kernel_builds(monkeypatch):
-    """Builds are content-addressed: share them across tests instead of one per test's cache folder."""
-    monkeypatch.setenv("TINYPALLAS_KERNEL_CACHE", str(KERNEL_CACHE))
 
 
 def _close(got, want, rel=1e-5):

@@ -10,8 +10,29 @@ itself (e.g. MCU instruction counts). It never reaches into a kernel body.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
+
+import jax
+import numpy as np
+
+# What abstract evaluation raises where inputs are made on the host (numpy packing of weights).
+_HOST_ONLY = (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError,
+              jax.errors.TracerIntegerConversionError)
+
+
+def parse_dims(text: str, form: str, example: str) -> list[int]:
+    """The sizes of a ``--shape`` written as ``form``: as many ``x``-separated whole numbers >= 1
+    as ``form`` names before any ``[...]`` options (``"MxNxK"``, ``"MxNxK[:gGROUP]"``: three), or a
+    ValueError that names the form and an example."""
+    try:
+        dims = [int(d) for d in text.lower().split("x")]
+    except ValueError:
+        dims = []
+    if len(dims) != form.split("[")[0].count("x") + 1 or min(dims) < 1:
+        raise ValueError(f"shape {text!r} is not {form} with sizes >= 1, e.g. {example}")
+    return dims
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +83,9 @@ class SearchSpace:
                 given instead of ``fn``/``make_inputs``.
     objectives: what is minimised/maximised; seconds by default.
     default:    the heuristic config's params, enqueued as the first trial.
+    interpreted: ``fn`` runs Pallas in interpret mode here, so its timings are of the interpreter,
+                not of a kernel (Pallas kernels on a CPU: ``platform.interpret_default()``); False
+                for compiled code (the CPU kernels of ``kernels/cpu``, XLA) and for ``measure=``.
     """
 
     kernel: str
@@ -74,6 +98,7 @@ class SearchSpace:
     measure: Callable[[Any], dict] | None = None
     objectives: tuple[Objective, ...] = SECONDS
     default: dict | None = None
+    interpreted: bool = False
 
     def __post_init__(self):
         timed = self.fn is not None and self.make_inputs is not None
@@ -89,3 +114,23 @@ class SearchSpace:
         if self.fn is None:
             raise ValueError(f"SearchSpace({self.kernel!r}) has no fn to run; it is measured by measure=")
         return self.fn(config)(*self.make_inputs(seed))
+
+    def problem_bytes(self) -> int | None:
+        """Bytes of one input set and of the default config's result, from the shapes and dtypes
+        of ``make_inputs`` and ``fn`` evaluated abstractly (``jax.eval_shape``: nothing is
+        allocated, compiled or run), so that a problem too big for the device is refused before
+        anything is. None for a ``measure=`` space, or where the inputs are made on the host (numpy)
+        and have no abstract form."""
+        if self.fn is None:
+            return None
+        try:
+            inputs = jax.eval_shape(lambda: self.make_inputs(0))
+            result = jax.eval_shape(self.fn(self.to_config(self.default or {})), *inputs)
+        except _HOST_ONLY:
+            return None
+        except OverflowError:  # a size past what an array index (int64) holds: no device has that memory
+            problem = " ".join(f"{k}={v}" for k, v in self.problem.items())
+            raise ValueError(f"{self.kernel} problem {problem}: a size is too large to index an array; "
+                             "choose a smaller --shape") from None
+        return sum(math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
+                   for leaf in jax.tree.leaves((inputs, result)))

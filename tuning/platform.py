@@ -1,4 +1,5 @@
-"""Where kernels run: the backend of the default device and how Pallas should lower.
+"""Where kernels run: the backend of the default device, how Pallas should lower there, and what
+the hardware is (device kind for cache keys, caches, clocks, nominal peaks for the timing protocol).
 
 Every kernel module asks this module one question before it builds a ``pallas_call``:
 interpret (CPU, and anything that is not an NVIDIA GPU) or compile (Triton / Mosaic GPU).

@@ -4,6 +4,8 @@ Entries are keyed by kernel name, problem (shapes, dtypes, ...), device kind and
 so a config tuned on one machine is never silently used on another. The file lives at
 ``$TINYPALLAS_CACHE`` or ``~/.cache/tinypallas/best_configs.json``. It is read once per process
 (and again whenever it changes on disk), so looking a config up costs a dict access.
+``export`` / ``import_file`` move entries between machines (``EXPORT_FORMAT``); for one key the
+faster measured config wins.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from typing import TypeVar
 
 import jax
 
-from kernels import platform
+from tuning import platform
 
 _loaded: tuple[float, dict] | None = None  # (mtime, entries)
 C = TypeVar("C")
@@ -168,3 +170,65 @@ def tuned_problems(kernel: str) -> list[tuple[dict, dict]]:
         if k["kernel"] == kernel and k["device"] == platform.device_kind() and k["jax"] == jax.__version__:
             out.append((k["problem"], entry["params"]))
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Moving entries between machines: ``python -m autotune export FILE`` / ``import FILE``
+# ---------------------------------------------------------------------------------------------
+
+EXPORT_FORMAT = "tinypallas-best-configs/1"
+
+
+def export(path: str | os.PathLike, kernel: str | None = None) -> int:
+    """Write the cache's entries (those of ``kernel`` only, if given) to ``path`` as
+    ``{"format": EXPORT_FORMAT, "entries": {...}}``; returns how many were written."""
+    entries = {key: e for key, e in load().items() if kernel is None or json.loads(key)["kernel"] == kernel}
+    pathlib.Path(path).write_text(json.dumps({"format": EXPORT_FORMAT, "entries": entries}, indent=1, sort_keys=True))
+    return len(entries)
+
+
+def _measured(entry: dict) -> tuple[str, float] | None:
+    """(objective, value) an entry was chosen by: what two entries for one key are compared on."""
+    objective = entry.get("objective") or ("seconds" if "seconds" in entry else None)
+    value = entry.get(objective) if objective else None
+    return (objective, float(value)) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def merge_entries(current: dict, incoming: dict) -> tuple[dict, dict]:
+    """Merge cache entries; for one key (kernel, problem, device kind, jax version) the faster
+    measured config wins (entries without a comparable measurement: the incoming one).
+    Returns (merged, counts of added/replaced/kept)."""
+    merged = dict(current)
+    counts = {"added": 0, "replaced": 0, "kept": 0}
+    for key, entry in incoming.items():
+        if key not in merged:
+            merged[key] = entry
+            counts["added"] += 1
+            continue
+        mine, theirs = _measured(merged[key]), _measured(entry)
+        as_fast = bool(mine and theirs and mine[0] == theirs[0] and mine[1] <= theirs[1])
+        if as_fast or merged[key] == entry:
+            counts["kept"] += 1
+        else:
+            merged[key] = entry
+            counts["replaced"] += 1
+    return merged, counts
+
+
+def import_file(path: str | os.PathLike) -> dict:
+    """Merge a file written by ``export`` into the cache; the counts of added/replaced/kept entries.
+    A file that is not such an export is a ValueError naming it and the fix."""
+    path = pathlib.Path(path)
+    fix = "re-export it with `python -m autotune export FILE`"
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not JSON ({e}); {fix}") from None
+    if not isinstance(doc, dict) or doc.get("format") != EXPORT_FORMAT or "entries" not in doc:
+        raise ValueError(f"{path} is not a file written by `python -m autotune export` "
+                         f"(a JSON object with format {EXPORT_FORMAT!r} and entries)")
+    merged, counts = merge_entries(load(), validate_entries(doc["entries"], str(path), fix))
+    save_all(merged)
+    return counts
