@@ -199,20 +199,25 @@ def trial_rows(study: optuna.Study) -> list[dict]:
     return rows
 
 
+def _problem_column(key: str) -> str:
+    """A problem field's column: its name, or ``problem_<name>`` where a trial field has that name."""
+    return f"problem_{key}" if key in ROW_FIELDS or key == "problem" else key
+
+
 def write_trials_csv(path: pathlib.Path, rows: list[dict]) -> None:
     """``trials.csv``: the problem's fields as columns (``m``, ``n``, ``k``, ``dtype``, ...), then
     the trial's; lists and dicts as JSON."""
     problem_fields: list[str] = []
     for row in rows:
         for key in row.get("problem") or {}:
-            if key not in problem_fields and key not in ROW_FIELDS:
-                problem_fields.append(key)
+            if _problem_column(key) not in problem_fields:
+                problem_fields.append(_problem_column(key))
     columns = ["study", "kernel", *problem_fields, *[c for c in ROW_FIELDS if c not in ("study", "kernel")]]
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         for row in rows:
-            flat = {**{k: v for k, v in (row.get("problem") or {}).items() if k in problem_fields}, **row}
+            flat = {**row, **{_problem_column(k): v for k, v in (row.get("problem") or {}).items()}}
             writer.writerow({k: json.dumps(v) if isinstance(v, (dict, list, tuple)) else v for k, v in flat.items()})
 
 

@@ -25,6 +25,17 @@ def test_trials_csv_carries_the_problem_fields_as_columns():
     assert timed and all(len(json.loads(r["samples_seconds"])) == int(r["repeats"]) for r in timed)
 
 
+def test_trials_csv_keeps_a_problem_field_named_like_a_trial_field(tmp_path):
+    trials = json.loads((BUNDLE / "trials.json").read_text())[:2]
+    for t in trials:
+        t["problem"] = {**t["problem"], "state": "streaming", "layers": [1, 2]}
+    results.write_trials_csv(tmp_path / "trials.csv", trials)
+    with open(tmp_path / "trials.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["problem_state"] for r in rows] == ["streaming"] * 2 and rows[0]["layers"] == "[1, 2]"
+    assert [r["state"] for r in rows] == [t["state"] for t in trials] and rows[0]["m"] == str(trials[0]["problem"]["m"])
+
+
 @pytest.mark.parametrize("fmt", report.FORMATS)
 def test_report_renders_the_committed_bundle_and_benchmark(fmt, capsys):
     assert cli.main(["report", str(BUNDLE), str(BENCHMARK), "--format", fmt]) == 0
