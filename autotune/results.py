@@ -258,17 +258,21 @@ def write_bundle(directory: pathlib.Path, results: list, env: dict) -> pathlib.P
 # ---------------------------------------------------------------------------------------------
 
 
-def benchmark_document(benchmark: str, settings: dict, **extra) -> dict:
-    """The JSON a benchmark writes: its name, the environment, its settings, then ``rows``."""
+def benchmark_document(benchmark: str, settings: dict, *, interpreted: bool | None = None, **extra) -> dict:
+    """The JSON a benchmark writes: its name (the key of its reader in ``report.READERS``), the
+    environment, its settings, then ``rows``."""
     from autotune import report
 
-    return {"schema": report.SCHEMA, "benchmark": benchmark, "env": environment(seed=settings.get("seed")),
-            "settings": settings, **extra, "rows": []}
+    return {"schema": report.SCHEMA, "benchmark": benchmark,
+            "env": environment(seed=settings.get("seed"), interpreted=interpreted), "settings": settings, **extra,
+            "rows": []}
 
 
 def comparison_row(section: str, label: str, problem: dict, comparison, contenders: dict, **extra) -> dict:
     """One benchmark row: an interleaved ``measure.Comparison`` (raw samples included) and what each
-    contender is (``{"what": "jnp.dot(a, b)", "config": ..., "xla_kernels": ...}``)."""
+    contender is (``{"what": "jnp.dot(a, b)", "config": ..., "xla_kernels": ...}``). ``report`` reads
+    two optional extras: ``flops`` (per call: a TFLOP/s column) and ``tokens_per_call`` (the table
+    in tok/s instead of microseconds)."""
     return {"section": section, "label": label, "problem": problem, "contenders": contenders,
             "comparison": comparison.as_dict(), **extra}
 
@@ -279,7 +283,7 @@ def add_row(doc: dict, path: str | pathlib.Path, row: dict) -> None:
     doc["rows"].append(row)
     save_json(path, doc)
     ratios = {name: f"{r['ratio']:.2f}x {r['verdict']}" for name, r in row.get("comparison", {}).get("ratios", {}).items()}
-    print(f"{row['section']} {row['label']}: {ratios or row.get('errors')}", flush=True)
+    print(f"{row['section']} {row['label']}: {ratios or row.get('errors') or 'done'}", flush=True)
 
 
 def failed_row(section: str, label: str, problem: dict, error: Exception) -> dict:
@@ -291,7 +295,7 @@ def print_tables(doc: dict, path: str | pathlib.Path) -> None:
     """The tables of a finished benchmark document, as ``python -m autotune report PATH`` prints them."""
     from autotune import report
 
-    print(report.render(report.benchmark_tables(doc, pathlib.Path(path).name)))
+    print(report.render(report.tables_of(doc, pathlib.Path(path).name)))
     print(f"wrote {path}")
 
 
