@@ -57,6 +57,21 @@ def test_a_block_whose_figures_drift_from_its_file_is_caught(monkeypatch):
     assert refresh(text) == f"<!-- {command} -->\n{block}<!-- end of report -->\n"
 
 
+def test_a_block_of_llama_rows_is_regenerated(tmp_path, monkeypatch):
+    """The blocks work for the LLaMA benchmark's rows too (a synthetic document: the table, not a speed)."""
+    from autotune import results
+    from tests.autotune.test_report import synthetic_llama_document
+
+    monkeypatch.chdir(tmp_path)
+    results.save_json(tmp_path / "llama_cpu.json", synthetic_llama_document())
+    command = "python -m autotune report llama_cpu.json --table llama:decode --columns contender,4,5,6"
+    text = f"Decode:\n\n<!-- {command} -->\nstale\n<!-- end of report -->\n"
+    fresh = refresh(text)
+    assert fresh.startswith(f"Decode:\n\n<!-- {command} -->\n### llama: decode\n") and "stale" not in fresh
+    assert "| cpu | " in fresh and "| cpu-q8 | " in fresh and "prefill" not in fresh
+    assert refresh(fresh) == fresh
+
+
 if __name__ == "__main__":
     import os
 

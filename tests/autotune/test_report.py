@@ -135,9 +135,9 @@ def _synthetic_timing(median: float, rounds: int, rng: np.random.Generator) -> m
                           calls_per_sample=1)
 
 
-def test_report_shows_llama_rows_in_tokens_per_second(tmp_path, capsys):
-    """A benchmark/2 llama document (synthetic timings: this tests the table, not a speed): tok/s is
-    tokens per call over the median, its interval from the time's; ratios and verdicts as measured."""
+def synthetic_llama_document() -> dict:
+    """A benchmark/2 llama document as benchmarks/llama.py writes it, with synthetic timings (for
+    testing tables, not speeds): decode and prefill, ours against llama.cpp."""
     rng = np.random.default_rng(0)
     doc = results.benchmark_document("llama", {"threads": [2], "tokens": 16})
     rounds = measure.MIN_ROUNDS
@@ -148,6 +148,19 @@ def test_report_shows_llama_rows_in_tokens_per_second(tmp_path, capsys):
         contenders = {name: {"what": name} for name in seconds}
         doc["rows"].append(results.comparison_row(phase, "threads=2", {"threads": 2, "phase": phase}, comparison,
                                                   contenders, tokens_per_call=tokens))
+    return doc
+
+
+def test_every_committed_result_has_a_reader():
+    for path in sorted(COMMITTED.glob("*.json")):
+        tables = report.load(path)
+        assert tables and all(t.name and t.rows for t in tables), path
+
+
+def test_report_shows_llama_rows_in_tokens_per_second(tmp_path, capsys):
+    """tok/s is tokens per call over the median, its interval from the time's; ratios and verdicts
+    as the comparison measured them."""
+    doc = synthetic_llama_document()
     path = tmp_path / "llama_cpu.json"
     results.save_json(path, doc)
     assert cli.main(["report", str(path), "--table", "llama:*", "--columns", "contender,4,5,verdict"]) == 0
