@@ -8,7 +8,7 @@
     python -m autotune show [--format table|csv|json]   # best configs in the cache
     python -m autotune plot --study-name NAME      # PNGs of one study (all studies without a name)
     python -m autotune export FILE / import FILE   # move tuned configs between machines
-    python -m autotune report BUNDLE_OR_JSON... --format md|latex|csv   # tables from results alone
+    python -m autotune report BUNDLE_OR_JSON... [--table NAME] --format md|latex|csv   # tables from results alone
     python -m autotune replay BUNDLE               # re-measure a bundle's best configs here
 
 Every mistake in the arguments is one line, ``error: ...``, and exit status 2 (``--debug``
@@ -146,6 +146,11 @@ def _parser() -> argparse.ArgumentParser:
                         parents=[common], formatter_class=_Formatter, allow_abbrev=False)
     rp.add_argument("paths", nargs="+", metavar="BUNDLE_OR_JSON")
     rp.add_argument("--format", default="md", choices=("md", "latex", "csv"))
+    rp.add_argument("--table", action="append", default=None, metavar="NAME",
+                    help="only the tables of this name (repeatable; shell patterns, e.g. 'llama:*'; a wrong name "
+                         "lists the names)")
+    rp.add_argument("--columns", default=None, metavar="LIST",
+                    help="only these columns, in this order: comma-separated positions (from 1) or headers")
     rp.add_argument("-o", "--output", default=None, help="write to FILE (default: print)")
     rl = sub.add_parser("replay", help="re-measure a bundle's best configs here: old against new with intervals",
                         parents=[common], formatter_class=_Formatter, allow_abbrev=False)
@@ -703,7 +708,7 @@ def cmd_import(args) -> int:
 def cmd_report(args) -> int:
     from autotune import report
 
-    text = report.report(args.paths, args.format)  # a ValueError/OSError is one error line (main)
+    text = report.report(args.paths, args.format, args.table, args.columns)  # a ValueError: one error line
     if args.output:
         pathlib.Path(args.output).write_text(text)
     print(text if not args.output else f"wrote {args.output}")

@@ -32,7 +32,7 @@ import math
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Self
 
 import jax
 import jax.numpy as jnp
@@ -171,6 +171,21 @@ class Timing:
 # ---------------------------------------------------------------------------------------------
 
 
+class Stopwatch:
+    """The project's one wall clock, for phases that are reported rather than compared (compile
+    time, a ``generate`` run's prefill and decode): ``with Stopwatch() as w: ...`` then ``w.seconds``.
+    Comparisons go through ``compare``; this only keeps every clock read in this module."""
+
+    seconds: float = 0.0
+
+    def __enter__(self) -> Self:
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.seconds = time.perf_counter() - self._start
+
+
 @dataclasses.dataclass
 class InputSets:
     sets: list[tuple]
@@ -238,9 +253,9 @@ def workload(fn: Callable, make_inputs: Callable[[int], Sequence], *, name: str 
     """Jit and compile ``fn`` for ``make_inputs``' shapes (compile time measured apart); see module doc."""
     inputs = input_sets(make_inputs, cache_bytes=cache_bytes)
     jitted = fn if hasattr(fn, "lower") else jax.jit(fn)
-    t0 = time.perf_counter()
-    compiled = jitted.lower(*inputs.sets[0]).compile()
-    return Workload(compiled, inputs, time.perf_counter() - t0, name)
+    with Stopwatch() as w:
+        compiled = jitted.lower(*inputs.sets[0]).compile()
+    return Workload(compiled, inputs, w.seconds, name)
 
 
 def xla_kernels(hlo_text: str) -> dict:
@@ -344,12 +359,12 @@ def _device_sample(target: Workload, calls: int) -> tuple[float, dict[str, float
 
 
 def _wall_sample(target: Callable[[], Any], calls: int) -> float:
-    t0 = time.perf_counter()
     out = None
-    for _ in range(calls):
-        out = target()
-    jax.block_until_ready(out)
-    return (time.perf_counter() - t0) / calls
+    with Stopwatch() as w:
+        for _ in range(calls):
+            out = target()
+        jax.block_until_ready(out)
+    return w.seconds / calls
 
 
 # ---------------------------------------------------------------------------------------------
@@ -374,9 +389,9 @@ class _Sampler:
             self.compile_seconds = target.compile_seconds
             jax.block_until_ready(target())
         else:
-            t0 = time.perf_counter()
-            jax.block_until_ready(target())
-            self.compile_seconds = time.perf_counter() - t0
+            with Stopwatch() as w:
+                jax.block_until_ready(target())
+            self.compile_seconds = w.seconds
         for _ in range(warmup):
             jax.block_until_ready(target())
         single = max(_wall_sample(target, 1), 1e-7)

@@ -199,20 +199,25 @@ def trial_rows(study: optuna.Study) -> list[dict]:
     return rows
 
 
+def _problem_column(key: str) -> str:
+    """A problem field's column: its name, or ``problem_<name>`` where a trial field has that name."""
+    return f"problem_{key}" if key in ROW_FIELDS or key == "problem" else key
+
+
 def write_trials_csv(path: pathlib.Path, rows: list[dict]) -> None:
     """``trials.csv``: the problem's fields as columns (``m``, ``n``, ``k``, ``dtype``, ...), then
     the trial's; lists and dicts as JSON."""
     problem_fields: list[str] = []
     for row in rows:
         for key in row.get("problem") or {}:
-            if key not in problem_fields and key not in ROW_FIELDS:
-                problem_fields.append(key)
+            if _problem_column(key) not in problem_fields:
+                problem_fields.append(_problem_column(key))
     columns = ["study", "kernel", *problem_fields, *[c for c in ROW_FIELDS if c not in ("study", "kernel")]]
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         for row in rows:
-            flat = {**{k: v for k, v in (row.get("problem") or {}).items() if k in problem_fields}, **row}
+            flat = {**row, **{_problem_column(k): v for k, v in (row.get("problem") or {}).items()}}
             writer.writerow({k: json.dumps(v) if isinstance(v, (dict, list, tuple)) else v for k, v in flat.items()})
 
 
@@ -254,18 +259,20 @@ def write_bundle(directory: pathlib.Path, results: list, env: dict) -> pathlib.P
 
 
 def benchmark_document(benchmark: str, settings: dict, *, interpreted: bool | None = None, **extra) -> dict:
-    """The JSON a benchmark writes: its name, the environment, its settings, then ``rows``.
-    interpreted: whether its timings are of the Pallas interpreter (default: where Pallas interprets)."""
+    """The JSON a benchmark writes: its name (the key of its reader in ``report.READERS``), the
+    environment, its settings, then ``rows``."""
     from autotune import report
 
     return {"schema": report.SCHEMA, "benchmark": benchmark,
-            "env": environment(seed=settings.get("seed"), interpreted=interpreted),
-            "settings": settings, **extra, "rows": []}
+            "env": environment(seed=settings.get("seed"), interpreted=interpreted), "settings": settings, **extra,
+            "rows": []}
 
 
 def comparison_row(section: str, label: str, problem: dict, comparison, contenders: dict, **extra) -> dict:
     """One benchmark row: an interleaved ``measure.Comparison`` (raw samples included) and what each
-    contender is (``{"what": "jnp.dot(a, b)", "config": ..., "xla_kernels": ...}``)."""
+    contender is (``{"what": "jnp.dot(a, b)", "config": ..., "xla_kernels": ...}``). ``report`` reads
+    two optional extras: ``flops`` (per call: a TFLOP/s column) and ``tokens_per_call`` (the table
+    in tok/s instead of microseconds)."""
     return {"section": section, "label": label, "problem": problem, "contenders": contenders,
             "comparison": comparison.as_dict(), **extra}
 
@@ -276,7 +283,7 @@ def add_row(doc: dict, path: str | pathlib.Path, row: dict) -> None:
     doc["rows"].append(row)
     save_json(path, doc)
     ratios = {name: f"{r['ratio']:.2f}x {r['verdict']}" for name, r in row.get("comparison", {}).get("ratios", {}).items()}
-    print(f"{row['section']} {row['label']}: {ratios or row.get('errors')}", flush=True)
+    print(f"{row['section']} {row['label']}: {ratios or row.get('errors') or 'done'}", flush=True)
 
 
 def failed_row(section: str, label: str, problem: dict, error: Exception) -> dict:
@@ -288,7 +295,7 @@ def print_tables(doc: dict, path: str | pathlib.Path) -> None:
     """The tables of a finished benchmark document, as ``python -m autotune report PATH`` prints them."""
     from autotune import report
 
-    print(report.render(report.benchmark_tables(doc, pathlib.Path(path).name)))
+    print(report.render(report.tables_of(doc, pathlib.Path(path).name)))
     print(f"wrote {path}")
 
 

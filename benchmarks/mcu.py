@@ -10,7 +10,10 @@ schedule with the smallest peak), ``cmsis-nn`` and ``cmsis-nn min-SRAM`` (when $
 is set; min-SRAM runs 1x1 convs through arm_convolve_s8 where that lets them run in place), and
 ``specialized`` (the autotuner's schedule for the model and board when one is stored, else the
 default: int16 weights within the board's flash, peak SRAM at most the portable default's).
-Every run is checked bit-exact against TFLite Micro on the same input.
+Every run is checked bit-exact against TFLite Micro on the same input. Peak SRAM is the
+arena: the generated model reads its input where the caller holds it (zero-copy; the harness
+keeps it outside the board's SRAM, as a sensor buffer would be), so the input's bytes
+(``caller_input_bytes``) are not in it, while TFLite Micro's arena holds its input tensor.
 
     python benchmarks/mcu.py [--board stm32f746] [--models GLOB] [--out benchmarks/results/mcu.json] [--no-qemu] [--layers]
 """
@@ -18,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
-import json
 import os
 import pathlib
 import shutil
@@ -89,7 +91,8 @@ def bench(path: pathlib.Path, board: mcu.Board, qemu: bool, layers: bool = False
     arena = tflm.arena_bytes(str(path))
     macs = specialized.macs(graph)
     row = {"model": path.name, "tflite_bytes": path.stat().st_size, "tflm_arena_total": arena["total"],
-           "tflm_arena_head": arena["head"], "macs": macs, "schedules": {}}
+           "tflm_arena_head": arena["head"], "macs": macs,
+           "caller_input_bytes": sum(graph.tensors[n].nbytes for n in graph.inputs), "schedules": {}}
     inputs = mcu.random_inputs(graph, 1, seed=0)
     x = mcu.pack_inputs(graph, inputs)
     want = tflm.run(str(path), *inputs)
@@ -153,37 +156,22 @@ def main() -> None:
         print(f"error: no model matches --models {args.models!r}; the models are: {', '.join(zoo.suite_models())}",
               file=sys.stderr)
         sys.exit(2)
-    rows = []
-    for name in names:
-        rows.append(bench(zoo.model(name), board, qemu, args.layers))
-        print(f"done {name}", file=sys.stderr, flush=True)
-
-    def cell(entry, key, fmt="{:d}"):
-        v = entry.get(key)
-        return "-" if v is None else fmt.format(v)
-
-    print(f"board {board.name}; instructions on QEMU {board.qemu_machine} ({rows[0]['qemu_board'] if rows else '-'} "
-          "memory map), one inference; ratio = instructions / CMSIS-NN's; fits = SRAM (+stack) and flash (+code)")
-    print(f"{'model':44s} {'schedule':18s} {'instructions':>12s} {'MAC/instr':>9s} {'vs CMSIS':>8s} {'peak SRAM':>9s} "
-          f"{'vs TFLM':>7s} {'fits':>4s} {'exact':>5s}  schedule used")
-    for r in rows:
-        for name, e in r["schedules"].items():
-            exact = {True: "yes", False: "NO", None: "-"}[e.get("bit_exact_vs_tflm")]
-            print(f"{r['model'][:44]:44s} {name:18s} {cell(e, 'instructions'):>12s} {cell(e, 'macs_per_instruction', '{:.3f}'):>9s} "
-                  f"{cell(e, 'instructions_ratio_vs_cmsis_nn', '{:.3f}'):>8s} {e['peak_sram']:9d} "
-                  f"{e['sram_ratio_vs_tflm']:7.3f} {'yes' if e['fits'] else 'NO':>4s} {exact:>5s}  {e['schedule']} [{e['origin']}]")
-    env = {**results.environment(interpreted=False), "board": board.name, "qemu_machine": board.qemu_machine,
-           "cmsis_nn_root": os.environ.get("CMSIS_NN_ROOT"), "gcc_arm": _version(["arm-none-eabi-gcc", "--version"]),
-           "qemu": _version(["qemu-system-arm", "--version"])}
+    env = {"board": board.name, "qemu_machine": board.qemu_machine, "cmsis_nn_root": os.environ.get("CMSIS_NN_ROOT"),
+           "gcc_arm": _version(["arm-none-eabi-gcc", "--version"]), "qemu": _version(["qemu-system-arm", "--version"])}
     if os.environ.get("CMSIS_NN_ROOT"):
         from mcu import cmsis_nn
 
         env["cmsis_nn_content_sha256"] = cmsis_nn.content_key(cmsis_nn.root())
         env["cmsis_nn_commit"] = _version(["git", "-C", os.environ["CMSIS_NN_ROOT"], "rev-parse", "HEAD"])
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"env": env, "rows": rows}, indent=2))
-    print(f"wrote {out}")
+    doc = results.benchmark_document("mcu", {"board": board.name, "models": args.models, "qemu": qemu,
+                                             "layers": args.layers}, interpreted=False)
+    doc["env"].update(env)
+    for name in names:
+        path = zoo.model(name)
+        row = {"section": board.name, "label": path.name, "problem": {"model": path.name, "board": board.name},
+               **bench(path, board, qemu, args.layers)}
+        results.add_row(doc, args.out, row)
+    results.print_tables(doc, args.out)  # the tables of `python -m autotune report OUT`
 
 
 if __name__ == "__main__":

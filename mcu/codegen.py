@@ -9,11 +9,12 @@ import json
 import pathlib
 import re
 import shutil
+from collections.abc import Callable
 
 import numpy as np
 
 from mcu import emit, patch, specialized
-from mcu.emit.conv import is_pointwise  # noqa: F401  (part of the schedule vocabulary: mcu.tune)
+from mcu.emit.conv import is_pointwise
 from mcu.planner import MemoryPlan, plan_memory
 from models import quantization, schema
 from models.ir import Graph, Op
@@ -22,7 +23,8 @@ C_DIR = pathlib.Path(__file__).parent / "c"
 BACKENDS = ("portable", "cmsis-nn", "specialized")
 # the specialized backend's per-layer knobs (Config.layer_options)
 LAYER_KNOBS = {"kernel": ("col2", "direct", "planar", "portable", "general"), "weights": ("s16", "s8"), "unroll": ("1", "2"),
-               "rows": ("1", "2", "4"), "strip": ("all", "16", "8", "4", "2")}
+               "rows": ("1", "2", "4"), "strip": ("all", "16", "8", "4", "2"), "fuse": ("none", "pointwise"),
+               "planes": ("1", "2", "4")}
 CONV_VARIANTS = ("direct", "1x1", "1x1_unroll4")
 DEPTHWISE_VARIANTS = ("overlap", "channel_in_place")
 MANIFEST = "build.json"  # what mcu.build compiles and links for an exported folder
@@ -47,7 +49,8 @@ class Config:
     depthwise: ``"overlap"`` (the output may overlap the input's tail, four channels per pass)
                or ``"channel_in_place"`` (TinyEngine: channel by channel over the input, with a
                one-channel buffer), where the input dies at the op.
-    patch_split: run ops ``0..patch_split`` patch by patch (MCUNetV2); -1 = off.
+    patch_split: run ops ``0..patch_split`` patch by patch (MCUNetV2); -1 = off. The patches run
+               the portable kernels, or CMSIS-NN's on the cmsis-nn backend.
     patch_grid:  the patches tile the segment output ``patch_grid x patch_grid``.
     layer_options: the specialized backend's per-layer knobs ``((op_index, knob, value), ...)``:
                ``kernel``: for a conv ``"col2"`` (two output pixels per pass through widened
@@ -59,7 +62,11 @@ class Config:
                its output may overlap its input); ``weights`` ``"s16"`` (int16 in flash, twice the bytes, no widening in the inner
                loop) or ``"s8"``; ``unroll`` ``"1"``/``"2"`` (groups of four k per inner iteration,
                conv); ``rows`` ``"1"``/``"2"``/``"4"`` (outputs per pass, fully connected); ``strip``
-               (output rows per pass over a planar depthwise's plane: its scratch; ``"all"``).
+               (output rows per pass over a planar depthwise's plane: its scratch; ``"all"``);
+               ``fuse`` ``"pointwise"`` (a planar depthwise computes its input channel by channel
+               from the 1x1 conv that produces it, so that tensor is never stored: see
+               ``fuse_pointwise``) or ``"none"``; ``planes`` (channels per pass of a fused depthwise,
+               one plane each: more share each widened input word, at that many planes of scratch).
     flash_budget: bytes of const data the specialized backend may use (0: no limit): layers
                without an explicit ``weights`` knob keep int16 weights, most reused first, while
                the total fits, and take int8 weights beyond.
@@ -202,6 +209,64 @@ def fold_pads(graph: Graph, params: list[dict], first: int = 0) -> tuple[Graph, 
     return (Graph(graph.tensors, ops, graph.inputs, graph.outputs, graph.name, graph.metadata), params, folded)
 
 
+def fusable_pointwise(graph: Graph, params: list[dict], j: int, first: int = 0) -> int | None:
+    """The 1x1 conv whose output only depthwise op ``j`` reads (PADs folded into ``j`` aside), which
+    ``j`` can compute its input from channel by channel (``fuse_pointwise``); None where there is none."""
+    from mcu.emit.conv import depthwise_geometry
+
+    op = graph.ops[j]
+    if op.kind != "DEPTHWISE_CONV_2D" or depthwise_geometry(graph, op, params[j]) is None:
+        return None
+    x = op.inputs[0]
+    producers = [i for i, o in enumerate(graph.ops) if x in o.outputs]
+    if len(producers) != 1 or producers[0] < first or x in graph.outputs:
+        return None
+    i = producers[0]
+    pw = graph.ops[i]
+    if not is_pointwise(graph, pw, params[i]) or graph.tensors[pw.inputs[0]].shape[0] != 1:
+        return None
+    consumers = graph.consumers()
+    readers = [c for c in consumers[x] if c != j]
+    # a PAD folded into j (fold_pads) is an alias nothing reads any more
+    if any(graph.ops[c].kind != "RESHAPE" or consumers.get(graph.ops[c].outputs[0]) for c in readers):
+        return None
+    return i
+
+
+def fuse_pointwise(graph: Graph, params: list[dict], config: Config, first: int = 0
+                   ) -> tuple[Graph, list[dict], dict[int, int]]:
+    """Depthwise ops with the ``fuse`` knob ``"pointwise"`` read the input of the 1x1 conv before
+    them (``fusable_pointwise``) and compute its output channel by channel into their planes; the
+    conv becomes an alias that writes nothing, so its output tensor takes no memory. The conv's op
+    and params ride along in the depthwise's params (``"pointwise"``). Op indices are kept.
+    Returns the graph, its op params and {conv index: depthwise index}."""
+    ops, params, fused = list(graph.ops), list(params), {}
+    for j in range(len(graph.ops)):
+        if config.options(j).get("fuse") != "pointwise" or config.options(j).get("kernel", "planar") != "planar":
+            continue
+        i = fusable_pointwise(graph, params, j, first)
+        if i is None:
+            continue
+        pw = graph.ops[i]
+        params[j] = {**params[j], "pointwise": (pw, params[i])}
+        ops[j] = dataclasses.replace(ops[j], inputs=[pw.inputs[0], *ops[j].inputs[1:]])
+        ops[i] = dataclasses.replace(pw, kind="RESHAPE", inputs=[pw.inputs[0]],
+                                     options={"new_shape": graph.tensors[pw.outputs[0]].shape})
+        params[i] = {}
+        fused[i] = j
+    if not fused:
+        return graph, params, fused
+    return (Graph(graph.tensors, ops, graph.inputs, graph.outputs, graph.name, graph.metadata), params, fused)
+
+
+def specialized_graph(graph: Graph, params: list[dict], config: Config) -> tuple[Graph, list[dict], dict[int, int]]:
+    """The graph the specialized backend runs: PADs folded into their convs, 1x1 convs fused into
+    the depthwise ops after them where the schedule says so; {op folded away: op that runs it}."""
+    graph, params, folded = fold_pads(graph, params, config.patch_split + 1)
+    graph, params, fused = fuse_pointwise(graph, params, config, config.patch_split + 1)
+    return graph, params, {**folded, **fused}
+
+
 def plan_schedule(graph: Graph, config: Config, params: list[dict] | None = None, scratch: dict[int, int] | None = None):
     """The memory plan of ``graph`` under ``config``: ``(segment, plan, patch_plan)``; segment and
     patch_plan are None without patch-based inference. In the plan a patched segment is op 0.
@@ -209,13 +274,13 @@ def plan_schedule(graph: Graph, config: Config, params: list[dict] | None = None
     if params is None:
         params = [quantization.op_params(graph, op) for op in graph.ops]
         if config.backend == "specialized":
-            graph, params, _ = fold_pads(graph, params, config.patch_split + 1)
+            graph, params, _ = specialized_graph(graph, params, config)
     if scratch is None:
         scratch = backend_scratch(graph, config, params)
     cmsis = config.backend == "cmsis-nn"
     planar = specialized_depthwise(graph, params, config) if config.backend == "specialized" else set()
 
-    split = max(config.patch_split, -1)  # ops 0..split run patch by patch (portable kernels)
+    split = max(config.patch_split, -1)  # ops 0..split run patch by patch (portable or CMSIS-NN kernels)
     planar = {i for i in planar if i > split}
 
     def channel_in_place(ops: list[Op], first: int) -> dict[int, int] | None:
@@ -227,59 +292,75 @@ def plan_schedule(graph: Graph, config: Config, params: list[dict] | None = None
                 and op.kind == "DEPTHWISE_CONV_2D" and op.options["depth_multiplier"] == 1
                 and graph.tensors[op.inputs[0]].shape[0] == 1}
 
+    fused = {i for i, p in enumerate(params) if "pointwise" in p}  # read their input for every channel: no overlap
+    limits = ({**dict.fromkeys(planar, 0), **dict.fromkeys(fused, None)} if not cmsis
+              else dict.fromkeys(cmsis_no_overlap(graph, params, config), None))
     if config.patch_split < 0:
-        limits = dict.fromkeys(planar, 0) if not cmsis else dict.fromkeys(cmsis_no_overlap(graph, params, config), None)
         plan = plan_memory(graph, params, scratch, in_place=config.in_place,
                            channel_in_place=channel_in_place(graph.ops, 0), overlap_limits=limits)
         return None, plan, None
-    if cmsis:
-        raise ValueError("patch-based inference (patch_split) runs on the portable backend only")
     seg = patch.segment(graph, params, config.patch_split, config.patch_grid)
-    patch_plan = plan_memory(patch.patch_graph(graph, seg), params[: seg.split + 1],
-                             {i: scratch_bytes(graph, graph.ops[i], params[i]) for i in range(seg.split + 1)},
-                             in_place=False)
+    patched = patch.patch_graph(graph, seg)
+    # the patches run the portable kernels, or CMSIS-NN's on the cmsis-nn backend (their scratch
+    # probed at the largest patch)
+    patch_scratch = (backend_scratch(patched, dataclasses.replace(config, layer_options=()), params[: seg.split + 1])
+                     if cmsis else {i: scratch_bytes(graph, graph.ops[i], params[i]) for i in range(seg.split + 1)})
+    patch_plan = plan_memory(patched, params[: seg.split + 1], patch_scratch,
+                             in_place=False, caller_inputs=False)  # the segment inputs are cropped into it
     outer, _ = patch.outer_graph(graph, seg, patch_plan.peak_bytes)
     outer_scratch = {0: patch_plan.peak_bytes, **{i - seg.split: b for i, b in scratch.items() if i > seg.split}}
     plan = plan_memory(outer, [{}] + params[seg.split + 1 :], outer_scratch, in_place=config.in_place,
                        channel_in_place=channel_in_place(outer.ops, 1),
-                       overlap_limits={i - seg.split: 0 for i in planar})
+                       overlap_limits={i - seg.split: v for i, v in limits.items() if i > seg.split})
     return seg, plan, patch_plan
 
 
 def min_sram_config(graph: Graph, base: Config | None = None, grids: tuple[int, ...] = (2, 3, 4, 6, 8)) -> Config:
-    """The depthwise variant and patch split/grid (or none) with the smallest peak SRAM; the
-    other knobs from ``base``."""
+    """The patch split/grid (or none) with the smallest peak SRAM (the smaller grid on a tie) and,
+    on the portable backend, the depthwise variant; on the cmsis-nn backend also the 1x1 convs
+    that must run through arm_convolve_s8 to overlap their input (``fit_sram``). The other
+    knobs from ``base``."""
     base = base or Config()
-    if base.backend == "cmsis-nn":
-        return fit_sram(graph, base, 0)
-    if base.backend != "portable":
+    if base.backend not in ("portable", "cmsis-nn"):
         return base
+    cmsis = base.backend == "cmsis-nn"
+    if cmsis:
+        base = fit_sram(graph, base, 0)
     params = [quantization.op_params(graph, op) for op in graph.ops]
     best = (plan_schedule(graph, base, params)[1].peak_bytes, base)
     t = graph.tensors
 
-    def held_whole(split: int) -> int:  # the segment's inputs and output stay whole: a lower bound
+    def held_whole(split: int) -> int:  # the segment's inputs (but the caller's) and output stay whole: a lower bound
         produced = {n for op in graph.ops[: split + 1] for n in op.outputs}
         inputs = {n for op in graph.ops[: split + 1] for n in op.inputs
-                  if n is not None and not t[n].is_constant and n not in produced}
+                  if n is not None and not t[n].is_constant and n not in produced and n not in graph.inputs}
         return sum(t[n].nbytes for n in inputs) + t[graph.ops[split].outputs[0]].nbytes
 
-    for depthwise in DEPTHWISE_VARIANTS:
+    for depthwise in (base.depthwise,) if cmsis else DEPTHWISE_VARIANTS:
         for split in (-1, *patch.candidate_splits(graph)):
             if split >= 0 and held_whole(split) >= best[0]:
                 continue
             for grid in grids if split >= 0 else (base.patch_grid,):
+                if cmsis and split >= 0 and not patch.reads_from_region_start(
+                        graph, params, patch.segment(graph, params, split, grid)):
+                    continue  # some patch would fall back to a portable kernel
                 config = dataclasses.replace(base, depthwise=depthwise, patch_split=split, patch_grid=grid)
                 peak = plan_schedule(graph, config, params)[1].peak_bytes
                 if peak < best[0]:
                     best = (peak, config)
+    if cmsis and best[1].patch_split >= 0:  # the peak has moved: fit the 1x1 convs after the segment again
+        config = fit_sram(graph, dataclasses.replace(best[1], layer_options=()), 0)
+        if plan_schedule(graph, config, params)[1].peak_bytes <= best[0]:
+            return config
     return best[1]
 
 
-def weight_formats(graph: Graph, config: Config) -> dict[int, str]:
+def weight_formats(graph: Graph, config: Config, params: list[dict] | None = None) -> dict[int, str]:
     """Weight format (``"s16"``/``"s8"``) of each conv/FC the specialized backend runs: the
     layer's knob where set, else int16 while the const data fits ``config.flash_budget``, the
-    layers whose weights are reused most (output pixels per weight) keeping int16 first."""
+    layers whose weights are reused most (output pixels per weight) keeping int16 first. With
+    the ``params`` of the graph the backend runs (``specialized_graph``), the 1x1 convs fused
+    into depthwise ops count with their int16 weights."""
     weighted = [i for i, op in enumerate(graph.ops) if op.kind in ("CONV_2D", "FULLY_CONNECTED")]
     chosen = {i: config.options(i)["weights"] for i in weighted if "weights" in config.options(i)}
     free = [i for i in weighted if i not in chosen]
@@ -288,10 +369,12 @@ def weight_formats(graph: Graph, config: Config) -> dict[int, str]:
         return formats
     t = graph.tensors
     sizes = {i: specialized.const_bytes(graph, op) for i, op in enumerate(graph.ops)}
-    weighted_inputs = {n for op in graph.ops if op.kind in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
+    fused = [p["pointwise"][0] for p in params or () if "pointwise" in p]
+    weighted_inputs = {n for op in [*graph.ops, *fused] if op.kind in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
                        for n in op.inputs[1:] if n is not None}
     total = sum(x.nbytes for n, x in t.items() if x.is_constant and n not in weighted_inputs)
     total += sum(sizes[i][formats.get(i, "s16")] for i in sizes)
+    total += sum(specialized.const_bytes(graph, op)["s16"] for op in fused)
 
     def reuse(i: int) -> int:
         y = t[graph.ops[i].outputs[0]]
@@ -313,6 +396,13 @@ def _with_option(config: Config, i: int, knob: str, value: str) -> Config:
 def _smaller(graph: Graph, params: list[dict], config: Config, i: int) -> tuple[str, str] | None:
     """The next kernel choice for op ``i`` that needs less SRAM, or None."""
     op, options = graph.ops[i], config.options(i)
+    fusable = False
+    if config.backend == "specialized":  # fusion looks through the PADs the backend folds
+        _, _, folded = specialized_graph(graph, params, config)
+        if i in folded:
+            return None  # runs inside another op
+        folded_graph, folded_params, _ = fold_pads(graph, params, config.patch_split + 1)
+        fusable = i > config.patch_split and fusable_pointwise(folded_graph, folded_params, i) is not None
     if config.backend == "cmsis-nn":
         if op.kind == "CONV_2D" and "kernel" not in options and i in cmsis_no_overlap(graph, params, config):
             return ("kernel", "general")
@@ -324,19 +414,25 @@ def _smaller(graph: Graph, params: list[dict], config: Config, i: int) -> tuple[
 
         if depthwise_geometry(graph, op, params[i]) is None:
             return None
+        fused = options.get("fuse") == "pointwise" and fusable
+        if fused and options.get("planes", "1") != "1":  # fewer planes first: the fusion saves the most
+            return ("planes", str(int(options["planes"]) // 2))
+        if not fused and fusable and options.get("fuse") != "none":
+            return ("fuse", "pointwise")  # the 1x1 conv's output is not stored
         return ("strip", "4") if options.get("strip", "all") == "all" else ("kernel", "portable")
     return None
 
 
-def fit_sram(graph: Graph, config: Config, cap: int) -> Config:
+def fit_sram(graph: Graph, config: Config, cap: int, fixed: set[tuple[int, str]] | None = None) -> Config:
     """``config`` with smaller-scratch kernels at the ops where the schedule's peak SRAM lies, while
     it is above ``cap``: specialized convs read their input in place (``direct``), a specialized
-    depthwise walks its plane in strips of 4 rows, then runs the portable kernel (which may
-    overlap its input's tail); cmsis-nn 1x1 convs run through arm_convolve_s8. Knobs set in
-    ``config.layer_options`` are kept."""
+    depthwise takes fewer planes when fused, else computes its input from the 1x1 conv before it
+    (``fuse``), then walks its plane in strips of 4 rows, then runs the portable kernel (which may
+    overlap its input's tail); cmsis-nn 1x1 convs run through arm_convolve_s8. Knobs in ``fixed``
+    ((op, knob) pairs; default: those set in ``config.layer_options``) are kept."""
     base = config
     params = [quantization.op_params(graph, op) for op in graph.ops]
-    fixed = {(i, knob) for i, knob, _ in config.layer_options}
+    fixed = {(i, knob) for i, knob, _ in config.layer_options} if fixed is None else fixed
 
     def step(cfg: Config, i: int) -> Config | None:
         change = _smaller(graph, params, cfg, i)
@@ -360,28 +456,31 @@ def fit_sram(graph: Graph, config: Config, cap: int) -> Config:
         plan = plan_schedule(graph, config)[1]
         if plan.peak_bytes < best[0]:
             best = (plan.peak_bytes, config)
-    if best[0] <= cap or config.backend != "specialized":
+    if config.backend != "specialized":
         return best[1]
     # the placement is greedy, so the peak may move rather than fall: take every layer one step
-    # (then two) towards less scratch, and give the faster kernels back, largest layer first,
-    # while it fits
+    # (then two) towards less scratch; then (or when the steps at the peak reached the cap) give
+    # the faster kernels back, largest layer first, while it fits
     t = graph.tensors
     layers = [i for i, op in enumerate(graph.ops) if op.kind in ("CONV_2D", "DEPTHWISE_CONV_2D")]
-    slow = base
-    for _ in range(2):
-        for i in layers:
-            slow = step(slow, i) or slow
-        peak = plan_schedule(graph, slow)[1].peak_bytes
-        if peak < best[0]:
-            best = (peak, slow)
-        if peak <= cap:
-            break
-    if best[1] is not slow:
-        return best[1]
+    if best[0] > cap:
+        slow = base
+        for _ in range(2):
+            for i in layers:
+                slow = step(slow, i) or slow
+            peak = plan_schedule(graph, slow)[1].peak_bytes
+            if peak < best[0]:
+                best = (peak, slow)
+            if peak <= cap:
+                break
+        if best[1] is not slow:
+            return best[1]
     for i in sorted(layers, key=lambda i: -t[graph.ops[i].outputs[0]].size * t[graph.ops[i].inputs[1]].size):
         added = [o for o in best[1].layer_options if o[0] == i and o not in base.layer_options]
         for drop in (added, added[-1:]):  # all the way back, else one step back (strips, not the portable kernel)
-            trial = dataclasses.replace(best[1], layer_options=tuple(o for o in best[1].layer_options if o not in drop))
+            kept = tuple(o for o in best[1].layer_options if o not in drop)
+            restored = tuple(o for o in base.layer_options if o[:2] in {d[:2] for d in drop})  # the base's value
+            trial = dataclasses.replace(best[1], layer_options=kept + restored)
             if not drop or trial == best[1]:
                 continue
             peak = plan_schedule(graph, trial)[1].peak_bytes
@@ -392,18 +491,44 @@ def fit_sram(graph: Graph, config: Config, cap: int) -> Config:
 
 
 SPECIALIZED_CODE_BYTES = 64 * 1024  # flash left for code when int16 weights are chosen for a board
+# A 1x1 conv fused into the depthwise after it (four planes) costs about the instructions of the two
+# apart plus the stored tensor's write and gather saved, when it has few input channels: measured
+# per layer on vww01 (stm32f746, QEMU): 0.76x at 8 input channels, 0.88x at 16, 0.98-1.01x at 32,
+# 1.05-1.13x at 64 and 128. So the default fuses up to 32; the tuner chooses per layer.
+FUSE_MAX_INPUT_CHANNELS = 32
+FUSE_PLANES = "4"
+
+
+def default_fusions(graph: Graph, config: Config) -> tuple[tuple[int, str, str], ...]:
+    """``fuse``/``planes`` knobs for the depthwise ops whose 1x1 conv has at most
+    FUSE_MAX_INPUT_CHANNELS inputs, where ``config`` sets neither."""
+    params = [quantization.op_params(graph, op) for op in graph.ops]
+    folded_graph, folded_params, _ = fold_pads(graph, params, config.patch_split + 1)
+    out = []
+    for j in range(config.patch_split + 1, len(graph.ops)):
+        i = fusable_pointwise(folded_graph, folded_params, j, config.patch_split + 1)
+        options = config.options(j)
+        if (i is None or "fuse" in options or "planes" in options or options.get("kernel", "planar") != "planar"
+                or graph.tensors[graph.ops[i].inputs[0]].shape[3] > FUSE_MAX_INPUT_CHANNELS):
+            continue
+        out += [(j, "fuse", "pointwise"), (j, "planes", FUSE_PLANES)]
+    return tuple(out)
 
 
 def specialized_config(graph: Graph, base: Config | None = None, flash_bytes: int = 0,
                        sram_cap: int | None = None) -> Config:
     """The specialized backend's default schedule from ``base``: int16 weights while the const data
-    fits ``flash_bytes`` (a board's flash; 0: no limit) less SPECIALIZED_CODE_BYTES, and peak
-    SRAM no higher than ``sram_cap`` (default: the portable default schedule's peak)."""
+    fits ``flash_bytes`` (a board's flash; 0: no limit) less SPECIALIZED_CODE_BYTES, 1x1 convs
+    fused into the depthwise ops after them where that is cheap (``default_fusions``), and peak
+    SRAM no higher than ``sram_cap`` (default: the portable default schedule's peak). The knobs
+    ``base`` sets are kept."""
     base = base or Config()
     config = dataclasses.replace(base, backend="specialized",
                                  flash_budget=max(flash_bytes - SPECIALIZED_CODE_BYTES, 1) if flash_bytes else 0)
+    fixed = {(i, knob) for i, knob, _ in config.layer_options}
+    config = dataclasses.replace(config, layer_options=config.layer_options + default_fusions(graph, config))
     cap = sram_cap if sram_cap is not None else plan_schedule(graph, Config())[1].peak_bytes
-    return fit_sram(graph, config, cap)
+    return fit_sram(graph, config, cap, fixed)
 
 
 def kernel_symbols() -> list[str]:
@@ -431,21 +556,31 @@ def lower(graph: Graph, config: Config | None = None, prefix: str = "") -> Lower
     if unsupported:
         raise ValueError(f"graph {graph.name!r} uses ops the MCU backend does not lower: {unsupported}")
     params = [quantization.op_params(graph, op) for op in graph.ops]
-    folded: dict[int, int] = {}
+    folded: dict[int, int] = {}  # op index -> the op that runs it (a PAD or 1x1 conv folded into a conv)
+    kinds = [op.kind for op in graph.ops]
     if config.backend == "specialized":
-        graph, params, folded = fold_pads(graph, params, config.patch_split + 1)
+        graph, params, folded = specialized_graph(graph, params, config)
     t = graph.tensors
     scratch = backend_scratch(graph, config, params)
-    formats = weight_formats(graph, config) if config.backend == "specialized" else {}
+    formats = weight_formats(graph, config, params) if config.backend == "specialized" else {}
     seg, plan, patch_plan = plan_schedule(graph, config, params, scratch)
 
     def plan_index(i: int) -> int:  # op index in the plan (the patched segment is folded into op 0)
         return i - seg.split if seg is not None else i
 
     in_c, out_c = (emit.C_TYPES[t[names[0]].dtype] if names else "int8_t" for names in (graph.inputs, graph.outputs))
+    input_at: dict[str, int] = {}  # graph input buffer -> its byte offset in the caller's input
+    for n in graph.inputs:
+        input_at.setdefault(plan.tensor_buffer[n], sum(t[m].nbytes for m in graph.inputs[: graph.inputs.index(n)]))
+
+    def bytes_at(name: str) -> str:
+        """int8_t pointer to a tensor of the main plan: in the arena, or read in place from the caller's input."""
+        if plan.is_external(name):
+            return f"((int8_t *)input + {input_at[plan.tensor_buffer[name]]})"  # read only (const cast away)
+        return f"(ARENA + {plan.offset(name)})"
 
     def arena(name: str) -> str:
-        return f"({emit.C_TYPES[t[name].dtype]} *)(ARENA + {plan.offset(name)})"
+        return f"({emit.C_TYPES[t[name].dtype]} *){bytes_at(name)}"
 
     out = emit.Emission()
     layers: list[dict] = []
@@ -453,12 +588,12 @@ def lower(graph: Graph, config: Config | None = None, prefix: str = "") -> Lower
     for i, op in enumerate(graph.ops):
         if seg is None or i >= seg.split:
             markers.append(f"ops 0..{i} ({seg.grid}x{seg.grid} patches)" if seg is not None and i == seg.split
-                           else f"op {i} {'PAD' if i in folded else op.kind}")
+                           else f"op {i} {kinds[i]}")
             out.call("TP_LAYER();")
         if seg is not None and i <= seg.split:
             kernel = f"patch {seg.grid}x{seg.grid}"
             if i == seg.split:
-                _emit_patches(graph, params, seg, plan, patch_plan, config, out)
+                _emit_patches(graph, params, seg, plan, patch_plan, config, out, bytes_at)
         else:
             k = plan_index(i)
             buf = plan.scratch.get(k)
@@ -467,7 +602,7 @@ def lower(graph: Graph, config: Config | None = None, prefix: str = "") -> Lower
                                channel_in_place=k in plan.channel_in_place, conv1x1=config.variant(i),
                                options={**({"weights": formats[i]} if i in formats else {}), **config.options(i)})
             kernel = emit.emit(layer, config.backend) if i not in folded else f"(folded into op {folded[i]})"
-        layers.append({"op": i, "kind": "PAD" if i in folded else op.kind, "kernel": kernel, "output_shape": t[op.outputs[0]].shape,
+        layers.append({"op": i, "kind": kinds[i], "kernel": kernel, "output_shape": t[op.outputs[0]].shape,
                        "weight_bytes": out.const_bytes.get(i, 0), "name": op.name, "plan_op": max(plan_index(i), 0)})
     for layer in layers:  # patched ops' constants are written with the last op of the segment
         layer["weight_bytes"] = out.const_bytes.get(layer["op"], 0)
@@ -475,14 +610,10 @@ def lower(graph: Graph, config: Config | None = None, prefix: str = "") -> Lower
 
     in_bytes = sum(t[n].nbytes for n in graph.inputs)
     out_bytes = sum(t[n].nbytes for n in graph.outputs)
-    copy_in, copy_out = [], []
-    off = 0
-    for n in graph.inputs:
-        copy_in.append(f"tp_copy((const int8_t *)input + {off}, ARENA + {plan.offset(n)}, {t[n].nbytes});")
-        off += t[n].nbytes
+    copy_out = []
     off = 0
     for n in graph.outputs:
-        copy_out.append(f"tp_copy(ARENA + {plan.offset(n)}, (int8_t *)output + {off}, {t[n].nbytes});")
+        copy_out.append(f"tp_copy({bytes_at(n)}, (int8_t *)output + {off}, {t[n].nbytes});")
         off += t[n].nbytes
 
     arena_bytes = max(plan.peak_bytes, 4)
@@ -516,13 +647,16 @@ typedef {out_c} {names["out_t"]};
 
 /* Runs the network once. input: the graph inputs back to back ({", ".join(f"{t[n].dtype}{list(t[n].shape)}" for n in graph.inputs)});
  * output: the graph outputs back to back ({", ".join(f"{t[n].dtype}{list(t[n].shape)}" for n in graph.outputs)}).
+ * The input is read where it lies (zero-copy: it is not copied into the arena, which is why the
+ * arena does not hold it): it must stay valid and unchanged until {names["invoke"]} returns,
+ * aligned for {in_c}; it is never written. The output is written once the network has run.
  * Returns 0, or 1 + the index of the op whose kernel reported an error (a CMSIS-NN status other
  * than ARM_CMSIS_NN_SUCCESS); the outputs are then not valid. */
 int32_t {names["invoke"]}(const {names["in_t"]} *input, {names["out_t"]} *output);
 {aliases}
 #endif
 """
-    body = "\n  ".join(copy_in + out.calls + copy_out)
+    body = "\n  ".join(out.calls + copy_out)
     model_c = f"""/* Generated by `python -m mcu export` from graph {name}: {len(graph.ops)} ops,
  * arena {arena_bytes} B (activations and scratch, static plan), const data {flash} B. */
 #include "model.h"
@@ -536,6 +670,7 @@ static int32_t arena_words[{(arena_bytes + 3) // 4}];
 
 {"".join(out.consts)}
 int32_t {names["invoke"]}(const {names["in_t"]} *input, {names["out_t"]} *output) {{
+  (void)input;  /* read in place by the ops (a graph may also leave it unread) */
   {body}
   return 0;
 }}
@@ -545,7 +680,7 @@ int32_t {names["invoke"]}(const {names["in_t"]} *input, {names["out_t"]} *output
 
 
 def _emit_patches(graph: Graph, params: list[dict], seg, plan: MemoryPlan, patch_plan: MemoryPlan, config: Config,
-                  out: emit.Emission) -> None:
+                  out: emit.Emission, bytes_at: Callable[[str], str]) -> None:
     """Per patch: crop the segment inputs, run the segment's ops on patch regions, paste the output."""
     t = graph.tensors
     base = plan.offsets[plan.scratch[0]]
@@ -556,7 +691,7 @@ def _emit_patches(graph: Graph, params: list[dict], seg, plan: MemoryPlan, patch
     def region_copy(fn: str, name: str, region) -> str:
         (r0, r1), (c0, c1) = region
         pixel = t[name].shape[3] * np.dtype(t[name].dtype).itemsize
-        return (f"{fn}(ARENA + {plan.offset(name)}, {t[name].shape[2] * pixel}, {r0}, {r1 - r0}, {c0 * pixel}, "
+        return (f"{fn}({bytes_at(name)}, {t[name].shape[2] * pixel}, {r0}, {r1 - r0}, {c0 * pixel}, "
                 f"{(c1 - c0) * pixel}, ARENA + {base + patch_plan.offset(name)});")
 
     for k, reg in enumerate(seg.regions):
@@ -568,8 +703,10 @@ def _emit_patches(graph: Graph, params: list[dict], seg, plan: MemoryPlan, patch
             op = graph.ops[j]
             shape = {n: (1, reg[n][0][1] - reg[n][0][0], reg[n][1][1] - reg[n][1][0], t[n].shape[3])
                      for n in [*op.inputs, op.outputs[0]] if n is not None and not t[n].is_constant}
-            column = f"ARENA + {base + patch_plan.offsets[patch_plan.scratch[j]]}" if j in patch_plan.scratch else "0"
-            layer = emit.Layer(graph, op, j, params[j], out, ptr, shape, scratch=column, conv1x1=config.variant(j))
+            buf = patch_plan.scratch.get(j)
+            column = f"ARENA + {base + patch_plan.offsets[buf]}" if buf else "0"
+            layer = emit.Layer(graph, op, j, params[j], out, ptr, shape, scratch=column,
+                               scratch_bytes=patch_plan.buffers[buf].size if buf else 0, conv1x1=config.variant(j))
             if schema.has(op.kind, schema.ELEMENTWISE):
                 if any(reg[n] != reg[op.outputs[0]] for n in shape):
                     _emit_elementwise_rows(layer, reg, config.backend)
@@ -633,7 +770,8 @@ def memory_map(graph: Graph, lowered: Lowered) -> str:
         f"Arena (SRAM): {plan.peak_bytes} B. Const data (flash): {lowered.flash_bytes} B.",
         "",
         "API (`model.h`): `model_invoke(input, output)` runs one inference; the graph inputs and outputs are",
-        "packed back to back; all activations live in one static arena inside `model.c`.",
+        "packed back to back; the input is read in place from the caller's buffer (not copied; it must stay",
+        "unchanged during the call), all other activations live in one static arena inside `model.c`.",
         "Build: compile `model.c` and `tp_kernels.c` (C99)" + (
             " and link CMSIS-NN (its `Include/` on the include path)." if lowered.uses_cmsis_nn
             else "; nothing else is needed."),
@@ -645,7 +783,9 @@ def memory_map(graph: Graph, lowered: Lowered) -> str:
     for layer in lowered.layers:
         name = graph.ops[layer["op"]].outputs[0]
         row = per_op[layer["plan_op"]]
-        if name in plan.tensor_buffer:
+        if name in plan.tensor_buffer and plan.is_external(name):
+            where = "caller's input | -"
+        elif name in plan.tensor_buffer:
             buf = plan.tensor_buffer[name]
             where = f"{plan.offsets[buf]} | {plan.buffers[buf].size}"
         else:  # inside a patched segment: lives in the patch arena

@@ -177,6 +177,16 @@ def local_padding(seg_region_in: tuple[Range, Range], out_region: tuple[Range, R
     return result[0], result[1]
 
 
+def reads_from_region_start(graph: Graph, params: list[dict], seg: Segment) -> bool:
+    """Whether every window op of the segment starts reading at its input region's first row and
+    column in every patch (no negative ``local_padding``), as kernels without a row stride need
+    (CMSIS-NN's): a region is wider than one reader needs where two ops read the tensor."""
+    windows = [j for j, op in enumerate(graph.ops[: seg.split + 1]) if schema.has(op.kind, schema.WINDOW) or op.kind == "PAD"]
+    ops = graph.ops
+    return all(min(local_padding(reg[ops[j].inputs[0]], reg[ops[j].outputs[0]], ops[j], params[j], graph)) >= 0
+               for reg in seg.regions for j in windows)
+
+
 def candidate_splits(graph: Graph) -> list[int]:
     """Ops after which a patch segment may end: every op up to it is patchable and only its
     output is used later."""

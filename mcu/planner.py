@@ -5,7 +5,9 @@ lowest offset where they collide with no buffer alive at the same time (first fi
 output may overlap the tail of an input that dies at that op when the kernel's walk order
 makes it safe (``overlap_limit``): this generalises TinyEngine's in-place depthwise to every
 streaming kernel (conv, depthwise, pooling, pad, elementwise). Which ops stream how is read
-from the op schema's traits (``models.schema``: WINDOW, ELEMENTWISE, ALIAS).
+from the op schema's traits (``models.schema``: WINDOW, ELEMENTWISE, ALIAS). The graph inputs
+are read where the caller holds them (zero-copy): they take no arena space and are never
+written over.
 """
 from __future__ import annotations
 
@@ -42,6 +44,11 @@ class MemoryPlan:
     overlaps: dict[tuple[str, str], int]  # (input buffer, output buffer) -> largest allowed offset delta
     num_ops: int
     channel_in_place: frozenset[int] = frozenset()  # ops whose output shares the input buffer (TinyEngine)
+    external: frozenset[str] = frozenset()  # buffers outside the arena: the graph inputs, in the caller's buffer
+
+    def is_external(self, tensor: str) -> bool:
+        """Whether ``tensor`` lives in the caller's input buffer (a graph input or an alias of one)."""
+        return self.tensor_buffer[tensor] in self.external
 
     @property
     def peak_bytes(self) -> int:
@@ -137,6 +144,7 @@ def plan_memory(
     in_place: bool = True,
     channel_in_place: dict[int, int] | None = None,
     overlap_limits: dict[int, int | None] | None = None,
+    caller_inputs: bool = True,
 ) -> MemoryPlan:
     """Lifetimes, aliases, overlaps and greedy first-fit offsets for ``graph``.
 
@@ -150,6 +158,9 @@ def plan_memory(
                    does not walk as ``overlap_limit`` assumes (the portable kernels' order): None
                    (no overlap) or the one delta it allows (0: output over the input, as the
                    specialized channel-by-channel depthwise writes it).
+    caller_inputs: the graph inputs (and their aliases) stay in the caller's buffer: no arena
+                   space, no output written over them (``MemoryPlan.external``); False: they
+                   are copied into the arena like any other tensor.
     """
     ops = graph.ops
     n = len(ops)
@@ -176,7 +187,8 @@ def plan_memory(
         if channel_in_place and i in channel_in_place:
             buf = tensor_buffer[op.inputs[0]]
             members = [t for t, b in tensor_buffer.items() if b == buf]
-            shares = all(last_use.get(t, n) <= i and t not in graph.outputs for t in members)
+            shares = all(last_use.get(t, n) <= i and t not in graph.outputs for t in members) and not (
+                caller_inputs and any(t in graph.inputs for t in members))
             if shares:
                 applied.add(i)
                 size[buf] = max(size[buf], graph.tensors[op.outputs[0]].nbytes)
@@ -190,6 +202,7 @@ def plan_memory(
             touch(tensor_buffer[name], i)
     for name in graph.outputs:
         touch(tensor_buffer[name], n)
+    external = frozenset(tensor_buffer[name] for name in graph.inputs) if caller_inputs else frozenset()
 
     scratch: dict[int, str] = {}
     for i, nbytes in sorted((scratch_bytes or {}).items()):
@@ -199,7 +212,7 @@ def plan_memory(
             size[buf] = nbytes
             touch(buf, i)
 
-    buffers = {b: Buffer(b, _align_up(size[b]), first[b], last[b]) for b in size}
+    buffers = {b: Buffer(b, _align_up(size[b]), first[b], last[b]) for b in size if b not in external}
 
     overlaps: dict[tuple[str, str], int] = {}
     if in_place:
@@ -213,7 +226,7 @@ def plan_memory(
                 if k == 1 and not schema.has(op.kind, schema.ELEMENTWISE):
                     continue
                 in_buf = tensor_buffer[name]
-                if buffers[in_buf].last != i or buffers[out_buf].first != i:
+                if in_buf in external or buffers[in_buf].last != i or buffers[out_buf].first != i:
                     continue
                 if overlap_limits is not None and i in overlap_limits:
                     limit = overlap_limits[i]
@@ -242,7 +255,7 @@ def plan_memory(
         if best is None or _cost(buffers, offsets) < _cost(buffers, best[1]):
             best = (links, offsets)
     overlaps, offsets = best
-    return MemoryPlan(buffers, offsets, tensor_buffer, scratch, overlaps, n, frozenset(applied))
+    return MemoryPlan(buffers, offsets, tensor_buffer, scratch, overlaps, n, frozenset(applied), external)
 
 
 def _cost(buffers: dict[str, Buffer], offsets: dict[str, int]) -> tuple[int, int]:

@@ -54,23 +54,34 @@ def pointwise_layers(graph) -> list[int]:
     return [i for i, op in enumerate(graph.ops) if codegen.is_pointwise(graph, op, quantization.op_params(graph, op))]
 
 
-SPECIALIZED_KNOBS = ("kernel", "unroll", "rows")  # per-layer knob names: kernel12, unroll12, rows30
+SPECIALIZED_KNOBS = ("kernel", "unroll", "rows", "strip", "fuse", "planes")  # per-layer knob names: kernel12, ...
 
 
 def specialized_layers(graph) -> dict[int, dict[str, tuple[str, ...]]]:
     """The specialized backend's per-layer knobs: conv kernel (col2 / direct) and, for col2, the
-    unroll; depthwise kernel (planar / portable); fully connected rows per pass."""
+    unroll; depthwise kernel (planar / portable), a planar one's strip and, where a 1x1 conv
+    produces its input, whether it computes that input itself (fuse) and in how many planes;
+    fully connected rows per pass."""
     out: dict[int, dict[str, tuple[str, ...]]] = {}
     params = [quantization.op_params(graph, op) for op in graph.ops]
     planar = codegen.specialized_depthwise(graph, params, codegen.Config(backend="specialized"))
+    folded_graph, folded_params, _ = codegen.fold_pads(graph, params)
     for i, op in enumerate(graph.ops):
         if op.kind == "CONV_2D":
             out[i] = {"kernel": ("col2", "direct"), "unroll": ("2", "1")}
         elif i in planar:
-            out[i] = {"kernel": ("planar", "portable")}
+            out[i] = {"kernel": ("planar", "portable"), "strip": codegen.LAYER_KNOBS["strip"]}
+            if codegen.fusable_pointwise(folded_graph, folded_params, i) is not None:
+                out[i].update(fuse=("none", "pointwise"), planes=("4", "2", "1"))
         elif op.kind == "FULLY_CONNECTED":
             out[i] = {"rows": ("4", "2", "1")}
     return out
+
+
+def _condition(i: int, knob: str) -> dict:
+    """When a specialized per-layer knob applies (besides the specialized backend)."""
+    return {"unroll": {f"kernel{i}": ("col2",)}, "strip": {f"kernel{i}": ("planar",)},
+            "fuse": {f"kernel{i}": ("planar",)}, "planes": {f"fuse{i}": ("pointwise",)}}.get(knob, {})
 
 
 def to_config(params: dict) -> codegen.Config:
@@ -131,10 +142,7 @@ def search_space(problem: dict) -> SearchSpace:
     knobs += [Knob(f"layer{i}", ("default", *codegen.CONV_VARIANTS), when=portable) for i in pointwise_layers(graph)]
     for i, layer in specialized_layers(graph).items():
         for knob, choices in layer.items():
-            when = {"backend": ("specialized",)}
-            if knob == "unroll":  # only the two-column kernel unrolls
-                when = {**when, f"kernel{i}": ("col2",)}
-            knobs.append(Knob(f"{knob}{i}", choices, when=when))
+            knobs.append(Knob(f"{knob}{i}", choices, when={"backend": ("specialized",), **_condition(i, knob)}))
     flash = sum(t.nbytes for t in graph.tensors.values() if t.is_constant)
     # the default trial: the specialized backend's default schedule for this board
     start = codegen.specialized_config(graph, flash_bytes=board.flash_bytes)
@@ -146,8 +154,6 @@ def search_space(problem: dict) -> SearchSpace:
 
     def violations(params: dict) -> list[str]:
         config = to_config(params)
-        if config.backend == "cmsis-nn" and config.patch_split >= 0:
-            return ["patch-based inference runs on the portable and specialized backends only"]
         try:
             _, plan, _ = codegen.plan_schedule(graph, config)
         except ValueError as e:  # a split that cannot be patched

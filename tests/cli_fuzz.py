@@ -22,6 +22,7 @@ import json
 import os
 import pathlib
 import random
+import shutil
 import signal
 import sys
 from collections.abc import Callable
@@ -89,11 +90,22 @@ def _autotune_fixtures(work: pathlib.Path) -> dict:
     (work / "model.tflite").write_bytes(b"TFL3" + bytes(64))
     storage = f"sqlite:///{work}/fuzz.db"
     _stored_study(storage)
+    # report reads copies of committed results (an -o mutated onto them overwrites only the copy)
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    results = {name: json.loads((repo / "benchmarks" / "results" / name).read_text())
+               for name in ("mcu.json", "llama_h100.json")}
+    for name, doc in results.items():
+        (work / name).write_text(json.dumps(doc))
+    shutil.copytree(repo / "tests" / "data" / "bundle_matmul_cpu", work / "bundle", dirs_exist_ok=True)
+    (work / "fft.json").write_text(json.dumps({"schema": "tinypallas-benchmark/2", "benchmark": "fft", "rows": []}))
+    damaged = dict(results["mcu.json"], rows=[{"schedules": {"portable": {}}}])
+    (work / "damaged_mcu.json").write_text(json.dumps(damaged))
     return {
         "storage": storage,
         "paths": [str(work / n) for n in ("afile", "adir", "corrupt.db", "list.json", "trunc.json", "good.json",
                                           "noentries.json", "badkeys.json", "badentries.json", "missing/x.json",
-                                          "afile/x.json", "model.tflite", "out.json")] + ["", ".", "/"],
+                                          "afile/x.json", "model.tflite", "out.json")] + ["", ".", "/"]
+                 + [str(work / n) for n in ("mcu.json", "llama_h100.json", "bundle", "fft.json", "damaged_mcu.json")],
         "storages": [storage, "notaurl:/x", "sqlite:/x.db", f"sqlite:///{work}/afile/x.db", f"sqlite:///{work}/adir",
                      f"sqlite:///{work}/corrupt.db", "mysql://nobody@127.0.0.1:1/x", "http://x/y", "sqlite://",
                      "postgresql://nobody@127.0.0.1:1/x"],
@@ -120,6 +132,10 @@ def _autotune_bases(fx: dict) -> list[list[str]]:
         ["sweep", "--target", "stm32f746", "--model", fx["paths"][11], "--storage", s],
         ["sweep", "--storage", s, "--trials", "3", "--timeout", "10", "--seed", "1", "--workers", "2"],
     ]
+    mcu, llama, bundle = fx["paths"][16:19]
+    cases += [["report", mcu], ["report", mcu, "--table", "mcu:summary", "--format", "latex"],
+              ["report", bundle, llama, "--columns", "1,3", "--format", "csv"],
+              ["report", mcu, "--table", "mcu:*", "--columns", "model,2", "-o", fx["paths"][12]]]
     return cases + [["sweep", "--kernel", k, "--shape", shape, "--storage", s] for k, shape in SHAPES.items()]
 
 
@@ -135,6 +151,8 @@ def _autotune_issues(fx: dict) -> list[list[str]]:
         ["sweep", "--shape", "1000000000x1000000000x1000000000", "--storage", s],
         ["sweep", "--shape", "99999999999999999999x1x1", "--storage", s],
         ["plot", "--storage", s, "--study-name", "nope"],
+        ["report", p[9]], ["report", p[3]], ["report", p[19]], ["report", p[20]], ["report", p[1]],
+        ["report", p[16], "--table", "nope"], ["report", p[16], "--columns", "0"], ["report", p[16], "--columns", ","],
     ]
 
 
@@ -143,13 +161,14 @@ def _autotune_values(fx: dict, rng: random.Random) -> list[str]:
                                       "1x2x3x4x5", "dw:0x1x1", "99999999999999999999x1x1", "1x4096x4096:g0",
                                       "1x64x64:q7", "1x16x3x2x16", "8x15", "1x8x8x8:8:3x3:s0", "1x8x8x8:8:3x3:zz"]
     words = ["float32", "int3", "int8", "bfloat16", "stm32f746", "nosuchboard", "mobilenetv2", "kws01", "vgg",
-             "matmul", "conv2d", "mcu", "swiglu", "kernels", "studies", "table", "json", "xml", "bad name!"]
+             "matmul", "conv2d", "mcu", "swiglu", "kernels", "studies", "table", "json", "xml", "bad name!",
+             "mcu:summary", "mcu:*", "llama:*", "*", "[", "1,2", "model,2", "99", "latex", "csv"]
     return NUMBERS + NOISE + words + shapes + fx["paths"] + fx["storages"] + [str(rng.randint(-10**6, 10**6))]
 
 
 def _autotune_retarget(argv: list[str], fx: dict, rng: random.Random) -> None:
     if argv:
-        argv[0] = rng.choice(["sweep", "list", "show", "plot", "export", "import"])
+        argv[0] = rng.choice(["sweep", "list", "show", "plot", "export", "import", "report"])
 
 
 def _autotune_prepare(argv: list[str], fx: dict) -> list[str]:
@@ -163,7 +182,8 @@ AUTOTUNE = Profile(
                        "--timeout", "--storage", "--seed", "--study-name", "--results", "--workers", "--no-warm-start",
                        "--no-progress", "--debug", "--worker-index"],
              "list": ["--storage", "--format"], "show": ["--kernel", "--all-devices", "--format"],
-             "plot": ["--storage", "--study-name", "-o", "--output"], "export": ["--kernel"], "import": []},
+             "plot": ["--storage", "--study-name", "-o", "--output"], "export": ["--kernel"], "import": [],
+             "report": ["--format", "--table", "--columns", "-o", "--output"]},
     values=_autotune_values, retarget=_autotune_retarget, weights=(45, 20, 8, 8, 7, 7, 5), prepare=_autotune_prepare)
 
 

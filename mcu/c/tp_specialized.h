@@ -512,6 +512,27 @@ TP_SP_INLINE void tp_sp_conv_direct(const tp_sp_conv_direct_layer *L, const int8
 
 /* ---- depthwise (depth multiplier 1): channel by channel through a padded plane ---- */
 
+/* The input's group of four values from k: a whole word, or the last partial group zero-filled. */
+TP_SP_INLINE int32_t tp_sp_fc_group(const int8_t *x, int32_t k, int32_t n) {
+  if (k + 4 <= n) return tp_sp_ld32(x + k);
+  uint32_t v = 0;
+  for (int32_t j = 0; k + j < n; j++) v |= (uint32_t)(uint8_t)x[k + j] << (8 * j);
+  return (int32_t)v;
+}
+
+
+/* A pointwise (1x1, stride 1) conv fused in front of a depthwise: the depthwise's input channels
+ * are computed into its planes from the pointwise conv's input, so the pointwise output (the
+ * widest tensor of an inverted bottleneck) never exists whole. */
+typedef struct {
+  int32_t in_c;                                 /* pointwise input channels */
+  int32_t groups;                               /* ceil(in_c / 4) */
+  int32_t input_offset, act_min, act_max, requant, acc_doubled;
+  const tp_sp_word *weights;     /* blocks of `planes` output channels (the channels % planes last: 1-channel
+                                    blocks), per group of 4 inputs the block's (w0, w2), (w1, w3) int16 (2 w with acc_doubled) */
+  const tp_sp_channel *channels; /* per output channel */
+} tp_sp_pw_source;
+
 typedef struct {
   int32_t in_h, in_w, in_c, out_h, out_w, k_h, k_w, stride_h, stride_w, pad_top, pad_left;
   int32_t input_offset, act_min, act_max, requant, acc_doubled;
@@ -523,79 +544,145 @@ typedef struct {
                                = (strip - 1) * stride_h + k_h rows, the rows two passes share kept */
   const tp_sp_word *weights; /* per channel, filter row and group of 4 taps: (w0, w2), (w1, w3), doubled with acc_doubled */
   const tp_sp_channel *channels;
+  int32_t planes;                      /* channels per pass (one plane each); 1 unless fused */
+  const tp_sp_pw_source *pointwise;    /* 0: the input is stored; else computed from this conv's input */
 } tp_sp_dw_layer;
+
+/* Input rows [row_from, row_to) of planes (padded rows) of channels c .. c + n - 1 of a fused
+ * depthwise: each plane value is the pointwise conv's output at that pixel and channel, the n
+ * channels sharing each widened input word. */
+TP_SP_INLINE void tp_sp_pw_fill(const tp_sp_dw_layer *L, const int8_t *in, int32_t c, int32_t n, int32_t row_from,
+                                int32_t row_to, int32_t p0, int8_t *plane) {
+  const tp_sp_pw_source *P = L->pointwise;
+  const int32_t offset2 = (int32_t)(((uint32_t)(uint16_t)P->input_offset << 16) | (uint16_t)P->input_offset);
+  const int32_t plane_bytes = L->plane_h * L->plane_w;
+  const tp_sp_word *w = P->weights + c * 2 * P->groups;
+  const tp_sp_channel *q = P->channels + c;
+  for (int32_t row = row_from; row < row_to; row++) {
+    const int32_t iy = row - L->pad_top;
+    int8_t *dst = plane + (row - p0) * L->plane_w + L->pad_left;
+    if (iy < 0 || iy >= L->rows_in) {
+      if (L->strip < L->out_h) {
+        for (int32_t k = 0; k < n; k++) memset(dst + k * plane_bytes, (int8_t)(-L->input_offset), (size_t)L->cols_in);
+      }
+      continue;
+    }
+    const int8_t *px = in + iy * L->in_w * P->in_c;
+    for (int32_t ix = 0; ix < L->cols_in; ix++, px += P->in_c) {
+      int32_t a[4];
+#pragma GCC unroll 4
+      for (int32_t k = 0; k < n; k++) a[k] = q[k].bias;
+      const tp_sp_word *wk = w;
+#pragma GCC unroll 4
+      for (int32_t g = 0; g < P->groups; g++) {
+        const int32_t v = tp_sp_fc_group(px, 4 * g, P->in_c); /* a last partial group: zeros, against zero weights */
+        tp_sp_mac_rows(&wk, 1, tp_sp_sxtab16(offset2, v), tp_sp_sxtab16_ror8(offset2, v), n, a);
+      }
+#pragma GCC unroll 4
+      for (int32_t k = 0; k < n; k++) {
+        const tp_sp_channel qk = q[k];
+        dst[k * plane_bytes + ix] = (int8_t)tp_sp_requantize(a[k], &qk, P->requant, P->acc_doubled, P->act_min, P->act_max);
+      }
+    }
+  }
+}
+
+/* Input rows [row_from, row_to) of the plane of channel c, copied from the stored input. */
+TP_SP_INLINE void tp_sp_dw_fill(const tp_sp_dw_layer *L, const int8_t *in, int32_t c, int32_t row_from, int32_t row_to,
+                                int32_t p0, int8_t *plane) {
+  const int8_t zero_point = (int8_t)(-L->input_offset);
+  for (int32_t row = row_from; row < row_to; row++) {
+    const int32_t iy = row - L->pad_top;
+    int8_t *dst = plane + (row - p0) * L->plane_w + L->pad_left;
+    if (iy < 0 || iy >= L->rows_in) {
+      if (L->strip < L->out_h) memset(dst, zero_point, (size_t)L->cols_in); /* else still the zero point */
+      continue;
+    }
+    const int8_t *src = in + iy * L->in_w * L->in_c + c;
+#pragma GCC unroll 4
+    for (int32_t ix = 0; ix < L->cols_in; ix++) dst[ix] = src[ix * L->in_c];
+  }
+}
+
+/* Output rows [s0, s1) of channel c from its plane, whose first row is padded input row p0. */
+TP_SP_INLINE void tp_sp_dw_rows(const tp_sp_dw_layer *L, const int8_t *plane, int32_t c, int32_t s0, int32_t s1,
+                                int32_t p0, int8_t *out) {
+  const int32_t c_n = L->in_c;
+  const int32_t offset2 = (int32_t)(((uint32_t)(uint16_t)L->input_offset << 16) | (uint16_t)L->input_offset);
+  const tp_sp_word *w = L->weights + c * 2 * L->k_h * L->groups;
+  const tp_sp_channel q = L->channels[c];
+  int8_t *o = out + s0 * L->out_w * c_n + c;
+  for (int32_t oy = s0; oy < s1; oy++) {
+    const int8_t *row = plane + (oy * L->stride_h - p0) * L->plane_w;
+    int32_t ox = 0;
+    if (L->k_w == 3 && L->stride_w == 1) {
+      for (; ox + 2 <= L->out_w; ox += 2, o += 2 * c_n) {
+        int32_t a0 = q.bias, a1 = q.bias;
+#pragma GCC unroll 7
+        for (int32_t ky = 0; ky < L->k_h; ky++) {
+          const int32_t v = tp_sp_ld32(row + ky * L->plane_w + ox);
+          const int32_t even = tp_sp_sxtab16(offset2, v), odd = tp_sp_sxtab16_ror8(offset2, v);
+          const int32_t w02 = w[2 * ky], w1 = w[2 * ky + 1];
+          a0 = tp_sp_smlabb(odd, w1, tp_sp_smlad(even, w02, a0));
+          a1 = tp_sp_smlatb(even, w1, tp_sp_smlad(odd, w02, a1));
+        }
+        const int32_t y0 = tp_sp_requantize(a0, &q, L->requant, L->acc_doubled, L->act_min, L->act_max);
+        const int32_t y1 = tp_sp_requantize(a1, &q, L->requant, L->acc_doubled, L->act_min, L->act_max);
+        o[0] = (int8_t)y0;
+        o[c_n] = (int8_t)y1;
+      }
+    }
+    for (; ox < L->out_w; ox++, o += c_n) {
+      int32_t a = q.bias;
+      const int8_t *p = row + ox * L->stride_w;
+#pragma GCC unroll 7
+      for (int32_t ky = 0; ky < L->k_h; ky++) {
+#pragma GCC unroll 2
+        for (int32_t g = 0; g < L->groups; g++) {
+          const int32_t v = tp_sp_ld32(p + ky * L->plane_w + 4 * g);
+          const tp_sp_word *wg = w + 2 * (ky * L->groups + g);
+          a = tp_sp_smlad(tp_sp_sxtab16_ror8(offset2, v), wg[1], tp_sp_smlad(tp_sp_sxtab16(offset2, v), wg[0], a));
+        }
+      }
+      *o = (int8_t)tp_sp_requantize(a, &q, L->requant, L->acc_doubled, L->act_min, L->act_max);
+    }
+  }
+}
 
 /* TinyEngine's in-place depthwise: input channel c is copied into `plane` (int8, padding holding
  * the zero point), then output channel c is computed from the plane and written at channel c of
  * `out`. Only input channel c, already copied, lives at those bytes when out == in, so the
- * output may share the input's buffer. plane: plane_h * plane_w bytes of scratch.
+ * output may share the input's buffer. Fused (L->pointwise), `in` is the pointwise conv's input
+ * and `planes` channels at a time are computed into their planes; the output may not overlap it.
+ * plane: planes * plane_h * plane_w bytes of scratch.
  * Inner loops: four taps per word load widened in two instructions; for 3-wide filters at
  * stride 1, two neighbouring outputs share the loads (taps (x, x+2) and (x+1, x+3) pair up). */
 TP_SP_INLINE void tp_sp_depthwise(const tp_sp_dw_layer *L, const int8_t *in, int8_t *out, int8_t *plane) {
-  const int32_t c_n = L->in_c;
-  const int32_t offset2 = (int32_t)(((uint32_t)(uint16_t)L->input_offset << 16) | (uint16_t)L->input_offset);
-  const int8_t zero_point = (int8_t)(-L->input_offset);
-  memset(plane, zero_point, (size_t)(L->plane_h * L->plane_w));
-  const tp_sp_word *w = L->weights;
-  for (int32_t c = 0; c < c_n; c++, w += 2 * L->k_h * L->groups) {
-    const tp_sp_channel q = L->channels[c];
-    int8_t *o = out + c;
+  const int32_t c_n = L->in_c, plane_bytes = L->plane_h * L->plane_w;
+  memset(plane, (int8_t)(-L->input_offset), (size_t)(L->planes * plane_bytes));
+  for (int32_t c = 0; c < c_n; c += L->planes) {
+    const int32_t n = c + L->planes <= c_n ? L->planes : c_n - c;
     int32_t loaded_from = 0, loaded_to = 0; /* plane rows (padded input rows) in the buffer */
     for (int32_t s0 = 0; s0 < L->out_h; s0 += L->strip) {
       const int32_t s1 = s0 + L->strip < L->out_h ? s0 + L->strip : L->out_h;
       const int32_t p0 = s0 * L->stride_h, p1 = (s1 - 1) * L->stride_h + L->k_h;
       int32_t row_in = p0;
       if (s0 > 0 && loaded_to > p0) { /* rows this pass shares with the last: already overwritten in place */
-        memmove(plane, plane + (p0 - loaded_from) * L->plane_w, (size_t)((loaded_to - p0) * L->plane_w));
+        for (int32_t k = 0; k < n; k++) {
+          int8_t *pk = plane + k * plane_bytes;
+          memmove(pk, pk + (p0 - loaded_from) * L->plane_w, (size_t)((loaded_to - p0) * L->plane_w));
+        }
         row_in = loaded_to;
       }
-      for (; row_in < p1; row_in++) {
-        const int32_t iy = row_in - L->pad_top;
-        int8_t *dst = plane + (row_in - p0) * L->plane_w + L->pad_left;
-        if (iy < 0 || iy >= L->rows_in) {
-          if (L->strip < L->out_h) memset(dst, zero_point, (size_t)L->cols_in); /* else still the zero point */
-          continue;
-        }
-        const int8_t *src = in + iy * L->in_w * c_n + c;
-#pragma GCC unroll 4
-        for (int32_t ix = 0; ix < L->cols_in; ix++) dst[ix] = src[ix * c_n];
+      if (!L->pointwise) {
+        tp_sp_dw_fill(L, in, c, row_in, p1, p0, plane);
+      } else if (n == L->planes) {
+        tp_sp_pw_fill(L, in, c, L->planes, row_in, p1, p0, plane);
+      } else {
+        for (int32_t k = 0; k < n; k++) tp_sp_pw_fill(L, in, c + k, 1, row_in, p1, p0, plane + k * plane_bytes);
       }
       loaded_from = p0, loaded_to = p1;
-      for (int32_t oy = s0; oy < s1; oy++) {
-        const int8_t *row = plane + (oy * L->stride_h - p0) * L->plane_w;
-        int32_t ox = 0;
-        if (L->k_w == 3 && L->stride_w == 1) {
-          for (; ox + 2 <= L->out_w; ox += 2, o += 2 * c_n) {
-            int32_t a0 = q.bias, a1 = q.bias;
-#pragma GCC unroll 7
-            for (int32_t ky = 0; ky < L->k_h; ky++) {
-              const int32_t v = tp_sp_ld32(row + ky * L->plane_w + ox);
-              const int32_t even = tp_sp_sxtab16(offset2, v), odd = tp_sp_sxtab16_ror8(offset2, v);
-              const int32_t w02 = w[2 * ky], w1 = w[2 * ky + 1];
-              a0 = tp_sp_smlabb(odd, w1, tp_sp_smlad(even, w02, a0));
-              a1 = tp_sp_smlatb(even, w1, tp_sp_smlad(odd, w02, a1));
-            }
-            const int32_t y0 = tp_sp_requantize(a0, &q, L->requant, L->acc_doubled, L->act_min, L->act_max);
-            const int32_t y1 = tp_sp_requantize(a1, &q, L->requant, L->acc_doubled, L->act_min, L->act_max);
-            o[0] = (int8_t)y0;
-            o[c_n] = (int8_t)y1;
-          }
-        }
-        for (; ox < L->out_w; ox++, o += c_n) {
-          int32_t a = q.bias;
-          const int8_t *p = row + ox * L->stride_w;
-#pragma GCC unroll 7
-          for (int32_t ky = 0; ky < L->k_h; ky++) {
-#pragma GCC unroll 2
-            for (int32_t g = 0; g < L->groups; g++) {
-              const int32_t v = tp_sp_ld32(p + ky * L->plane_w + 4 * g);
-              const tp_sp_word *wg = w + 2 * (ky * L->groups + g);
-              a = tp_sp_smlad(tp_sp_sxtab16_ror8(offset2, v), wg[1], tp_sp_smlad(tp_sp_sxtab16(offset2, v), wg[0], a));
-            }
-          }
-          *o = (int8_t)tp_sp_requantize(a, &q, L->requant, L->acc_doubled, L->act_min, L->act_max);
-        }
-      }
+      for (int32_t k = 0; k < n; k++) tp_sp_dw_rows(L, plane + k * plane_bytes, c + k, s0, s1, p0, out);
     }
   }
 }
@@ -609,14 +696,6 @@ typedef struct {
   const tp_sp_word *weights; /* per block, per group of 4 inputs: each row's (w0,w2),(w1,w3) (int16) or w0..w3 */
   const tp_sp_channel *channels; /* bias includes input_offset * sum(w) (the input is not offset) */
 } tp_sp_fc_layer;
-
-/* The input's group of four values from k: a whole word, or the last partial group zero-filled. */
-TP_SP_INLINE int32_t tp_sp_fc_group(const int8_t *x, int32_t k, int32_t n) {
-  if (k + 4 <= n) return tp_sp_ld32(x + k);
-  uint32_t v = 0;
-  for (int32_t j = 0; k + j < n; j++) v |= (uint32_t)(uint8_t)x[k + j] << (8 * j);
-  return (int32_t)v;
-}
 
 TP_SP_INLINE const tp_sp_word *tp_sp_fc_block(const tp_sp_fc_layer *L, const int8_t *x, const tp_sp_word *w,
                                               const tp_sp_channel *q, int32_t rows, int8_t *out) {

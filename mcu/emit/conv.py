@@ -31,16 +31,23 @@ def _requantization(layer: Layer) -> tuple[str, str]:
     return layer.const("int32_t", "mult", p["output_multiplier"]), layer.const("int32_t", "shift", p["output_shift"])
 
 
-def _cmsis_conv_args(graph: Graph, op: Op, p: dict, options: dict | None = None) -> dict:
+def _cmsis_conv_args(graph: Graph, op: Op, p: dict, options: dict | None = None, shapes: tuple | None = None,
+                     pads: tuple[int, int] | None = None) -> dict:
     """C initialisers of the CMSIS-NN structs of a conv/depthwise; ``options["kernel"] ==
     "general"`` calls arm_convolve_s8 itself (pixel by pixel, so its output may overlap the
-    input) instead of the wrapper's choice (a 1x1 conv's arm_convolve_1x1_s8_fast may not)."""
+    input) instead of the wrapper's choice (a 1x1 conv's arm_convolve_1x1_s8_fast may not).
+    ``shapes`` (input, output) and ``pads`` (top, left): a patch's (mcu.patch), whose padding is
+    never negative: CMSIS-NN pads the top and left as given and reads rows and columns past the
+    input's end as padding, as a patch at the bottom or right edge needs."""
     x, w, y = graph.tensors[op.inputs[0]], graph.tensors[op.inputs[1]], graph.tensors[op.outputs[0]]
+    xs, ys = shapes if shapes is not None else (x.shape, y.shape)
     o = op.options
     (pt, _), (pl, _) = p["padding"]
+    if pads is not None:
+        pt, pl = pads
     act = f"{{{p['act_min']}, {p['act_max']}}}"
     tiles = f"{{{o['stride_w']}, {o['stride_h']}}}, {{{pl}, {pt}}}, {{{o['dilation_w']}, {o['dilation_h']}}}, {act}"
-    d = {"in": dims(*x.shape), "out": dims(*y.shape), "bias": dims(1, 1, 1, y.shape[3])}
+    d = {"in": dims(*xs), "out": dims(*ys), "bias": dims(1, 1, 1, ys[3])}
     if op.kind == "CONV_2D":
         d.update(ptype="cmsis_nn_conv_params", params=f"{{{p['input_offset']}, {p['output_offset']}, {tiles}}}",
                  filter=dims(*w.shape),
@@ -96,20 +103,19 @@ class ConvEmitter(Emitter):
         return f"{d['fn']}_get_buffer_size({args});{d['fn']}_get_buffer_size_dsp({args})"
 
     def cmsis_nn(self, layer: Layer) -> str | None:
-        if not layer.whole:
-            return None
-        op, pre = layer.op, layer.prefix
-        d = _cmsis_conv_args(layer.graph, op, layer.params, layer.options)
+        op = layer.op
+        x, y = op.inputs[0], op.outputs[0]
+        if layer.pads is not None and min(layer.pads) < 0:
+            return None  # a patch region wider than this op reads (CMSIS-NN has no row stride to skip it)
+        d = _cmsis_conv_args(layer.graph, op, layer.params, layer.options, (layer.shape(x), layer.shape(y)), layer.pads)
         filt, bias = layer.const("int8_t", "filter", layer.tensor(1).data), _bias(layer)
         mult, shift = _requantization(layer)
-        consts = [f"static const {d['ptype']} {pre}_params = {d['params']};\n",
-                  (f"static const cmsis_nn_per_channel_quant_params {pre}_quant = {{(int32_t *){mult}, "
-                   f"(int32_t *){shift}}};\n")]
-        consts += [f"static const cmsis_nn_dims {pre}_{k}_dims = {d[k]};\n" for k in ("in", "filter", "bias", "out")]
-        layer.out.consts.extend(consts)
-        call = (f"{d['fn']}(&ctx, &{pre}_params, &{pre}_quant, &{pre}_in_dims, {layer.ptr(op.inputs[0])}, "
-                f"&{pre}_filter_dims, {filt}, &{pre}_bias_dims, {bias}, "
-                f"{'NULL, ' if d['fn'] == 'arm_convolve_s8' else ''}&{pre}_out_dims, {layer.ptr(op.outputs[0])})")
+        params = layer.struct(d["ptype"], d["params"])  # one per geometry: the patches of a layer share them
+        quant = layer.struct("cmsis_nn_per_channel_quant_params", f"{{(int32_t *){mult}, (int32_t *){shift}}}")
+        dim = {k: layer.struct("cmsis_nn_dims", d[k]) for k in ("in", "filter", "bias", "out")}
+        call = (f"{d['fn']}(&ctx, &{params}, &{quant}, &{dim['in']}, {layer.ptr(x)}, "
+                f"&{dim['filter']}, {filt}, &{dim['bias']}, {bias}, "
+                f"{'NULL, ' if d['fn'] == 'arm_convolve_s8' else ''}&{dim['out']}, {layer.ptr(y)})")
         layer.out.call(f"{{ cmsis_nn_context ctx = {{{_context(layer)}}}; {layer.checked(call)}; }}")
         return d["fn"]
 
@@ -227,8 +233,11 @@ def _strip_in_place_ok(g: dict, strip: int) -> bool:
 def depthwise_geometry(graph: Graph, op: Op, p: dict, strip: str = "all") -> dict | None:
     """The plane of the specialized depthwise, or None where it does not apply (depth multiplier
     other than 1, dilation, batches). ``strip``: output rows per pass over the plane (the
-    smallest at least that large which is exact in place; "all": the whole plane)."""
-    x, w, y = graph.tensors[op.inputs[0]], graph.tensors[op.inputs[1]], graph.tensors[op.outputs[0]]
+    smallest at least that large which is exact in place; "all": the whole plane). A depthwise
+    fused with the 1x1 conv before it (``p["pointwise"]``, mcu.codegen.fuse_pointwise) has that
+    conv's output as its input."""
+    x_name = p["pointwise"][0].outputs[0] if "pointwise" in p else op.inputs[0]
+    x, w, y = graph.tensors[x_name], graph.tensors[op.inputs[1]], graph.tensors[op.outputs[0]]
     o = op.options
     if (o["depth_multiplier"] != 1 or o["dilation_h"] != 1 or o["dilation_w"] != 1 or x.shape[0] != 1
             or x.shape[3] != y.shape[3]):
@@ -250,6 +259,24 @@ def depthwise_geometry(graph: Graph, op: Op, p: dict, strip: str = "all") -> dic
     while rows < oh and not _strip_in_place_ok(g, rows):
         rows += 1
     return {**g, "strip": rows, "plane_h": (rows - 1) * sh + kh}
+
+
+def _pointwise_source(layer: Layer, pw: Op, p: dict, planes: int) -> str:
+    """The tp_sp_pw_source of the 1x1 conv ``pw`` fused into the depthwise ``layer`` (its constants
+    are this layer's): int16 weights in blocks of ``planes`` channels, one record per channel."""
+    graph = layer.graph
+    w = graph.tensors[pw.inputs[1]]
+    filt = w.data.astype(np.int64).reshape(w.shape[0], w.shape[3])
+    req = specialized.requantization(_bias_values(graph, pw), p["output_multiplier"], p["output_shift"],
+                                     p["output_offset"], _acc_bound(graph, pw, p, np.abs(filt).sum(axis=1)),
+                                     want_doubled=True)
+    weights = layer.const("int32_t", "pw_weights",
+                          _words(specialized.fc_weights(filt, planes, "s16", req.doubled), np.int16))
+    records = layer.const("int32_t", "pw_channels", req.records)
+    fields = [w.shape[3], -(-w.shape[3] // 4), p["input_offset"], p["act_min"], p["act_max"], req.mode, int(req.doubled)]
+    return layer.out.struct("tp_sp_pw_source", f"{layer.prefix}_pw", f"{{{', '.join(str(int(v)) for v in fields)}, "
+                                                                    f"(const tp_sp_word *){weights}, "
+                                                                    f"(const tp_sp_channel *){records}}}")
 
 
 def _sp_conv_column(graph: Graph, op: Op) -> specialized.ConvColumn:
@@ -278,7 +305,14 @@ def _conv_specialized_scratch(graph: Graph, op: Op, params: dict, options: dict)
             return col.column if direct_mode(graph, op, params) == specialized.DIRECT_COLUMN else 0
         return 4 * col.column + specialized.round_up(col.segment, 4)
     g = depthwise_geometry(graph, op, params, options.get("strip", "all"))
-    return None if g is None or options.get("kernel") == "portable" else g["plane_h"] * g["plane_w"]
+    if g is None or options.get("kernel") == "portable":
+        return None
+    return g["plane_h"] * g["plane_w"] * (fused_planes(options, g) if "pointwise" in params else 1)
+
+
+def fused_planes(options: dict, g: dict) -> int:
+    """Channels per pass of a fused depthwise (the ``planes`` knob, at most its channels)."""
+    return min(int(options.get("planes", 1)), g["channels"])
 
 
 def _conv_specialized(layer: Layer) -> str | None:
@@ -302,12 +336,18 @@ def _conv_specialized(layer: Layer) -> str | None:
                                    "pad_top", "pad_left")),
                   p["input_offset"], p["act_min"], p["act_max"], req.mode, int(req.doubled),
                   g["plane_h"], g["plane_w"], g["rows_in"], g["cols_in"], g["groups"], g["strip"]]
+        planes, source = 1, "0"
+        if "pointwise" in p:
+            planes = fused_planes(layer.options, g)
+            source = "&" + _pointwise_source(layer, *p["pointwise"], planes)
         struct = layer.struct("tp_sp_dw_layer", f"{{{', '.join(str(int(v)) for v in fields)}, "
-                                                f"(const tp_sp_word *){weights}, (const tp_sp_channel *){records}}}")
+                                                f"(const tp_sp_word *){weights}, (const tp_sp_channel *){records}, "
+                                                f"{planes}, {source}}}")
         # in place (TinyEngine) when the plan gave the output the input's buffer: the same pointer
         _sp_function(layer, "tp_sp_depthwise", struct, [("const int8_t *in", x_arg), ("int8_t *out", y_arg),
                                                         ("int8_t *plane", f"(int8_t *)({layer.scratch})")])
-        return "tp_sp_depthwise" + (f" (strips of {g['strip']})" if g["strip"] < g["out_h"] else "")
+        return ("tp_sp_depthwise" + (f" (strips of {g['strip']})" if g["strip"] < g["out_h"] else "")
+                + (f" (fused 1x1, {planes} planes)" if "pointwise" in p else ""))
     fmt = layer.options.get("weights", "s16")
     unroll = int(layer.options.get("unroll", 2))
     col = _sp_conv_column(graph, op)

@@ -27,20 +27,19 @@ class PoolEmitter(Emitter):
         return f"arm_avgpool_s8_get_buffer_size({w}, {c});arm_avgpool_s8_get_buffer_size_dsp({w}, {c})"
 
     def cmsis_nn(self, layer: Layer) -> str | None:
-        if not layer.whole:
-            return None
-        op, p, o, pre = layer.op, layer.params, layer.op.options, layer.prefix
-        x, y = layer.tensor(0), layer.output
-        (pt, _), (pl, _) = p["padding"]
+        """Whole tensors or a patch (its padding is never negative; rows and columns past the
+        input's end are padding to CMSIS-NN, as at a patch's bottom or right edge)."""
+        op, p, o = layer.op, layer.params, layer.op.options
+        x, y = op.inputs[0], op.outputs[0]
+        pt, pl = layer.pads if layer.pads is not None else (p["padding"][0][0], p["padding"][1][0])
+        if min(pt, pl) < 0:
+            return None  # a patch region wider than this op reads (CMSIS-NN has no row stride to skip it)
         fn = "arm_avgpool_s8" if op.kind == "AVERAGE_POOL_2D" else "arm_max_pool_s8"
-        layer.out.consts.extend([
-            (f"static const cmsis_nn_pool_params {pre}_params = {{{{{o['stride_w']}, {o['stride_h']}}}, {{{pl}, {pt}}}, "
-             f"{{{p['act_min']}, {p['act_max']}}}}};\n"),
-            f"static const cmsis_nn_dims {pre}_in_dims = {dims(*x.shape)};\n",
-            f"static const cmsis_nn_dims {pre}_filter_dims = {dims(1, o['filter_h'], o['filter_w'], 1)};\n",
-            f"static const cmsis_nn_dims {pre}_out_dims = {dims(*y.shape)};\n",
-        ])
-        call = (f"{fn}(&ctx, &{pre}_params, &{pre}_in_dims, {layer.ptr(op.inputs[0])}, &{pre}_filter_dims, "
-                f"&{pre}_out_dims, {layer.ptr(op.outputs[0])})")
+        params = layer.struct("cmsis_nn_pool_params", f"{{{{{o['stride_w']}, {o['stride_h']}}}, {{{pl}, {pt}}}, "
+                                                      f"{{{p['act_min']}, {p['act_max']}}}}}")
+        in_dims, out_dims = (layer.struct("cmsis_nn_dims", dims(*layer.shape(n))) for n in (x, y))
+        filter_dims = layer.struct("cmsis_nn_dims", dims(1, o["filter_h"], o["filter_w"], 1))
+        call = (f"{fn}(&ctx, &{params}, &{in_dims}, {layer.ptr(x)}, &{filter_dims}, "
+                f"&{out_dims}, {layer.ptr(y)})")
         layer.out.call(f"{{ cmsis_nn_context ctx = {{{layer.scratch}, {layer.scratch_bytes}}}; {layer.checked(call)}; }}")
         return fn

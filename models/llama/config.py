@@ -19,16 +19,19 @@ class LlamaConfig:
     tie_embeddings: bool = False
     # Llama-3 RoPE scaling: (factor, low_freq_factor, high_freq_factor, original_max_position_embeddings)
     rope_llama3: tuple[float, float, float, float] | None = None
+    # (n_heads, n_kv_heads) of the checkpoint when tensor parallelism padded the head counts with zero
+    # heads (``models.llama.sharding.padded_config``); the head size stays the checkpoint's.
+    unpadded_heads: tuple[int, int] | None = None
 
     @property
     def head_dim(self) -> int:
-        return self.dim // self.n_heads
+        return self.dim // (self.n_heads if self.unpadded_heads is None else self.unpadded_heads[0])
 
     def __post_init__(self):
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
-        if self.dim % self.n_heads:
+        if self.dim % (self.n_heads if self.unpadded_heads is None else self.unpadded_heads[0]):
             raise ValueError(f"dim={self.dim} is not a multiple of n_heads={self.n_heads}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")

@@ -2,12 +2,13 @@
 format, a context, a batch and a device layout, computed from shapes alone before anything is loaded.
 
 Weights: the parameter pytree the loaders build, as shapes (``jax.eval_shape``), split by the same
-rules ``models.llama.sharding`` places them with, so the plan is the placement's byte count.
+rules ``models.llama.sharding`` places them with, so the plan is the placement's byte count
+(zero heads included where tensor parallelism pads the heads: ``sharding.split_heads``).
 KV cache: ``forward.init_cache`` at the context rounded up as ``generate`` rounds it.
 Activations: an upper bound of one prefill of ``prompt`` tokens, the largest step: the residual
 stream (3 x T x dim), the fused q/k/v output, the attention output, the MLP's gate, up and product
 (3 x T x ffn / M) and the f32 logits (T x vocab / M), plus on the ``xla`` path the attention scores
-it materializes (heads / M x T x T, f32). Fused kernels keep scores on chip.
+it materializes (heads / M x T x T, f32); heads as padded. Fused kernels keep scores on chip.
 Weights are counted in the packed layout of the xla and pallas paths (a Q4_0 block carries its min,
 20 bytes per 32 weights); the cpu path keeps llama.cpp's 18-byte Q4_0 blocks.
 """
@@ -49,6 +50,7 @@ class Plan:
     kv_cache_bytes: int
     activation_bytes: int
     budget_bytes: int | None = None  # one device's memory; None: unknown
+    padding: str | None = None  # how tensor parallelism pads the heads (sharding.padding_note), if it does
 
     @property
     def total_bytes(self) -> int:
@@ -69,7 +71,7 @@ class Plan:
                 f"{self.context} positions per device:\n"
                 f"  weights {self.weight_bytes / GB:.3f} GB + KV cache {self.kv_cache_bytes / GB:.3f} GB + "
                 f"activations {self.activation_bytes / GB:.3f} GB (prefill of {self.prompt}) = "
-                f"{self.total_bytes / GB:.3f} GB of {budget}")
+                f"{self.total_bytes / GB:.3f} GB of {budget}" + ("" if self.padding is None else f"\n  {self.padding}"))
 
     def check(self) -> None:
         """Raise a ValueError with the numbers when the plan does not fit its budget."""
@@ -176,8 +178,11 @@ def _nbytes(a) -> int:
     return math.prod(a.shape) * jnp.dtype(a.dtype).itemsize
 
 
-def weight_bytes_per_device(params: dict, layout: Layout) -> int:
-    """Bytes of the parameters (arrays or shapes) one device holds under ``sharding.param_specs``."""
+def weight_bytes_per_device(params: dict, cfg: LlamaConfig, layout: Layout) -> int:
+    """Bytes of the parameters (arrays or shapes) one device holds under ``sharding.param_specs``,
+    with the zero heads ``sharding.split_heads`` pads them with."""
+    if sharding.padded_config(cfg, layout.model) is not cfg:
+        params = jax.eval_shape(functools.partial(sharding.split_heads, cfg=cfg, model=layout.model), params)
     specs = jax.tree.leaves(sharding.param_specs(params), is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
     total = 0
     for leaf, spec in zip(jax.tree.leaves(params), specs, strict=True):
@@ -198,14 +203,16 @@ def plan(cfg: LlamaConfig, params: dict, *, context: int, batch: int = 1, layout
     b = math.ceil(batch / layout.data)
     positions = -(-context // CACHE_MULTIPLE) * CACHE_MULTIPLE
     t = context if prompt is None else prompt
-    hd, hq, hkv = cfg.head_dim, cfg.n_heads // m, cfg.n_kv_heads // m
+    padded = sharding.padded_config(cfg, m)  # zero heads count: they are computed and stored
+    hd, hq, hkv = cfg.head_dim, padded.n_heads // m, padded.n_kv_heads // m
     kv = 2 * cfg.n_layers * b * hkv * positions * hd * a
     rows = b * t
     activations = rows * a * (3 * cfg.dim + (hq + 2 * hkv) * hd + hq * hd + 3 * cfg.ffn_dim // m)
     activations += rows * cfg.vocab_size // m * 4
     if path == "xla":
         activations += b * hq * t * t * 4
-    return Plan(layout, positions, b, t, weight_bytes_per_device(params, layout), kv, activations, budget_bytes)
+    return Plan(layout, positions, b, t, weight_bytes_per_device(params, cfg, layout), kv, activations, budget_bytes,
+                sharding.padding_note(cfg, m))
 
 
 def device_memory_bytes(devices=None) -> int | None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import time
 from collections.abc import Callable
 
 import jax
@@ -17,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from autotune.measure import Stopwatch
 from models.llama import forward, sharding
 from models.llama.config import LlamaConfig
 
@@ -160,14 +160,14 @@ def generate(params: dict, cfg: LlamaConfig, prompts: list[list[int]], *, max_to
     stop_j = jnp.asarray(stop or [-1], jnp.int32)
     chunk = min(sync_every, max(1, max_tokens - 1))
 
-    t0 = time.perf_counter()
-    prefill_fn = _prefill_and_sample.lower(params, tokens_j, lengths_j, cache, key, **knobs).compile()
-    compile_seconds = time.perf_counter() - t0
+    with Stopwatch() as w:
+        prefill_fn = _prefill_and_sample.lower(params, tokens_j, lengths_j, cache, key, **knobs).compile()
+    compile_seconds = w.seconds
 
-    t0 = time.perf_counter()
-    next_tok, _, cache = prefill_fn(params, tokens_j, lengths_j, cache, jax.random.fold_in(key, 0))
-    first = np.asarray(next_tok)
-    prefill_seconds = time.perf_counter() - t0
+    with Stopwatch() as w:
+        next_tok, _, cache = prefill_fn(params, tokens_j, lengths_j, cache, jax.random.fold_in(key, 0))
+        first = np.asarray(next_tok)
+    prefill_seconds = w.seconds
 
     out: list[list[int]] = [[] for _ in range(b)]
 
@@ -185,22 +185,22 @@ def generate(params: dict, cfg: LlamaConfig, prompts: list[list[int]], *, max_to
     decoded = 0
     decode_seconds = 0.0
     if max_tokens > 1 and not done.all():
-        t0 = time.perf_counter()  # compiled only when a second token is wanted (a 1-token run starts faster)
-        args = (params, next_tok, lengths_j, cache, key, jnp.int32(0), jnp.int32(chunk), jnp.asarray(done), stop_j)
-        decode_fn = _decode_chunk.lower(*args, **knobs, chunk=chunk).compile()
-        compile_seconds += time.perf_counter() - t0
-        t0 = time.perf_counter()
-        positions, done_j = lengths_j, jnp.asarray(done)
-        while decoded < max_tokens - 1:
-            limit = min(chunk, max_tokens - 1 - decoded)
-            produced, steps, next_tok, positions, cache, done_j = decode_fn(
-                params, next_tok, positions, cache, key, jnp.int32(decoded), jnp.int32(limit), done_j, stop_j)
-            produced, steps = np.asarray(produced), int(steps)  # the one host sync of the chunk
-            for i in range(steps):
-                take(produced[:, i])
-            decoded += steps
-            if steps < limit:  # every row stopped
-                break
-        decode_seconds = time.perf_counter() - t0
+        with Stopwatch() as w:  # compiled only when a second token is wanted (a 1-token run starts faster)
+            args = (params, next_tok, lengths_j, cache, key, jnp.int32(0), jnp.int32(chunk), jnp.asarray(done), stop_j)
+            decode_fn = _decode_chunk.lower(*args, **knobs, chunk=chunk).compile()
+        compile_seconds += w.seconds
+        with Stopwatch() as w:
+            positions, done_j = lengths_j, jnp.asarray(done)
+            while decoded < max_tokens - 1:
+                limit = min(chunk, max_tokens - 1 - decoded)
+                produced, steps, next_tok, positions, cache, done_j = decode_fn(
+                    params, next_tok, positions, cache, key, jnp.int32(decoded), jnp.int32(limit), done_j, stop_j)
+                produced, steps = np.asarray(produced), int(steps)  # the one host sync of the chunk
+                for i in range(steps):
+                    take(produced[:, i])
+                decoded += steps
+                if steps < limit:  # every row stopped
+                    break
+        decode_seconds = w.seconds
     return Generation(out[:n_prompts], int(lengths[:n_prompts].sum()), prefill_seconds, decoded, decode_seconds,
                       compile_seconds)

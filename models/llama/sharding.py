@@ -13,6 +13,12 @@ The fused projection holds [q heads | k heads | v heads] along N; split in N con
 device d would get q heads only. ``prepare`` re-orders its columns once at load into
 [q, k, v of device 0 | q, k, v of device 1 | ...], so each device's block is a fused projection of its
 own heads, and the per-device forward pass is the single-device one, unchanged.
+
+A device count that does not divide the KV heads is served by padding with zero heads at placement
+(``padded_config``, ``split_heads``): KV heads up to a multiple of it, query heads in the model's ratio,
+zero q/k/v columns and zero ``wo`` rows. A zero query scores every key 0, so softmax spreads evenly
+over zero values (no NaN), and the zero rows of ``wo`` make its contribution exactly zero; the sharded
+passes and the cache run with the padded config, and ``models.llama.fit`` counts the padded bytes.
 """
 from __future__ import annotations
 
@@ -95,28 +101,55 @@ def quantization_group(params: dict) -> int | None:
     return max(groups) if groups else None
 
 
-def split_sizes(cfg: LlamaConfig, group: int | None = None) -> dict[str, int]:
-    """What a tensor-parallel size must divide: head counts, the MLP width, the vocabulary, and
-    (packed weights) the quantization groups along the K of ``wo`` and ``w_down``."""
-    sizes = {"attention heads": cfg.n_heads, "KV heads": cfg.n_kv_heads, "MLP width": cfg.ffn_dim,
-             "vocabulary": cfg.vocab_size}
+def padded_config(cfg: LlamaConfig, model: int) -> LlamaConfig:
+    """The config of ``model``-way tensor parallelism: KV heads padded with zero heads to a multiple
+    of ``model``, query heads to keep the checkpoint's query heads per KV head (9/3 -> 12/4 for 2 or
+    4 devices). ``cfg`` itself when ``model`` divides the KV heads (or ``cfg`` is already padded)."""
+    n_kv_heads = -(-cfg.n_kv_heads // model) * model
+    if n_kv_heads == cfg.n_kv_heads:
+        return cfg
+    ratio = cfg.n_heads // cfg.n_kv_heads
+    return dataclasses.replace(cfg, n_heads=n_kv_heads * ratio, n_kv_heads=n_kv_heads,
+                               unpadded_heads=cfg.unpadded_heads or (cfg.n_heads, cfg.n_kv_heads))
+
+
+def padding_note(cfg: LlamaConfig, model: int) -> str | None:
+    """One line saying how ``model``-way tensor parallelism pads the heads, and what it costs; None
+    when nothing is padded."""
+    padded = padded_config(cfg, model)
+    if padded is cfg:
+        return None
+    return (f"{cfg.n_heads}/{cfg.n_kv_heads} heads padded to {padded.n_heads}/{padded.n_kv_heads} for "
+            f"{model}-way tensor parallelism (attention does {padded.n_heads / cfg.n_heads:.2f}x the work)")
+
+
+def unsplittable_sizes(cfg: LlamaConfig, model: int, group: int | None = None) -> dict[str, int]:
+    """The sizes ``model``-way tensor parallelism must divide and does not: the MLP width, the
+    vocabulary and (packed weights) the quantization groups along the K of ``wo`` and ``w_down``.
+    Heads never: ``padded_config`` pads them, which for packed weights needs whole groups per head."""
+    padded = padded_config(cfg, model)
+    sizes = {"MLP width": cfg.ffn_dim, "vocabulary": cfg.vocab_size}
     if group:
-        sizes[f"groups of {group} in the attention output's K"] = cfg.n_heads * cfg.head_dim // group
+        if padded is not cfg and cfg.head_dim % group:  # a zero head would cut a group of wo's K
+            sizes["KV heads"] = cfg.n_kv_heads
+        sizes[f"groups of {group} in the attention output's K"] = padded.n_heads * cfg.head_dim // group
         sizes[f"groups of {group} in the MLP's K"] = cfg.ffn_dim // group
-    return sizes
+    return {name: n for name, n in sizes.items() if n % model}
 
 
 def valid_model_sizes(cfg: LlamaConfig, group: int | None = None, *, up_to: int = 64) -> list[int]:
-    sizes = split_sizes(cfg, group).values()
-    return [m for m in range(1, up_to + 1) if all(s % m == 0 for s in sizes)]
+    return [m for m in range(1, up_to + 1) if not unsplittable_sizes(cfg, m, group)]
 
 
 def check_layout(cfg: LlamaConfig, layout: Layout, *, group: int | None = None) -> None:
     """Raise one ValueError naming every size the tensor-parallel split does not divide."""
     m = layout.model
-    bad = {name: n for name, n in split_sizes(cfg, group).items() if n % m}
+    bad = unsplittable_sizes(cfg, m, group)
     if bad:
         listed = ", ".join(f"{name} ({n})" for name, n in bad.items())
+        if "KV heads" in bad:
+            listed += (f" (zero heads pad the KV heads only when head_dim {cfg.head_dim} is a multiple of the "
+                       f"quantization group {group})")
         raise ValueError(f"tensor parallelism over {m} devices must divide {listed}; this model splits over "
                          f"{', '.join(map(str, valid_model_sizes(cfg, group)))} devices "
                          f"(--devices DxM with M among these)")
@@ -168,16 +201,69 @@ def param_specs(params: dict) -> dict:
     }
 
 
+def _take_columns(w, order: np.ndarray):
+    """``w``'s N columns (the last axis of every field of a dense or packed weight) in ``order``;
+    -1 takes a zero column (a packed column of zero codes, zero scale and zero min is zero)."""
+    def take(a):
+        taken = a[..., np.maximum(order, 0)]
+        if (order >= 0).all():
+            return taken
+        xp = np if isinstance(a, np.ndarray) else jnp
+        return xp.where(order >= 0, taken, xp.zeros((), a.dtype))
+    return jax.tree.map(take, w)
+
+
+def _append_zeros(a, axis: int, count: int):
+    xp = np if isinstance(a, np.ndarray) else jnp
+    shape = list(a.shape)
+    shape[axis] = count
+    return xp.concatenate([a, xp.zeros(shape, a.dtype)], axis=axis)
+
+
 def interleave_qkv(w, cfg: LlamaConfig, model: int):
-    """Re-order the fused projection's N columns [q | k | v] into ``model`` blocks of [q | k | v] heads."""
+    """Re-order the fused projection's N columns [q | k | v] into ``model`` blocks of [q | k | v] heads,
+    after appending to q, k and v the zero heads of ``padded_config`` (the padded query heads come
+    last, so they share the padded KV heads; zero keys and values make them attend to zeros)."""
     if model == 1:
         return w
-    hd = cfg.head_dim
+    hd, padded = cfg.head_dim, padded_config(cfg, model)
     nq, nkv = cfg.n_heads * hd, cfg.n_kv_heads * hd
-    cols = np.arange(nq + 2 * nkv)
-    blocks = [cols[:nq].reshape(model, -1), cols[nq:nq + nkv].reshape(model, -1), cols[nq + nkv:].reshape(model, -1)]
-    order = np.concatenate(blocks, axis=1).reshape(-1)
-    return jax.tree.map(lambda a: a[..., order], w)  # N is the last axis of every field
+    zeros_q = np.full((padded.n_heads - cfg.n_heads) * hd, -1)
+    zeros_kv = np.full((padded.n_kv_heads - cfg.n_kv_heads) * hd, -1)
+    q = np.concatenate([np.arange(nq), zeros_q])
+    k = np.concatenate([nq + np.arange(nkv), zeros_kv])
+    v = np.concatenate([nq + nkv + np.arange(nkv), zeros_kv])
+    order = np.concatenate([q.reshape(model, -1), k.reshape(model, -1), v.reshape(model, -1)], axis=1).reshape(-1)
+    return _take_columns(w, order)
+
+
+def pad_attention_output(w, cfg: LlamaConfig, model: int):
+    """``wo`` with zero rows of K for the zero query heads of ``padded_config`` (appended last, as
+    ``interleave_qkv`` appends the heads): their attention output meets zeros, so they add nothing.
+    Packed weights get whole zero groups (zero codes, scales and mins)."""
+    rows = (padded_config(cfg, model).n_heads - cfg.n_heads) * cfg.head_dim
+    if rows == 0:
+        return w
+    if isinstance(w, QuantizedWeight):  # packed (..., K/g, g', N), scales and mins (..., K/g, N)
+        if rows % w.group:
+            raise ValueError(f"padding {cfg.n_heads} heads for {model}-way tensor parallelism needs head_dim "
+                             f"{cfg.head_dim} to be a multiple of the quantization group {w.group}")
+        groups = rows // w.group
+        return QuantizedWeight(_append_zeros(w.packed, -3, groups), _append_zeros(w.scales, -2, groups),
+                               None if w.mins is None else _append_zeros(w.mins, -2, groups), w.bits, w.group)
+    return _append_zeros(w, -2, rows)
+
+
+def split_heads(params: dict, cfg: LlamaConfig, model: int) -> dict:
+    """The weights as ``model``-way tensor parallelism places them: the heads padded (``padded_config``)
+    and each device's q/k/v block made contiguous. Arrays or shapes (``jax.eval_shape``), layers listed
+    or stacked; host arrays stay on the host."""
+    def split(layer: dict) -> dict:
+        return {**layer, "wqkv": interleave_qkv(layer["wqkv"], cfg, model),
+                "wo": pad_attention_output(layer["wo"], cfg, model)}
+
+    layers = params["layers"]
+    return {**params, "layers": [split(lp) for lp in layers] if isinstance(layers, list) else split(layers)}
 
 
 def _placed_layout(params: dict) -> Layout | None:
@@ -199,12 +285,7 @@ def prepare(params: dict, cfg: LlamaConfig, path: str, mesh: Mesh) -> dict:
         raise ValueError(f"these weights are split for {placed.model}-way tensor parallelism; "
                          f"load the model again for --devices {layout}")
     if placed is None:
-        layers = params["layers"]
-        if isinstance(layers, list):
-            layers = [{**lp, "wqkv": interleave_qkv(lp["wqkv"], cfg, layout.model)} for lp in layers]
-        else:
-            layers = {**layers, "wqkv": interleave_qkv(layers["wqkv"], cfg, layout.model)}
-        params = forward.lay_out({**params, "layers": layers}, cfg, path)
+        params = forward.lay_out(split_heads(params, cfg, layout.model), padded_config(cfg, layout.model), path)
     shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec), param_specs(params))
     return jax.device_put(params, shardings)
 
@@ -216,6 +297,7 @@ def init_cache(cfg: LlamaConfig, batch: int, max_len: int, mesh: Mesh, dtype=jnp
         raise ValueError(f"a batch of {batch} does not split over {layout.data} data-parallel replicas; "
                          f"pad it to {padded_batch(batch, layout)} (generate does)")
     sharding = NamedSharding(mesh, CACHE_SPEC)
+    cfg = padded_config(cfg, layout.model)
     make = jax.jit(functools.partial(forward.init_cache, cfg, batch, max_len, dtype),
                    out_shardings={"k": sharding, "v": sharding})
     return make()
@@ -280,6 +362,7 @@ def prefill(params: dict, tokens: jax.Array, cache: dict, *, cfg: LlamaConfig, p
     the logits come back split by vocabulary (XLA gathers what a consumer needs)."""
     cache_specs = {"k": CACHE_SPEC, "v": CACHE_SPEC}
     ops = tensor_parallel_ops(path)
+    cfg = padded_config(cfg, layout_of(mesh).model)
 
     def body(params, tokens, cache, lengths=None):
         return forward.run_prefill(ops, params, tokens, cache, cfg, lengths)
@@ -296,7 +379,7 @@ def decode(params: dict, tokens: jax.Array, positions: jax.Array, cache: dict, *
            mesh: Mesh):
     """``forward.decode`` on ``mesh`` (see ``prefill``)."""
     cache_specs = {"k": CACHE_SPEC, "v": CACHE_SPEC}
-    body = functools.partial(forward.run_decode, tensor_parallel_ops(path), cfg=cfg)
+    body = functools.partial(forward.run_decode, tensor_parallel_ops(path), cfg=padded_config(cfg, layout_of(mesh).model))
     run = _sharded(body, mesh, params, (P(DATA), P(DATA), cache_specs), (P(DATA, MODEL), cache_specs))
     return run(params, tokens, positions, cache)
 

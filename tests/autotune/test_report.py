@@ -6,14 +6,16 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
-from autotune import cli, report, results
+from autotune import cli, measure, report, results
 from tests.conftest import REPO
 
 DATA = REPO / "tests" / "data"
 BUNDLE = DATA / "bundle_matmul_cpu"
 BENCHMARK = DATA / "benchmark_matmul_cpu.json"
+COMMITTED = REPO / "benchmarks" / "results"
 
 
 def test_trials_csv_carries_the_problem_fields_as_columns():
@@ -23,6 +25,17 @@ def test_trials_csv_carries_the_problem_fields_as_columns():
     assert {(r["m"], r["n"], r["k"]) for r in rows} == {("32", "48", "40"), ("64", "32", "48")}
     timed = [r for r in rows if r["state"] == "COMPLETE" and r["samples_seconds"]]
     assert timed and all(len(json.loads(r["samples_seconds"])) == int(r["repeats"]) for r in timed)
+
+
+def test_trials_csv_keeps_a_problem_field_named_like_a_trial_field(tmp_path):
+    trials = json.loads((BUNDLE / "trials.json").read_text())[:2]
+    for t in trials:
+        t["problem"] = {**t["problem"], "state": "streaming", "layers": [1, 2]}
+    results.write_trials_csv(tmp_path / "trials.csv", trials)
+    with open(tmp_path / "trials.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["problem_state"] for r in rows] == ["streaming"] * 2 and rows[0]["layers"] == "[1, 2]"
+    assert [r["state"] for r in rows] == [t["state"] for t in trials] and rows[0]["m"] == str(trials[0]["problem"]["m"])
 
 
 @pytest.mark.parametrize("fmt", report.FORMATS)
@@ -53,11 +66,117 @@ def test_report_reads_earlier_protocol_files_without_verdicts():
 
 def test_report_refuses_what_it_cannot_read(tmp_path, capsys):
     (tmp_path / "x.json").write_text("[1, 2]")
-    assert cli.main(["report", str(tmp_path / "x.json")]) == 2
-    assert cli.main(["report", str(tmp_path / "missing.json")]) == 2
-    assert cli.main(["report", str(tmp_path)]) == 2
-    err = capsys.readouterr().err
-    assert err.count("error: ") == 3 and "not a sweep bundle" in err and "no such file" in err
+    (tmp_path / "other.json").write_text(json.dumps({"schema": report.SCHEMA, "benchmark": "fft", "rows": []}))
+    mcu = json.loads((COMMITTED / "mcu.json").read_text())
+    del mcu["rows"][0]["schedules"]
+    (tmp_path / "damaged.json").write_text(json.dumps(mcu))
+    cases = {
+        "x.json": "not a sweep bundle", "missing.json": "no such file", "": "not a sweep bundle",
+        "other.json": "benchmark 'fft' has no table reader", "damaged.json": "damaged mcu results",
+    }
+    for name, message in cases.items():
+        assert cli.main(["report", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: ") and message in err, (name, err)
+    committed = str(COMMITTED / "mcu.json")
+    for argv, message in [(["--table", "mcu:nope"], "matches none of these tables: mcu:summary, mcu:schedules"),
+                          (["--columns", "1,99"], "'99' is not a column of mcu:summary"),
+                          (["--columns", ""], "'' is not a column")]:
+        assert cli.main(["report", committed, *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: ") and message in err, (argv, err)
+
+
+def test_report_selects_tables_and_columns(capsys):
+    committed = str(COMMITTED / "mcu.json")
+    assert cli.main(["report", committed, "--table", "mcu:summary", "--columns", "model,TFLM arena,2",
+                     "--format", "csv"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line and not line.startswith("#")]
+    assert lines[0] == "model,TFLM arena,specialized instr. / CMSIS-NN"
+    doc = json.loads((COMMITTED / "mcu.json").read_text())
+    assert len(lines) == 1 + len(doc["rows"])
+    first = doc["rows"][0]
+    assert lines[1] == (f"{report.model_label(first['model'])},\"{first['tflm_arena_total']:,}\","
+                        f"{first['schedules']['specialized']['instructions_ratio_vs_cmsis_nn']:.3f}")
+
+
+def test_report_reads_the_committed_mcu_results():
+    """Every figure of the MCU tables comes from the benchmark/2 document benchmarks/mcu.py writes."""
+    doc = json.loads((COMMITTED / "mcu.json").read_text())
+    assert doc["schema"] == report.SCHEMA and doc["benchmark"] == "mcu"
+    summary, schedules = report.load(COMMITTED / "mcu.json")
+    assert (summary.name, schedules.name) == ("mcu:summary", "mcu:schedules")
+    assert len(summary.rows) == len(doc["rows"]) == 9
+    assert len(schedules.rows) == sum(len(r["schedules"]) for r in doc["rows"])
+    runs = [e["bit_exact_vs_tflm"] for r in doc["rows"] for e in r["schedules"].values()]
+    assert f"bit-exact with TFLite Micro in {sum(runs)} of {len(runs)} runs" in summary.notes
+    for row, cells in zip(doc["rows"], summary.rows, strict=True):
+        s = row["schedules"]
+        assert cells[1] == f"{s['specialized']['instructions_ratio_vs_cmsis_nn']:.3f}"
+        assert cells[2] == f"{s['specialized']['peak_sram']:,} ({s['portable']['peak_sram']:,})"
+        assert cells[3].startswith(f"{s['cmsis-nn']['sram_ratio_vs_tflm']:.3f}, "
+                                   f"{s['cmsis-nn min-SRAM']['sram_ratio_vs_tflm']:.3f} (")
+        like_for_like = (s["cmsis-nn min-SRAM"]["peak_sram"] + row["caller_input_bytes"]) / row["tflm_arena_total"]
+        assert cells[4] == f"{like_for_like:.3f}" and cells[5] == f"{row['tflm_arena_total']:,}"
+
+
+def test_report_reads_the_earlier_llama_files_without_verdicts():
+    text = report.report([COMMITTED / "llama_h100.json", COMMITTED / "llama_cpu.json"])
+    assert "before the current LLaMA kernels" in text and "earlier protocol" in text
+    assert "win" not in text and "loss" not in text and "parity" not in text
+    gpu = json.loads((COMMITTED / "llama_h100.json").read_text())
+    for row in gpu["results"]:
+        assert f"| {row['format']} |" in text and f"{row['pallas_over_xla']:.2f}x" in text
+
+
+def _synthetic_timing(median: float, rounds: int, rng: np.random.Generator) -> measure.Timing:
+    samples = tuple(float(x) for x in median * (1 + 0.02 * rng.standard_normal(rounds)))
+    return measure.Timing(compile_seconds=0.0, samples_seconds=samples, wall_samples_seconds=samples,
+                          calls_per_sample=1)
+
+
+def synthetic_llama_document() -> dict:
+    """A benchmark/2 llama document as benchmarks/llama.py writes it, with synthetic timings (for
+    testing tables, not speeds): decode and prefill, ours against llama.cpp."""
+    rng = np.random.default_rng(0)
+    doc = results.benchmark_document("llama", {"threads": [2], "tokens": 16})
+    rounds = measure.MIN_ROUNDS
+    for phase, tokens, seconds in (("decode", 1, {"llama.cpp": 8e-3, "cpu": 6e-3, "cpu-q8": 8.1e-3}),
+                                   ("prefill", 256, {"llama.cpp": 0.2, "cpu": 0.5, "cpu-q8": 0.45})):
+        comparison = measure.Comparison({name: _synthetic_timing(s, rounds, rng) for name, s in seconds.items()},
+                                        baseline="llama.cpp", rounds=rounds)
+        contenders = {name: {"what": name} for name in seconds}
+        doc["rows"].append(results.comparison_row(phase, "threads=2", {"threads": 2, "phase": phase}, comparison,
+                                                  contenders, tokens_per_call=tokens))
+    return doc
+
+
+def test_every_committed_result_has_a_reader():
+    for path in sorted(COMMITTED.glob("*.json")):
+        tables = report.load(path)
+        assert tables and all(t.name and t.rows for t in tables), path
+
+
+def test_report_shows_llama_rows_in_tokens_per_second(tmp_path, capsys):
+    """tok/s is tokens per call over the median, its interval from the time's; ratios and verdicts
+    as the comparison measured them."""
+    doc = synthetic_llama_document()
+    path = tmp_path / "llama_cpu.json"
+    results.save_json(path, doc)
+    assert cli.main(["report", str(path), "--table", "llama:*", "--columns", "contender,4,5,verdict"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("| contender | contender (tok/s) [95% CI] | speed-up [95% CI] | verdict |") == 2
+    for row in doc["rows"]:
+        c, tokens = row["comparison"], row["tokens_per_call"]
+        for name, ratio in c["ratios"].items():
+            t = c["timings"][name]
+            rate = report.with_interval(report.sig3(tokens / t["median_seconds"]),
+                                        report.sig3(tokens / t["ci_high_seconds"]),
+                                        report.sig3(tokens / t["ci_low_seconds"]))
+            assert f"| {name} | {rate} | {report.ratio_cell(ratio)} | {ratio['verdict']} |" in out
+    verdicts = {row["section"]: {n: r["verdict"] for n, r in row["comparison"]["ratios"].items()} for row in doc["rows"]}
+    assert verdicts["decode"]["cpu"] == "win" and verdicts["prefill"]["cpu"] == "loss"
+    assert "tok/s = tokens per timed call / median time" in out
 
 
 def test_replay_re_measures_the_committed_bundle(capsys):
@@ -80,6 +199,21 @@ def test_environment_records_code_software_hardware_and_warm_starts():
         assert key in env, key
     assert len(env["git_commit"]) == 40 and isinstance(env["git_dirty"], bool)
     assert env["seed"] == 7 and env["warm_start_sources"]["study-a"][0]["problem"] == {"m": 1}
+
+
+def test_mcu_benchmark_writes_the_document_report_reads(tmp_path):
+    out = tmp_path / "mcu.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "mcu.py"), "--models", "*autoencoder*_int8",
+                           "--no-qemu", "--out", str(out)], check=False, capture_output=True, text=True, timeout=600,
+                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert doc["schema"] == report.SCHEMA and doc["benchmark"] == "mcu" and doc["env"]["git_commit"]
+    assert doc["env"]["interpreted"] is False and doc["settings"]["board"] == "stm32f746"
+    assert [r["label"] for r in doc["rows"]] == [r["model"] for r in doc["rows"]] and len(doc["rows"]) == 1
+    summary, schedules = report.load(out)
+    assert report.render([summary, schedules]) in proc.stdout  # the script prints what `report` prints
+    assert len(schedules.rows) == len(doc["rows"][0]["schedules"]) and "not run" in summary.notes[1]
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ import pytest
 
 import mcu
 from mcu import build, codegen
-from models import builders, ptq, tflite_export, tflite_import, tflm
+from models import builders, ptq, tflite_export, tflite_import, tflm, zoo
 
 needs_cmsis = pytest.mark.skipif(
     not os.environ.get("CMSIS_NN_ROOT"),
@@ -53,4 +53,45 @@ def test_cmsis_in_place_plan_matches_tflm(general, tmp_path):
         board = mcu.board("stm32f746")
         run = build.run_qemu(build.build_target(tmp_path, board), board, mcu.pack_inputs(graph, inputs))
         for got, want in zip(mcu.unpack_outputs(graph, run.outputs), tflm.run(model, *inputs), strict=True):
+            np.testing.assert_array_equal(got, want)
+
+
+@needs_cmsis
+def test_cmsis_patches_match_tflm_below_the_whole_tensor_plan(tmp_path):
+    """ResNet-8's first block (the block input and the first conv's output held whole) run patch by
+    patch on CMSIS-NN kernels: a lower peak, and only CMSIS-NN kernels in the patches."""
+    graph, model = _ptq(builders.resnet8(resolution=16, width=8))
+    whole = codegen.fit_sram(graph, codegen.Config(backend="cmsis-nn"), 0)
+    config = codegen.min_sram_config(graph, codegen.Config(backend="cmsis-nn"))
+    assert config.patch_split >= 3  # the segment takes the whole first block
+    lowered = mcu.export(graph, tmp_path, config)
+    assert lowered.peak_sram_bytes < codegen.plan_schedule(graph, whole)[1].peak_bytes
+    text = lowered.model_c
+    segment = text[text.index("/* patch 0:"): text.index("tp_paste(")]
+    assert "arm_convolve_wrapper_s8(" in segment and "tp_conv" not in segment
+    inputs = mcu.random_inputs(graph, 3, seed=6)
+    run = build.run_host(build.build_host(tmp_path, sanitize=True), mcu.pack_inputs(graph, inputs))
+    for got, want in zip(mcu.unpack_outputs(graph, run.outputs), tflm.run(model, *inputs), strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+@needs_cmsis
+@pytest.mark.slow
+@pytest.mark.parametrize("name", zoo.suite_models())
+def test_cmsis_min_sram_reference_models_fit_0_6_of_tflm_and_match_it(name, reference_model, tmp_path):
+    """The cmsis-nn backend's min-SRAM schedule (in place, patches on CMSIS-NN kernels, the input
+    read where the caller holds it) needs at most 0.6x TFLite Micro's arena on every reference
+    model, bit-exact on the host and on Cortex-M7 under QEMU."""
+    path = reference_model(name)
+    graph = tflite_import.load(str(path))
+    lowered = mcu.export(graph, tmp_path, codegen.min_sram_config(graph, codegen.Config(backend="cmsis-nn")))
+    assert lowered.peak_sram_bytes <= 0.6 * tflm.arena_bytes(str(path))["total"]
+    inputs = mcu.random_inputs(graph, 3, seed=12)
+    runs = [build.run_host(build.build_host(tmp_path), mcu.pack_inputs(graph, inputs))]
+    if shutil.which("qemu-system-arm") and shutil.which("arm-none-eabi-gcc"):
+        board = mcu.board("stm32f746")
+        runs.append(build.run_qemu(build.build_target(tmp_path, board), board, mcu.pack_inputs(graph, inputs),
+                                   timeout=1800))
+    for run in runs:
+        for got, want in zip(mcu.unpack_outputs(graph, run.outputs), tflm.run(path, *inputs), strict=True):
             np.testing.assert_array_equal(got, want)

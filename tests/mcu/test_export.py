@@ -294,8 +294,10 @@ def test_export_uses_the_tuned_schedule(model_path, tmp_path):
     assert "patch_split=-1" in proc.stdout
 
 
-def test_search_space_measures_instructions_and_rejects_over_budget(model_path):
-    from mcu import tune
+def test_search_space_measures_instructions_and_rejects_over_budget(model_path, monkeypatch):
+    import dataclasses
+
+    from mcu import boards, tune
 
     model = str(model_path(SWW))
     space = tune.search_space({"model": model, "target": "stm32f746"})
@@ -310,8 +312,13 @@ def test_search_space_measures_instructions_and_rejects_over_budget(model_path):
         assert m["instructions"] > 0 and m["macs_per_instruction"] > 0
         assert m["peak_sram_bytes"] == codegen.lower(_graph(model),
                                                      tune.for_board(config, mcu.board("stm32f746"))).peak_sram_bytes
-    big = tune.search_space({"model": str(model_path(DETECTION)), "target": "stm32f446"})
-    assert any("over by" in v for v in big.violations(big.default))
+    # a board whose SRAM is 1 KiB short of the default schedule's arena: the default is over budget
+    peak = codegen.lower(_graph(model), space.to_config(space.default)).peak_sram_bytes
+    small = boards.BOARDS["stm32f746"]
+    small = dataclasses.replace(small, name="small", sram_bytes=small.stack_bytes + peak - 1024)
+    monkeypatch.setitem(boards.BOARDS, "small", small)
+    tight = tune.search_space({"model": model, "target": "small"})
+    assert any("over by 1024 B" in v for v in tight.violations(tight.default))
     with pytest.raises(ValueError, match="not found"):
         tune.search_space({"model": "nope.tflite", "target": "stm32f746"})
 

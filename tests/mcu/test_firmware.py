@@ -128,3 +128,40 @@ def test_cli_prefix_must_be_a_c_identifier(tmp_path):
                           cwd=REPO, capture_output=True, text=True, check=False, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "int32_t kws_model_invoke(" in (tmp_path / "o" / "model.h").read_text()
+
+
+@pytest.mark.parametrize("backend", ["portable", "specialized"])
+def test_model_reads_its_input_in_place_and_never_writes_it(backend, tmp_path):
+    """Zero-copy input: the float input is QUANTIZEd straight from the caller's buffer, which is
+    not in the arena; a caller whose input lies in read-only memory (a const array: .rodata) gets
+    TFLite Micro's outputs, so nothing is written there."""
+    float_graph = builders.resnet8(resolution=16, width=8)
+    rng = np.random.default_rng(0)
+    q = ptq.quantize(float_graph, [rng.normal(size=(16, 16, 16, 3)).astype(np.float32)], float_io=True)
+    model = tflite_export.to_bytes(q)
+    graph = tflite_import.from_bytes(model)
+    lowered = mcu.export(graph, tmp_path, codegen.Config(backend=backend), prefix="cam")
+    x = graph.inputs[0]
+    assert lowered.plan.is_external(x) and lowered.plan.tensor_buffer[x] not in lowered.plan.buffers
+    assert "((int8_t *)input + 0)" in lowered.model_c and "tp_copy((const int8_t *)input" not in lowered.model_c
+    assert "unchanged until cam_model_invoke returns" in lowered.model_h
+    inputs = mcu.random_inputs(graph, 1, seed=9)
+    values = ", ".join(f"{v!r}f" for v in inputs[0].reshape(-1).astype(np.float32).tolist())
+    (tmp_path / "main.c").write_text(f"""#include <stdio.h>
+#include "model.h"
+static const float input[{inputs[0].size}] = {{{values}}};
+static float output[CAM_MODEL_OUTPUT_BYTES / sizeof(float)];
+int main(void) {{
+  const int32_t status = cam_model_invoke(input, output);
+  fwrite(output, 1, sizeof output, stdout);
+  return (int)status;
+}}
+""")
+    exe = tmp_path / "main"
+    subprocess.run(["gcc", "-std=c99", "-O1", f"-I{tmp_path}", str(tmp_path / "model.c"), str(tmp_path / "tp_kernels.c"),
+                    str(tmp_path / "main.c"), "-o", str(exe), "-lm"], check=True, capture_output=True)
+    proc = subprocess.run([str(exe)], capture_output=True, check=False, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    got = mcu.unpack_outputs(graph, np.frombuffer(proc.stdout, np.uint8).reshape(1, -1))
+    for a, b in zip(got, tflm.run(model, *inputs), strict=True):
+        np.testing.assert_array_equal(a, b)

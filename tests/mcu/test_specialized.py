@@ -168,3 +168,39 @@ def test_specialized_reference_models_match_tflm_on_host_and_cortex_m7(name, tmp
         run = build.run_qemu(build.build_target(tmp_path, board), board, mcu.pack_inputs(graph, inputs), timeout=1800)
         for got, want in zip(mcu.unpack_outputs(graph, run.outputs), tflm.run(MODELS_DIR / name, *inputs), strict=True):
             np.testing.assert_array_equal(got, want)
+
+
+def _fusion_net():
+    """1x1 convs with input channels that are not a multiple of 4 (3, 10: a partial group) feeding
+    depthwise ops of 10 and 6 channels (a last pass with fewer planes), 3x3/s1 and 5x5/s2 VALID."""
+    gb = builders.GraphBuilder("fusion", (11, 9, 3))
+    x = gb.depthwise(gb.conv(gb.input, 10, 1), 3)
+    x = gb.depthwise(gb.conv(x, 6, 1, activation="NONE"), 5, stride=2, padding="VALID")
+    return gb.build(gb.softmax(gb.dense(gb.flatten(gb.average_pool(x)), 3)))
+
+
+@pytest.mark.parametrize("planes,strip", [("1", "all"), ("4", "2")])
+def test_fused_pointwise_depthwise_matches_tflm_and_stores_no_conv_output(planes, strip, tmp_path):
+    graph, model = _ptq(_fusion_net())
+    dws = [i for i, op in enumerate(graph.ops) if op.kind == "DEPTHWISE_CONV_2D"]
+    options = tuple((i, k, v) for i in dws for k, v in (("fuse", "pointwise"), ("planes", planes), ("strip", strip)))
+    lowered = _host_matches_tflm(graph, model, tmp_path, codegen.Config(backend="specialized", layer_options=options),
+                                 sanitize=True)
+    assert all("fused 1x1" in lowered.layers[i]["kernel"] for i in dws)
+    plan = lowered.plan
+    for i in dws:
+        source, out = plan.tensor_buffer[graph.ops[i - 1].inputs[0]], plan.tensor_buffer[graph.ops[i].outputs[0]]
+        # the conv output aliases the conv input (no bytes of its own), which the depthwise reads for
+        # every channel: its output may not overlap it
+        assert plan.tensor_buffer[graph.ops[i].inputs[0]] == source
+        a, b = plan.offsets[source], plan.offsets[out]
+        assert a + plan.buffers[source].size <= b or b + plan.buffers[out].size <= a
+
+
+def test_default_schedule_fuses_narrow_pointwise_convs():
+    graph, _ = _ptq(builders.mcunet(resolution=32))
+    config = codegen.specialized_config(graph)
+    fused = {i for i, knob, v in config.layer_options if knob == "fuse" and v == "pointwise"}
+    assert fused and all(graph.tensors[graph.ops[i - 1].inputs[0]].shape[3] <= codegen.FUSE_MAX_INPUT_CHANNELS
+                         for i in fused)
+    assert codegen.plan_schedule(graph, config)[1].peak_bytes <= codegen.plan_schedule(graph, codegen.Config())[1].peak_bytes

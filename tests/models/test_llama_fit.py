@@ -84,13 +84,42 @@ def test_readme_table_is_what_the_function_prints():
         assert fit.readme_table(context=4096, batch=batch) in text, f"README's batch-{batch} table is stale"
 
 
-def test_tensor_parallel_must_divide_heads_with_an_error_naming_them():
-    cfg = fit.read_checkpoint(None).config  # SmolLM2-135M: 9 heads, 3 KV heads
-    with pytest.raises(ValueError, match=r"attention heads \(9\), KV heads \(3\); this model splits over 1, 3 devices"):
-        sharding.check_layout(cfg, sharding.Layout(1, 2))
-    sharding.check_layout(cfg, sharding.Layout(4, 3))
+def test_heads_are_padded_and_other_sizes_must_divide_with_an_error_naming_them():
+    cfg = fit.read_checkpoint(None).config  # SmolLM2-135M: 9 heads, 3 KV heads, MLP 1536, vocabulary 49152
+    for m in (2, 4):
+        padded = sharding.padded_config(cfg, m)
+        assert (padded.n_heads, padded.n_kv_heads, padded.head_dim) == (12, 4, cfg.head_dim)
+        assert sharding.padding_note(cfg, m) == (f"9/3 heads padded to 12/4 for {m}-way tensor parallelism "
+                                                 "(attention does 1.33x the work)")
+        sharding.check_layout(cfg, sharding.Layout(1, m), group=32)
+    assert sharding.padded_config(cfg, 3) is cfg and sharding.padding_note(cfg, 3) is None
+    with pytest.raises(ValueError, match=r"over 5 devices must divide MLP width \(1536\), vocabulary \(49152\), "
+                                         r"groups of 32 in the MLP's K \(48\); "
+                                         r"this model splits over 1, 2, 3, 4, 6, 8, 12, 16, 24, 48 devices"):
+        sharding.check_layout(cfg, sharding.Layout(1, 5), group=32)
     with pytest.raises(ValueError, match=r"groups of 32 in the MLP's K \(2\)"):
         sharding.check_layout(llama_config.tiny(ffn_dim=64, n_heads=4, n_kv_heads=4), sharding.Layout(1, 4), group=32)
+    # packed weights: a zero head must be whole quantization groups of wo's K
+    with pytest.raises(ValueError, match=r"must divide KV heads \(2\) \(zero heads pad the KV heads only when "
+                                         r"head_dim 16 is a multiple of the quantization group 32\)"):
+        sharding.check_layout(llama_config.tiny(), sharding.Layout(1, 4), group=32)
+    sharding.check_layout(llama_config.tiny(), sharding.Layout(1, 4))  # dense: any head size pads
+
+
+def test_plan_counts_the_zero_heads_of_padding():
+    """SmolLM2 over 2 devices: 12/4 heads stored and computed; the q/k/v and wo weights grow by 4/3."""
+    checkpoint = fit.read_checkpoint(None)
+    cfg, shapes = checkpoint.config, checkpoint.shapes
+    one = fit.plan(cfg, shapes, context=256, dtype=jnp.float32)
+    two = fit.plan(cfg, shapes, context=256, layout=sharding.Layout(1, 2), dtype=jnp.float32)
+    assert one.padding is None and "padded" not in one.describe()
+    assert two.describe().endswith("\n  9/3 heads padded to 12/4 for 2-way tensor parallelism "
+                                   "(attention does 1.33x the work)")
+    assert two.kv_cache_bytes == one.kv_cache_bytes * 4 // 3 // 2
+    attention = sum(a.size * a.dtype.itemsize for lp in shapes["layers"] for a in jax.tree.leaves([lp["wqkv"], lp["wo"]]))
+    replicated = sum(a.size * 4 for a in [shapes["norm"]] + [lp[n] for lp in shapes["layers"]
+                                                             for n in ("attn_norm", "ffn_norm")])
+    assert two.weight_bytes == (one.weight_bytes - replicated + attention // 3) // 2 + replicated
 
 
 @pytest.mark.parametrize("text, layout", [("4", (1, 4)), ("2x2", (2, 2)), ("4X1", (4, 1)), ("1", (1, 1))])
@@ -109,10 +138,11 @@ def test_more_devices_than_the_machine_has_is_a_clear_error():
         sharding.make_mesh(sharding.Layout(2, 4), jax.devices()[:1])
 
 
-def test_cli_refuses_a_split_that_does_not_divide_the_heads(capsys):
-    assert cli.main(["generate", "--prompt", "x", "--devices", "2"]) == 2
+def test_cli_refuses_a_split_that_padding_cannot_serve(capsys):
+    assert cli.main(["generate", "--prompt", "x", "--devices", "5"]) == 2
     err = capsys.readouterr().err
-    assert "error: tensor parallelism over 2 devices must divide attention heads (9), KV heads (3)" in err
+    assert err.startswith("error: tensor parallelism over 5 devices must divide MLP width (1536), vocabulary (49152)")
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_cli_refuses_a_model_that_does_not_fit(capsys):
@@ -127,7 +157,11 @@ def test_cli_plan_prints_the_plan(capsys):
     out = capsys.readouterr().out
     assert "--devices 2x2 (data x model), 4 sequence(s) of 4096 positions per device" in out and "fits" in out
     assert cli.main(["plan", "--config", "llama2-70b", "--devices", "3"]) == 2
-    assert "this model splits over 1, 2, 4, 8 devices" in capsys.readouterr().err
+    assert "must divide MLP width (28672), vocabulary (32000); this model splits over 1, 2, 4, 8, 16, 32, 64" in (
+        capsys.readouterr().err)
+    assert cli.main(["plan", "--devices", "4", "--context", "512"]) == 0  # the bundled SmolLM2: 9/3 heads
+    out = capsys.readouterr().out.splitlines()
+    assert out[2:] == ["  9/3 heads padded to 12/4 for 4-way tensor parallelism (attention does 1.33x the work)", "fits"]
 
 
 def test_cpu_path_is_refused_on_a_mesh():
