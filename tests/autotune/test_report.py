@@ -120,8 +120,21 @@ def test_report_reads_the_committed_mcu_results():
         assert cells[4] == f"{like_for_like:.3f}" and cells[5] == f"{row['tflm_arena_total']:,}"
 
 
-def test_report_reads_the_earlier_llama_files_without_verdicts():
-    text = report.report([COMMITTED / "llama_h100.json", COMMITTED / "llama_cpu.json"])
+# The first llama_cpu.json (commit d5466e5, since re-measured as a benchmark/2 document), as it was.
+EARLIER_LLAMA_CPU = {
+    "env": {"date_utc": "2026-11-25T23:38:02+00:00", "jax": "0.10.2", "device_kind": "cpu", "interpreted": True,
+            "git_commit": "d5466e52ca3e25beabdb3d567fcfdb7f1b9364e6"},
+    "kind": "cpu", "model": "SmolLM2-135M-Instruct Q4_1 (bundled)", "context": 19, "tokens": 64, "rounds": 3,
+    "xla_tok_s_rounds": [8.240618285081707, 10.06618722412, 11.136880873173599],
+    "llama_cpp_tok_s_rounds": [114.80570458347451, 140.52844381903358, 134.8015008510975],
+    "llama_cpp_version": "0.3.36", "xla_tok_s": 11.136880873173599, "llama_cpp_tok_s": 140.52844381903358,
+    "xla_over_llama_cpp": 0.07925001210086116, "tiny_pallas_interpret_tok_s": 2009.8805740240107,
+}
+
+
+def test_report_reads_the_earlier_llama_files_without_verdicts(tmp_path):
+    earlier_cpu = results.save_json(tmp_path / "llama_cpu.json", EARLIER_LLAMA_CPU)
+    text = report.report([COMMITTED / "llama_h100.json", earlier_cpu])
     assert "before the current LLaMA kernels" in text and "earlier protocol" in text
     assert "win" not in text and "loss" not in text and "parity" not in text
     gpu = json.loads((COMMITTED / "llama_h100.json").read_text())
