@@ -121,13 +121,15 @@ def bundle_tables(directory: pathlib.Path) -> list[Table]:
     for kernel, entries in by_kernel.items():
         objectives = list(entries[0].get("values") or {"seconds": None})
         timed = objectives == ["seconds"]
+        confirmed = any(e.get("confirmed") for e in entries)
         columns = ["problem", "best (us) [95% CI]" if timed else "best", "default (us)" if timed else "default",
-                   "default/best", "params"]
+                   "default/best"] + (["tuned vs default, interleaved [95% CI]", "verdict"] if confirmed else []) \
+            + ["params"]
         rows = []
         for e in entries:
             values, default = e.get("values"), e.get("default_values")
             if values is None:
-                rows.append([problem_label(e["problem"]), "no feasible trial", "-", "-", "-"])
+                rows.append([problem_label(e["problem"]), "no feasible trial"] + ["-"] * (len(columns) - 2))
                 continue
             first = objectives[0]
             if timed:
@@ -138,11 +140,21 @@ def bundle_tables(directory: pathlib.Path) -> list[Table]:
                 default_cell = ", ".join(f"{k}={v:,.0f}" for k, v in default.items()) if default else "-"
             ratio = f"{default[first] / values[first]:.2f}x" if default and values[first] else "-"
             params = ", ".join(f"{k}={v}" for k, v in (e.get("params") or {}).items())
-            rows.append([problem_label(e["problem"]), best_cell, default_cell, ratio, params])
+            extra = []
+            if confirmed:
+                c = (e.get("confirmed") or {}).get("ratios", {}).get("tuned")
+                kept = " (default kept)" if (e.get("confirmed") or {}).get("kept") == "default" else ""
+                extra = [ratio_cell(c), c["verdict"] + kept] if c else ["-", "default is best" if default and
+                                                                 values[first] == default[first] else "-"]
+            rows.append([problem_label(e["problem"]), best_cell, default_cell, ratio, *extra, params])
         notes = [f"sweep bundle {directory.name}: {env_note(env)}; seed {env.get('seed')}"]
         if timed:
             notes.append("best: the best trial's median with its 95% bootstrap interval; default: the heuristic "
                          "config's median in the same sweep (a tuning figure, not an interleaved comparison)")
+            if confirmed:
+                notes.append("tuned vs default, interleaved: the two configs timed again in alternating rounds "
+                             "after the sweep (default time / tuned time); win or loss only where the intervals "
+                             "do not overlap, else parity")
         tables.append(Table(f"{kernel}: best configs", columns, rows, notes, f"{kernel}:best"))
     return tables
 

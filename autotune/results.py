@@ -243,7 +243,7 @@ def write_bundle(directory: pathlib.Path, results: list, env: dict) -> pathlib.P
     best = [
         {"kernel": r.space.kernel, "problem": r.space.problem, "study": r.study.study_name,
          "params": r.best_params, "values": r.best_values, "default_values": r.default_values,
-         "timing": _best_timing(r)}
+         "timing": _best_timing(r), "confirmed": r.confirmation}
         for r in results
     ]
     (directory / "best_configs.json").write_text(json.dumps(best, indent=1))

@@ -55,6 +55,7 @@ class TuneResult:
     best_params: dict | None  # full params (default merged with the best trial's knobs)
     best_values: dict | None  # objective name -> value
     stopped: str | None = None  # why this worker stopped before the budget was reached, if it did
+    confirmation: dict | None = None  # ``confirm``: tuned vs default, interleaved (``Comparison.as_dict()``)
 
     @property
     def default_values(self) -> dict | None:
@@ -357,6 +358,42 @@ def tune(space: SearchSpace, *, storage: str, n_trials: int, timeout: float | No
         tuned.store(space.kernel, space.problem, best_params, **best_values, study=name,
                     objective=space.objectives[0].name, interpreted=space.interpreted)
     return TuneResult(study, space, best_params, best_values, stopped)
+
+
+CONFIRM_ROUNDS = 30
+CONFIRM_SAMPLE_SECONDS = 0.005
+
+
+def confirm(result: TuneResult, *, rounds: int = CONFIRM_ROUNDS, write_cache: bool = True) -> dict | None:
+    """The tuned config against the heuristic default, timed interleaved in one run by
+    ``measure.compare`` (baseline "default", contender "tuned"): ``Comparison.as_dict()``, whose
+    ``ratios["tuned"]`` holds the speed-up, its 95% interval and the verdict. The trials' own
+    medians come from different moments of the study, so a speed-up read from them alone is not
+    yet a verdict. None where there is nothing to confirm: no feasible best, a space measured by
+    its own ``measure`` (e.g. MCU instruction counts, exact), an interpreted space (the
+    interpreter's speed is not the kernel's), or a best that is the default itself.
+
+    Where the tuned config loses (its interval entirely slower), the default is what ``kept`` says
+    and, with ``write_cache``, what the best-config cache holds for the problem: a config chosen on
+    noise is not kept."""
+    space = result.space
+    if result.best_params is None or space.measure is not None or space.interpreted:
+        return None
+    default = dict(space.default or {})
+    if _knob_params(space, default) == _knob_params(space, result.best_params):
+        return None
+    contenders = {name: measure.workload(space.fn(space.to_config(params)), space.make_inputs, name=space.kernel)
+                  for name, params in (("default", default), ("tuned", result.best_params))}
+    # several calls per sample, so that a microsecond kernel's sample is not one timer read
+    comparison = measure.compare(contenders, baseline="default", rounds=rounds, sample_seconds=CONFIRM_SAMPLE_SECONDS)
+    out = comparison.as_dict()
+    out["kept"] = "default" if out["ratios"]["tuned"]["verdict"] == "loss" else "tuned"
+    if out["kept"] == "default" and write_cache:
+        objective = space.objectives[0].name
+        tuned.store(space.kernel, space.problem, default, **{objective: comparison.timings["default"].median_seconds},
+                    study=result.study.study_name, objective=objective, interpreted=space.interpreted,
+                    confirmation="the tuned config lost to this default when timed interleaved")
+    return out
 
 
 def _counts(study: optuna.Study, exclude: int | None = None) -> tuple[int, int]:

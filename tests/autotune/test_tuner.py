@@ -63,6 +63,24 @@ def test_constraints_failures_and_best(tmp_path):
     assert tuned.lookup("toy", {"n": 1}) == result.best_params
 
 
+def test_confirm_times_tuned_against_default_and_keeps_a_loser_out_of_the_cache(tmp_path):
+    import dataclasses
+
+    space = dataclasses.replace(toy_space(), knobs=(Knob("size", (1, 2, 3, 4, 50_000)),))
+    result = tuner.tune(space, storage=f"sqlite:///{tmp_path}/t.db", n_trials=1, seed=0, repeats=2, warmup=0)
+    assert result.best_params == {"size": 2} and tuner.confirm(result) is None  # the default itself: nothing to do
+    # a "best" that is 25,000x the work of the default, as a noisy sweep could pick it
+    slow = tuner.TuneResult(result.study, space, {"size": 50_000}, {"seconds": 1e-9})
+    confirmed = tuner.confirm(slow, rounds=10)
+    assert confirmed["baseline"] == "default" and confirmed["rounds"] == 10
+    assert len(confirmed["timings"]["tuned"]["samples_seconds"]) == 10
+    ratio = confirmed["ratios"]["tuned"]
+    assert ratio["verdict"] == "loss" and ratio["ratio_ci_high"] < 1 and confirmed["kept"] == "default"
+    assert tuned.lookup("toy", {"n": 1}) == {"size": 2}  # the cache holds the default, not the loser
+    assert tuner.confirm(tuner.TuneResult(result.study, dataclasses.replace(space, interpreted=True),
+                                          {"size": 1}, {"seconds": 1.0})) is None  # interpreter speed: no verdict
+
+
 def test_rerun_resumes_the_study(tmp_path):
     storage = f"sqlite:///{tmp_path}/t.db"
 
