@@ -52,11 +52,17 @@ def problem_key(batch: int, tokens: int, seq: int, heads: int, kv_heads: int, he
             "head_dim": head_dim, "cpu": build.cpu_name()}
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _angles(seq: int, head_dim: int, rotary: rope.Rotary) -> jax.Array:
+    return rotary.angles(jnp.arange(seq), head_dim)
+
+
 @functools.lru_cache(maxsize=32)
 def rope_table(seq: int, head_dim: int, rotary: rope.Rotary) -> tuple[np.ndarray, np.ndarray]:
-    """cos, sin (seq, head_dim/2) f32 of positions 0..seq-1: the angles of ``rope.reference``."""
-    with jax.ensure_compile_time_eval():
-        angles = np.asarray(rotary.angles(jnp.arange(seq), head_dim), np.float32)
+    """cos, sin (seq, head_dim/2) f32 of positions 0..seq-1: the angles of ``rope.reference``, computed
+    as one compiled function (op by op, each op would be one more executable held in memory)."""
+    # compiled and run here, also while an outer function is being traced (its arguments are static)
+    angles = np.asarray(_angles.lower(seq, head_dim, rotary).compile()(), np.float32)
     return np.cos(angles), np.sin(angles)
 
 

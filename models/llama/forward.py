@@ -218,10 +218,16 @@ def lay_out(params: dict, cfg: LlamaConfig, path: str = "xla") -> dict:
     return {**params, "embed": embed, "output": output, "layers": layers}
 
 
-def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32) -> dict:
-    """Zeroed K and V caches, (layers, batch, kv_heads, max_len, head_dim) each."""
-    shape = (cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.head_dim)
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _zeroed_cache(shape: tuple[int, ...], dtype) -> dict:
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32) -> dict:
+    """Zeroed K and V caches, (layers, batch, kv_heads, max_len, head_dim) each (one compiled function:
+    op by op, each op would be one more executable held in memory)."""
+    shape = (cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.head_dim)
+    return _zeroed_cache(shape, jnp.dtype(dtype))
 
 
 def rotary_of(cfg: LlamaConfig) -> Rotary:

@@ -51,9 +51,14 @@ def _steps(mesh: Mesh | None):
 
 @functools.partial(jax.jit, static_argnames=("cfg", "path", "mesh", "temperature", "top_k", "top_p"),
                    donate_argnames=("cache",))
-def _prefill_and_sample(params, tokens, lengths, cache, key, *, cfg, path, mesh, temperature, top_k, top_p):
+def _prefill_and_sample(params, tokens, lengths, cache, seed, *, cfg, path, mesh, temperature, top_k, top_p):
+    """The prompt's forward pass and its first token (key: ``fold_in(key(seed), 0)``). Keys are made
+    inside the compiled functions, from an int32 seed: made eagerly they would each be one more small
+    executable, and every executable loaded costs resident memory (a second ``generate`` starts on the
+    compilation cache)."""
     logits, cache = _steps(mesh)[0](params, tokens, cache, cfg=cfg, path=path, lengths=lengths)
     last = logits[:, 0]
+    key = jax.random.fold_in(jax.random.key(seed), 0)
     return sample(last, key, temperature=temperature, top_k=top_k, top_p=top_p), last, cache
 
 
@@ -62,15 +67,16 @@ SYNC_EVERY = 16  # decode steps the device runs between two looks from the host 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "path", "mesh", "temperature", "top_k", "top_p", "chunk"),
                    donate_argnames=("cache",))
-def _decode_chunk(params, tokens, positions, cache, key, first_step, limit, done, stop_ids, *, cfg, path,
+def _decode_chunk(params, tokens, positions, cache, seed, first_step, limit, done, stop_ids, *, cfg, path,
                   mesh, temperature, top_k, top_p, chunk):
     """Up to ``min(chunk, limit)`` decode steps as one ``lax.while_loop``, which ends early once every
     row has sampled a stop token. Step i feeds each row's last token at its position, samples the
-    next (key: ``fold_in(key, first_step + i + 1)``) and records it in column i of ``produced``, or -1
+    next (key: ``fold_in(key(seed), first_step + i + 1)``) and records it in column i of ``produced``, or -1
     where the row had stopped or stops now. Returns (produced (B, chunk), steps run, last tokens,
     positions, cache, done). On a mesh, the rows are split over its data axis and each step
     is ``sharding.decode``; the loop and the stop test stay on the devices all the same."""
     b = tokens.shape[0]
+    key = jax.random.key(seed)
 
     def running(state):
         i, *_, done = state
@@ -132,6 +138,8 @@ def generate(params: dict, cfg: LlamaConfig, prompts: list[list[int]], *, max_to
         raise ValueError("every prompt needs at least one token")
     if max_tokens < 1:
         raise ValueError(f"max_tokens={max_tokens} must be >= 1")
+    if not -2**63 <= seed < 2**63:
+        raise ValueError(f"seed={seed} does not fit in 64 bits; pass a smaller seed")
     if sync_every < 1:
         raise ValueError(f"sync_every={sync_every} must be >= 1")
     if temperature < 0 or top_k < 0 or not 0.0 < top_p <= 1.0:
@@ -154,18 +162,19 @@ def generate(params: dict, cfg: LlamaConfig, prompts: list[list[int]], *, max_to
     else:
         cache = sharding.init_cache(cfg, b, cache_length(t + max_tokens, cfg), mesh, dtype)
     knobs = {"cfg": cfg, "path": path, "mesh": mesh, "temperature": float(temperature), "top_k": int(top_k), "top_p": float(top_p)}
-    key = jax.random.key(seed)
-    tokens_j, lengths_j = jnp.asarray(tokens), jnp.asarray(lengths)
+    # Host arrays go to the compiled functions as they are (no eager op, so no extra executable);
+    # the seed as int32, wrapped as jax.random.key wraps a Python int
+    seed32 = np.asarray(np.int64(seed)).astype(np.int32)
     stop = sorted({int(s) for s in stop_ids})
-    stop_j = jnp.asarray(stop or [-1], jnp.int32)
+    stop_j = np.asarray(stop or [-1], np.int32)
     chunk = min(sync_every, max(1, max_tokens - 1))
 
     with Stopwatch() as w:
-        prefill_fn = _prefill_and_sample.lower(params, tokens_j, lengths_j, cache, key, **knobs).compile()
+        prefill_fn = _prefill_and_sample.lower(params, tokens, lengths, cache, seed32, **knobs).compile()
     compile_seconds = w.seconds
 
     with Stopwatch() as w:
-        next_tok, _, cache = prefill_fn(params, tokens_j, lengths_j, cache, jax.random.fold_in(key, 0))
+        next_tok, _, cache = prefill_fn(params, tokens, lengths, cache, seed32)
         first = np.asarray(next_tok)
     prefill_seconds = w.seconds
 
@@ -186,15 +195,15 @@ def generate(params: dict, cfg: LlamaConfig, prompts: list[list[int]], *, max_to
     decode_seconds = 0.0
     if max_tokens > 1 and not done.all():
         with Stopwatch() as w:  # compiled only when a second token is wanted (a 1-token run starts faster)
-            args = (params, next_tok, lengths_j, cache, key, jnp.int32(0), jnp.int32(chunk), jnp.asarray(done), stop_j)
+            args = (params, next_tok, lengths, cache, seed32, np.int32(0), np.int32(chunk), done, stop_j)
             decode_fn = _decode_chunk.lower(*args, **knobs, chunk=chunk).compile()
         compile_seconds += w.seconds
         with Stopwatch() as w:
-            positions, done_j = lengths_j, jnp.asarray(done)
+            positions, done_j = lengths, done
             while decoded < max_tokens - 1:
                 limit = min(chunk, max_tokens - 1 - decoded)
                 produced, steps, next_tok, positions, cache, done_j = decode_fn(
-                    params, next_tok, positions, cache, key, jnp.int32(decoded), jnp.int32(limit), done_j, stop_j)
+                    params, next_tok, positions, cache, seed32, np.int32(decoded), np.int32(limit), done_j, stop_j)
                 produced, steps = np.asarray(produced), int(steps)  # the one host sync of the chunk
                 for i in range(steps):
                     take(produced[:, i])
