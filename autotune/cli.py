@@ -409,7 +409,7 @@ def _confirm(result, say: Callable[[str], None]) -> None:
     except Exception as e:  # noqa: BLE001 -- the sweep is done; its confirmation is an extra
         say(f"warning: {name}: tuned vs default could not be confirmed ({type(e).__name__}: {str(e)[:200]})")
         return
-    if result.confirmation is not None:
+    if result.confirmation is not None and "ratios" in result.confirmation:
         r = result.confirmation["ratios"]["tuned"]
         kept = "; the default is kept in the best-config cache" if result.confirmation["kept"] == "default" else ""
         say(f"{name}: tuned vs default, interleaved: {r['ratio']:.2f}x [{r['ratio_ci_low']:.2f}, "
@@ -434,7 +434,9 @@ def _print_summary(out: list, interpreted: bool) -> None:
         best_v = r.best_values[name0]
         default_v = default[name0] if default else None
         ratio = f"{default_v / best_v:.2f}x" if default_v and best_v else "-"
-        if r.confirmation is not None:
+        if r.confirmation is not None and r.confirmation.get("same_config"):
+            ratio = "1.00x (the default is best)"
+        elif r.confirmation is not None:
             c = r.confirmation["ratios"]["tuned"]
             ratio = f"{c['ratio']:.2f}x [{c['ratio_ci_low']:.2f}, {c['ratio_ci_high']:.2f}] {c['verdict']}"
             if r.confirmation["kept"] == "default":

@@ -121,7 +121,7 @@ def bundle_tables(directory: pathlib.Path) -> list[Table]:
     for kernel, entries in by_kernel.items():
         objectives = list(entries[0].get("values") or {"seconds": None})
         timed = objectives == ["seconds"]
-        confirmed = any(e.get("confirmed") for e in entries)
+        confirmed = any((e.get("confirmed") or {}).get("ratios") for e in entries)
         columns = ["problem", "best (us) [95% CI]" if timed else "best", "default (us)" if timed else "default",
                    "default/best"] + (["tuned vs default, interleaved [95% CI]", "verdict"] if confirmed else []) \
             + ["params"]
@@ -139,13 +139,15 @@ def bundle_tables(directory: pathlib.Path) -> list[Table]:
                 best_cell = ", ".join(f"{k}={v:,.0f}" for k, v in values.items())
                 default_cell = ", ".join(f"{k}={v:,.0f}" for k, v in default.items()) if default else "-"
             ratio = f"{default[first] / values[first]:.2f}x" if default and values[first] else "-"
+            if (e.get("confirmed") or {}).get("same_config"):
+                ratio = "1.00x (same config)"
             params = ", ".join(f"{k}={v}" for k, v in (e.get("params") or {}).items())
             extra = []
             if confirmed:
                 c = (e.get("confirmed") or {}).get("ratios", {}).get("tuned")
                 kept = " (default kept)" if (e.get("confirmed") or {}).get("kept") == "default" else ""
-                extra = [ratio_cell(c), c["verdict"] + kept] if c else ["-", "default is best" if default and
-                                                                 values[first] == default[first] else "-"]
+                same = (e.get("confirmed") or {}).get("same_config")
+                extra = [ratio_cell(c), c["verdict"] + kept] if c else ["-", "the default is best" if same else "-"]
             rows.append([problem_label(e["problem"]), best_cell, default_cell, ratio, *extra, params])
         notes = [f"sweep bundle {directory.name}: {env_note(env)}; seed {env.get('seed')}"]
         if timed:

@@ -371,7 +371,8 @@ def confirm(result: TuneResult, *, rounds: int = CONFIRM_ROUNDS, write_cache: bo
     medians come from different moments of the study, so a speed-up read from them alone is not
     yet a verdict. None where there is nothing to confirm: no feasible best, a space measured by
     its own ``measure`` (e.g. MCU instruction counts, exact), an interpreted space (the
-    interpreter's speed is not the kernel's), or a best that is the default itself.
+    interpreter's speed is not the kernel's). A best that is the default itself gives
+    ``{"kept": "default", "same_config": True}`` (nothing to time).
 
     Where the tuned config loses (its interval entirely slower), the default is what ``kept`` says
     and, with ``write_cache``, what the best-config cache holds for the problem: a config chosen on
@@ -381,7 +382,7 @@ def confirm(result: TuneResult, *, rounds: int = CONFIRM_ROUNDS, write_cache: bo
         return None
     default = dict(space.default or {})
     if _knob_params(space, default) == _knob_params(space, result.best_params):
-        return None
+        return {"kept": "default", "same_config": True}  # the sweep's ratio is the same config timed twice
     contenders = {name: measure.workload(space.fn(space.to_config(params)), space.make_inputs, name=space.kernel)
                   for name, params in (("default", default), ("tuned", result.best_params))}
     # several calls per sample, so that a microsecond kernel's sample is not one timer read

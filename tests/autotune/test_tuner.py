@@ -68,7 +68,8 @@ def test_confirm_times_tuned_against_default_and_keeps_a_loser_out_of_the_cache(
 
     space = dataclasses.replace(toy_space(), knobs=(Knob("size", (1, 2, 3, 4, 50_000)),))
     result = tuner.tune(space, storage=f"sqlite:///{tmp_path}/t.db", n_trials=1, seed=0, repeats=2, warmup=0)
-    assert result.best_params == {"size": 2} and tuner.confirm(result) is None  # the default itself: nothing to do
+    assert result.best_params == {"size": 2}  # the default itself: nothing to time
+    assert tuner.confirm(result) == {"kept": "default", "same_config": True}
     # a "best" that is 25,000x the work of the default, as a noisy sweep could pick it
     slow = tuner.TuneResult(result.study, space, {"size": 50_000}, {"seconds": 1e-9})
     confirmed = tuner.confirm(slow, rounds=10)
