@@ -401,7 +401,7 @@ def _run_sweep(args, spaces, n_trials, storage, bundle, seed, worker, interprete
 def _confirm(result, say: Callable[[str], None]) -> None:
     """Time the tuned config against the default, interleaved (``tuner.confirm``) and say the
     verdict; a config that fails here is one warning line, the sweep's results stay."""
-    from autotune import tuner
+    from autotune import report, tuner
 
     name = result.study.study_name
     try:
@@ -410,13 +410,13 @@ def _confirm(result, say: Callable[[str], None]) -> None:
         say(f"warning: {name}: tuned vs default could not be confirmed ({type(e).__name__}: {str(e)[:200]})")
         return
     if result.confirmation is not None and "ratios" in result.confirmation:
-        r = result.confirmation["ratios"]["tuned"]
-        kept = "; the default is kept in the best-config cache" if result.confirmation["kept"] == "default" else ""
-        say(f"{name}: tuned vs default, interleaved: {r['ratio']:.2f}x [{r['ratio_ci_low']:.2f}, "
-            f"{r['ratio_ci_high']:.2f}] {r['verdict']}{kept}")
+        speedup, verdict = report.confirmation_cells(result.confirmation)
+        kept = "; the best-config cache holds the default" if result.confirmation["kept"] == "default" else ""
+        say(f"{name}: tuned vs default, interleaved: {speedup} {verdict}{kept}")
 
 
 def _print_summary(out: list, interpreted: bool) -> None:
+    from autotune import report
     from autotune.progress import format_value
 
     columns = ["problem", "best", "default", "speed-up", "params"]
@@ -437,10 +437,7 @@ def _print_summary(out: list, interpreted: bool) -> None:
         if r.confirmation is not None and r.confirmation.get("same_config"):
             ratio = "1.00x (the default is best)"
         elif r.confirmation is not None:
-            c = r.confirmation["ratios"]["tuned"]
-            ratio = f"{c['ratio']:.2f}x [{c['ratio_ci_low']:.2f}, {c['ratio_ci_high']:.2f}] {c['verdict']}"
-            if r.confirmation["kept"] == "default":
-                ratio += " (default kept)"
+            ratio = " ".join(report.confirmation_cells(r.confirmation))
         knobs = {k.name: r.best_params[k.name] for k in r.space.knobs if k.active(r.best_params)}
         best_text = ", ".join(f"{o.name}={format_value(r.best_values[o.name], o.name)}" for o in r.space.objectives) \
             if len(r.space.objectives) > 1 else format_value(best_v, name0)

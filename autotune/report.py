@@ -80,6 +80,18 @@ def nbytes(value: int | None) -> str:
     return "-" if value is None else f"{value:,}"
 
 
+def confirmation_cells(confirmed: dict | None) -> tuple[str, str]:
+    """(speed-up [95% CI], verdict) of a sweep's tuned-vs-default confirmation (``tuner.confirm``):
+    "the default is best" where the two are one config, "-" where nothing was confirmed."""
+    confirmed = confirmed or {}
+    if confirmed.get("same_config"):
+        return "-", "the default is best"
+    r = confirmed.get("ratios", {}).get("tuned")
+    if r is None:
+        return "-", "-"
+    return ratio_cell(r), r["verdict"] + (" (default kept)" if confirmed.get("kept") == "default" else "")
+
+
 def problem_label(problem: dict) -> str:
     return " ".join(f"{k}={v}" for k, v in problem.items())
 
@@ -142,12 +154,7 @@ def bundle_tables(directory: pathlib.Path) -> list[Table]:
             if (e.get("confirmed") or {}).get("same_config"):
                 ratio = "1.00x (same config)"
             params = ", ".join(f"{k}={v}" for k, v in (e.get("params") or {}).items())
-            extra = []
-            if confirmed:
-                c = (e.get("confirmed") or {}).get("ratios", {}).get("tuned")
-                kept = " (default kept)" if (e.get("confirmed") or {}).get("kept") == "default" else ""
-                same = (e.get("confirmed") or {}).get("same_config")
-                extra = [ratio_cell(c), c["verdict"] + kept] if c else ["-", "the default is best" if same else "-"]
+            extra = list(confirmation_cells(e.get("confirmed"))) if confirmed else []
             rows.append([problem_label(e["problem"]), best_cell, default_cell, ratio, *extra, params])
         notes = [f"sweep bundle {directory.name}: {env_note(env)}; seed {env.get('seed')}"]
         if timed:
